@@ -1,0 +1,692 @@
+//! The one typed configuration of Messina: defaults, then a TOML file, then `MESSINA__SECTION__KEY`
+//! environment variables, validated so that every problem is reported at once, each naming its key.
+//!
+//! Every key is declared once, with its doc comment, type and default, in a `section!` block below.
+//! That single declaration produces the struct, its defaults, the per-key extraction (so a bad value
+//! in one key does not hide a bad value in another) and the commented TOML printed by
+//! `messina print-config`, so the documentation cannot drift from the code.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment variables that override configuration keys, e.g.
+/// `MESSINA__MQTT__LISTEN=0.0.0.0:1883` or `MESSINA__STORAGE__EMBEDDED__PATH=/var/lib/messina`.
+pub const ENV_PREFIX: &str = "MESSINA__";
+
+/// One problem with one configuration key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The dotted key, e.g. `mqtt.listen`; empty when the problem is the file itself.
+    pub key: String,
+    /// What is wrong and, where it helps, what is accepted.
+    pub message: String,
+    /// Where the offending value came from (a file path or an environment variable), if known.
+    pub source: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)?;
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)?;
+        }
+        if let Some(source) = &self.source {
+            write!(f, " (from {source})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found while loading a configuration. Loading never stops at the first one, so an
+/// operator fixes the file in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for error in &self.0 {
+            writeln!(f, "  - {error}")?;
+        }
+        write!(
+            f,
+            "run `messina print-config` for every key with its documentation and default"
+        )
+    }
+}
+
+impl ConfigErrors {
+    /// True when a problem names exactly this key; used by tests and by callers that branch.
+    pub fn mentions(&self, key: &str) -> bool {
+        self.0.iter().any(|e| e.key == key)
+    }
+}
+
+/// Renders one default value as TOML, for the documented default configuration.
+fn toml_value<T: Serialize>(value: &T) -> String {
+    match toml::Value::try_from(value) {
+        Ok(v) => v.to_string(),
+        Err(_) => String::from("\"\""),
+    }
+}
+
+fn figment_error(key: &str, error: figment::Error) -> ConfigError {
+    let source = error.metadata.as_ref().map(|m| match &m.source {
+        Some(src) => format!("{} {}", m.name, src),
+        None => m.name.to_string(),
+    });
+    ConfigError {
+        key: key.to_string(),
+        message: error.kind.to_string(),
+        source,
+    }
+}
+
+/// Declares one configuration section: its struct, defaults, per-key extraction, known keys and
+/// documentation. Doc comments on the section and on each key become the comments of
+/// `messina print-config`.
+macro_rules! section {
+    (
+        $(#[doc = $doc:literal])*
+        pub struct $name:ident at $path:literal {
+            $( $(#[doc = $fdoc:literal])* pub $field:ident : $ty:ty = $default:expr, )*
+        }
+        $( children { $( $(#[doc = $cdoc:literal])* pub $child:ident : $cty:ty ),* $(,)? } )?
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $( $(#[doc = $fdoc])* pub $field: $ty, )*
+            $( $( $(#[doc = $cdoc])* pub $child: $cty, )* )?
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    $( $field: $default, )*
+                    $( $( $child: <$cty>::default(), )* )?
+                }
+            }
+        }
+
+        impl $name {
+            /// The dotted path of this section in the TOML file.
+            pub const PATH: &'static str = $path;
+
+            fn extract(figment: &Figment, errors: &mut Vec<ConfigError>) -> Self {
+                let defaults = Self::default();
+                Self {
+                    $( $field: {
+                        let key = concat!($path, ".", stringify!($field));
+                        match figment.extract_inner::<$ty>(key) {
+                            Ok(v) => v,
+                            Err(e) => { errors.push(figment_error(key, e)); defaults.$field }
+                        }
+                    }, )*
+                    $( $( $child: <$cty>::extract(figment, errors), )* )?
+                }
+            }
+
+            fn known_keys(keys: &mut Vec<String>) {
+                $( keys.push(concat!($path, ".", stringify!($field)).to_string()); )*
+                $( $( <$cty>::known_keys(keys); )* )?
+            }
+
+            fn document(&self, out: &mut String) {
+                out.push('\n');
+                $( out.push_str(concat!("#", $doc, "\n")); )*
+                out.push_str(concat!("[", $path, "]\n"));
+                $(
+                    $( out.push_str(concat!("#", $fdoc, "\n")); )*
+                    out.push_str(concat!(stringify!($field), " = "));
+                    out.push_str(&toml_value(&self.$field));
+                    out.push('\n');
+                )*
+                $( $( self.$child.document(out); )* )?
+            }
+        }
+    };
+}
+
+/// Which storage engine holds the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// On-disk storage inside the Messina process (fjall); no external server.
+    Embedded,
+}
+
+/// How much the process logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+section! {
+    /// MQTT listeners of the embedded broker. Devices publish to `devices/{id}/telemetry` and
+    /// `devices/{id}/events`; fleet managers subscribe to `alerts/#`.
+    pub struct MqttConfig at "mqtt" {
+        /// Address of the MQTT 3.1.1 listener.
+        pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1883)),
+        /// Address of the MQTT 5 listener.
+        pub listen_v5: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1884)),
+        /// Most simultaneous client connections (devices plus subscribers) the broker accepts.
+        pub max_connections: usize = 20_000,
+        /// Largest PUBLISH payload accepted, in bytes; larger packets close the connection.
+        pub max_payload_bytes: usize = 256 * 1024,
+        /// Most unacknowledged QoS 1/2 messages in flight per connection.
+        pub max_inflight: usize = 100,
+        /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
+        pub connect_timeout_ms: u16 = 5_000,
+    }
+}
+
+section! {
+    /// The HTTP side-port: queries (`/v1/...`), `/healthz`, `/readyz` and Prometheus `/metrics`.
+    pub struct HttpConfig at "http" {
+        /// Address of the HTTP listener.
+        pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// API key required as `Authorization: Bearer <key>` on `/v1/...`; empty leaves the API open
+        /// (acceptable only on a loopback address). Prefer `api_key_file` or the environment variable
+        /// `MESSINA__HTTP__API_KEY` over writing the key here.
+        pub api_key: String = String::new(),
+        /// File whose first line is the API key; used when `api_key` is empty. Empty for none.
+        pub api_key_file: String = String::new(),
+        /// Largest `limit` a query may ask for; also the page size when `limit` is not given is
+        /// `default_page_size`.
+        pub max_page_size: usize = 1_000,
+        /// Page size of queries that give no `limit`.
+        pub default_page_size: usize = 100,
+        /// Battery percentage below which the fleet summary counts a device as low on battery.
+        pub low_battery_percent: u8 = 20,
+    }
+}
+
+section! {
+    /// The embedded storage engine (fjall), used when `storage.backend = "embedded"`.
+    pub struct EmbeddedStorageConfig at "storage.embedded" {
+        /// Directory holding the data; created when missing. Relative paths are relative to the
+        /// working directory of the process.
+        pub path: PathBuf = PathBuf::from("data"),
+        /// Fsync every written batch before it counts as stored. Turning this off trades the last
+        /// moments of data on power loss for throughput; a clean shutdown always syncs.
+        pub fsync: bool = true,
+        /// Block cache size in MiB.
+        pub cache_mib: u64 = 64,
+    }
+}
+
+section! {
+    /// Where readings, events and dead letters are stored.
+    pub struct StorageConfig at "storage" {
+        /// Storage engine: "embedded" (on disk inside the process, no external server).
+        pub backend: StorageBackend = StorageBackend::Embedded,
+    }
+    children {
+        /// Settings of the embedded engine.
+        pub embedded: EmbeddedStorageConfig,
+    }
+}
+
+section! {
+    /// The bridge between the broker and storage: decoding, validation and batching.
+    pub struct BridgeConfig at "bridge" {
+        /// A batch is written as soon as it holds this many rows (readings, events and dead letters).
+        pub batch_max_rows: usize = 1_000,
+        /// A batch is written at the latest this many milliseconds after its first row arrived.
+        pub batch_max_delay_ms: u64 = 20,
+        /// Messages that may wait between the broker and the bridge; when full, the broker's
+        /// delivery to the bridge waits (backpressure) instead of dropping.
+        pub queue_capacity: usize = 16_384,
+        /// Device timestamps more than this many seconds ahead of the server clock are rejected.
+        pub max_future_skew_s: u64 = 86_400,
+        /// Device timestamps more than this many days behind the server clock are rejected.
+        pub max_age_days: u64 = 365,
+        /// Most readings accepted in one batch-form telemetry message (an array of maps).
+        pub max_readings_per_message: usize = 1_000,
+        /// First delay, in milliseconds, before a failed storage write is retried; doubles up to
+        /// `retry_max_delay_ms`. The batch is kept (and publishers wait) until it is written.
+        pub retry_initial_delay_ms: u64 = 100,
+        /// Longest delay between retries of a failed storage write, in milliseconds.
+        pub retry_max_delay_ms: u64 = 5_000,
+    }
+}
+
+section! {
+    /// Logging.
+    pub struct LogConfig at "log" {
+        /// Filter in `tracing` syntax, e.g. "info" or "messina=debug,rumqttd=warn"; the RUST_LOG
+        /// environment variable overrides it.
+        pub level: String = String::from("info,rumqttd=warn"),
+        /// "text" or "json".
+        pub format: LogFormat = LogFormat::Text,
+    }
+}
+
+/// The whole configuration of one Messina process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub bridge: BridgeConfig,
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then `MESSINA__...` environment variables, and
+    /// validates the result. Every problem is returned at once.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Loads defaults and a TOML text, without the environment; for tests and `check-config`.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
+        let figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        Self::extract(figment)
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigErrors> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigErrors(vec![ConfigError {
+                    key: String::new(),
+                    message: format!(
+                        "config file {} does not exist or is not a file; \
+                         `messina print-config > {}` writes a documented one",
+                        path.display(),
+                        path.display()
+                    ),
+                    source: None,
+                }]));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::extract(figment.merge(env))
+    }
+
+    fn extract(figment: Figment) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        // A file that does not parse at all yields no data; report that alone, since every other
+        // message would be noise.
+        let data = match figment.extract::<Value>() {
+            Ok(Value::Dict(_, dict)) => dict,
+            Ok(_) => Dict::new(),
+            Err(e) => return Err(ConfigErrors(vec![figment_error("", e)])),
+        };
+        let mut known = Vec::new();
+        Self::known_keys(&mut known);
+        let mut leaves = Vec::new();
+        collect_leaves("", &data, &mut leaves);
+        {
+            for key in leaves {
+                if !known.iter().any(|k| *k == key) {
+                    let source = figment.find_metadata(&key).map(|m| match &m.source {
+                        Some(src) => format!("{} {}", m.name, src),
+                        None => m.name.to_string(),
+                    });
+                    let hint = closest(&key, &known)
+                        .map(|k| format!("; did you mean `{k}`?"))
+                        .unwrap_or_default();
+                    errors.push(ConfigError {
+                        key,
+                        message: format!("unknown key{hint}"),
+                        source,
+                    });
+                }
+            }
+        }
+        let config = Config {
+            mqtt: MqttConfig::extract(&figment, &mut errors),
+            http: HttpConfig::extract(&figment, &mut errors),
+            storage: StorageConfig::extract(&figment, &mut errors),
+            bridge: BridgeConfig::extract(&figment, &mut errors),
+            log: LogConfig::extract(&figment, &mut errors),
+        };
+        config.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn known_keys(keys: &mut Vec<String>) {
+        MqttConfig::known_keys(keys);
+        HttpConfig::known_keys(keys);
+        StorageConfig::known_keys(keys);
+        BridgeConfig::known_keys(keys);
+        LogConfig::known_keys(keys);
+    }
+
+    /// Checks values that parse but make no sense; each problem names its key.
+    fn validate(&self, errors: &mut Vec<ConfigError>) {
+        let mut check = |ok: bool, key: &str, message: String| {
+            if !ok {
+                errors.push(ConfigError {
+                    key: key.to_string(),
+                    message,
+                    source: None,
+                });
+            }
+        };
+        let m = &self.mqtt;
+        check(
+            m.listen != m.listen_v5 || m.listen.port() == 0,
+            "mqtt.listen_v5",
+            format!("must differ from `mqtt.listen` ({})", m.listen),
+        );
+        check(
+            m.max_connections >= 1,
+            "mqtt.max_connections",
+            "must be at least 1".into(),
+        );
+        check(
+            (64..=256 * 1024 * 1024).contains(&m.max_payload_bytes),
+            "mqtt.max_payload_bytes",
+            format!(
+                "must be between 64 and 268435456 (the MQTT limit), got {}",
+                m.max_payload_bytes
+            ),
+        );
+        check(
+            (1..=65_535).contains(&m.max_inflight),
+            "mqtt.max_inflight",
+            format!("must be between 1 and 65535, got {}", m.max_inflight),
+        );
+        let h = &self.http;
+        check(
+            h.max_page_size >= 1,
+            "http.max_page_size",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=h.max_page_size).contains(&h.default_page_size),
+            "http.default_page_size",
+            format!(
+                "must be between 1 and `http.max_page_size` ({}), got {}",
+                h.max_page_size, h.default_page_size
+            ),
+        );
+        check(
+            h.low_battery_percent <= 100,
+            "http.low_battery_percent",
+            format!("must be between 0 and 100, got {}", h.low_battery_percent),
+        );
+        check(
+            h.api_key.is_empty() || h.api_key.len() >= 16,
+            "http.api_key",
+            "must be at least 16 characters long".into(),
+        );
+        check(
+            self.storage.embedded.path != Path::new(""),
+            "storage.embedded.path",
+            "must not be empty".into(),
+        );
+        let b = &self.bridge;
+        check(
+            (1..=100_000).contains(&b.batch_max_rows),
+            "bridge.batch_max_rows",
+            format!("must be between 1 and 100000, got {}", b.batch_max_rows),
+        );
+        check(
+            (1..=60_000).contains(&b.batch_max_delay_ms),
+            "bridge.batch_max_delay_ms",
+            format!(
+                "must be between 1 and 60000 milliseconds, got {}",
+                b.batch_max_delay_ms
+            ),
+        );
+        check(
+            (1..=10_000_000).contains(&b.queue_capacity),
+            "bridge.queue_capacity",
+            format!("must be between 1 and 10000000, got {}", b.queue_capacity),
+        );
+        check(
+            b.max_readings_per_message >= 1,
+            "bridge.max_readings_per_message",
+            "must be at least 1".into(),
+        );
+        check(
+            b.max_age_days >= 1,
+            "bridge.max_age_days",
+            "must be at least 1".into(),
+        );
+        check(
+            b.retry_initial_delay_ms >= 1 && b.retry_initial_delay_ms <= b.retry_max_delay_ms,
+            "bridge.retry_initial_delay_ms",
+            format!(
+                "must be between 1 and `bridge.retry_max_delay_ms` ({}), got {}",
+                b.retry_max_delay_ms, b.retry_initial_delay_ms
+            ),
+        );
+    }
+
+    /// The full default configuration as TOML, with every key documented; what
+    /// `messina print-config` prints and what `messina.example.toml` holds.
+    pub fn documented_defaults() -> String {
+        Config::default().documented()
+    }
+
+    /// This configuration as TOML with every key documented.
+    pub fn documented(&self) -> String {
+        let mut out = String::from(
+            "# Messina configuration. Every key is optional; shown are the defaults.\n\
+             # Any key can be overridden by an environment variable MESSINA__SECTION__KEY,\n\
+             # e.g. MESSINA__MQTT__LISTEN=0.0.0.0:1883 or MESSINA__STORAGE__EMBEDDED__PATH=/var/lib/messina.\n",
+        );
+        self.mqtt.document(&mut out);
+        self.http.document(&mut out);
+        self.storage.document(&mut out);
+        self.bridge.document(&mut out);
+        self.log.document(&mut out);
+        out
+    }
+
+    /// The API key required on `/v1/...`, read from `http.api_key` or `http.api_key_file`.
+    pub fn api_key(&self) -> Result<Option<String>, ConfigErrors> {
+        if !self.http.api_key.is_empty() {
+            return Ok(Some(self.http.api_key.clone()));
+        }
+        if self.http.api_key_file.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.http.api_key_file).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "http.api_key_file".into(),
+                message: format!("cannot read {}: {e}", self.http.api_key_file),
+                source: None,
+            }])
+        })?;
+        let key = text.lines().next().unwrap_or("").trim().to_string();
+        if key.len() < 16 {
+            return Err(ConfigErrors(vec![ConfigError {
+                key: "http.api_key_file".into(),
+                message: format!(
+                    "the first line of {} must hold a key of at least 16 characters",
+                    self.http.api_key_file
+                ),
+                source: None,
+            }]));
+        }
+        Ok(Some(key))
+    }
+}
+
+fn collect_leaves(prefix: &str, dict: &Dict, out: &mut Vec<String>) {
+    for (k, v) in dict {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Dict(_, inner) => collect_leaves(&key, inner, out),
+            _ => out.push(key),
+        }
+    }
+}
+
+/// The known key closest to a misspelt one, when it is close enough to be a useful hint.
+fn closest<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.as_str())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> ConfigErrors {
+        Config::from_toml_str(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn example_config_in_repo_parses_to_the_defaults() {
+        let text = include_str!("../../messina.example.toml");
+        assert_eq!(Config::from_toml_str(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn example_config_in_repo_is_the_printed_default() {
+        let text = include_str!("../../messina.example.toml");
+        assert_eq!(text, Config::documented_defaults());
+    }
+
+    #[test]
+    fn documented_defaults_comment_every_key() {
+        let text = Config::documented_defaults();
+        let mut keys = Vec::new();
+        Config::known_keys(&mut keys);
+        let lines: Vec<&str> = text.lines().collect();
+        for key in keys {
+            let field = key.rsplit('.').next().unwrap();
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{field} = ")))
+                .unwrap_or_else(|| panic!("{key} is not printed"));
+            assert!(
+                lines[at - 1].starts_with('#'),
+                "{key} has no comment above it"
+            );
+        }
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let c = Config::from_toml_str(
+            "[mqtt]\nlisten = \"0.0.0.0:1999\"\n[bridge]\nbatch_max_rows = 5\n[storage.embedded]\npath = \"/tmp/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1999".parse().unwrap());
+        assert_eq!(c.bridge.batch_max_rows, 5);
+        assert_eq!(c.storage.embedded.path, PathBuf::from("/tmp/x"));
+        assert_eq!(c.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_and_names_its_key() {
+        let e = errors(
+            "[mqtt]\nlisen = \"x\"\nlisten = \"not an address\"\n\
+             [bridge]\nbatch_max_rows = 0\nbatch_max_delay_ms = \"soon\"\n\
+             [storage]\nbackend = \"mysql\"\n[nope]\nx = 1\n",
+        );
+        for key in [
+            "mqtt.lisen",
+            "mqtt.listen",
+            "bridge.batch_max_rows",
+            "bridge.batch_max_delay_ms",
+            "storage.backend",
+            "nope.x",
+        ] {
+            assert!(e.mentions(key), "{key} not reported in:\n{e}");
+        }
+        let text = e.to_string();
+        assert!(text.contains("did you mean `mqtt.listen`?"), "{text}");
+        assert!(
+            text.contains("embedded"),
+            "valid backends are named: {text}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_says_so() {
+        let e = errors("[mqtt\nlisten = ");
+        assert_eq!(e.0.len(), 1);
+        assert!(e.to_string().contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_values_are_rejected() {
+        let e = errors(
+            "[mqtt]\nlisten = \"127.0.0.1:1883\"\nlisten_v5 = \"127.0.0.1:1883\"\n\
+             [http]\ndefault_page_size = 5000\nlow_battery_percent = 150\napi_key = \"short\"\n",
+        );
+        for key in [
+            "mqtt.listen_v5",
+            "http.default_page_size",
+            "http.low_battery_percent",
+            "http.api_key",
+        ] {
+            assert!(e.mentions(key), "{key} not reported in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("m.toml", "[mqtt]\nlisten = \"127.0.0.1:2000\"\n")?;
+            jail.set_env("MESSINA__MQTT__LISTEN", "127.0.0.1:3000");
+            jail.set_env("MESSINA__STORAGE__EMBEDDED__PATH", "/srv/messina");
+            jail.set_env("MESSINA__BRIDGE__BATCH_MAX_ROWS", "42");
+            let c = Config::load(Some(Path::new("m.toml"))).unwrap();
+            assert_eq!(c.mqtt.listen, "127.0.0.1:3000".parse().unwrap());
+            assert_eq!(c.storage.embedded.path, PathBuf::from("/srv/messina"));
+            assert_eq!(c.bridge.batch_max_rows, 42);
+            jail.set_env("MESSINA__BRIDGE__BATCH_MAX_ROWZ", "1");
+            let e = Config::load(None).unwrap_err();
+            assert!(e.mentions("bridge.batch_max_rowz"), "{e}");
+            assert!(e.to_string().contains("MESSINA__"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_says_how_to_make_one() {
+        let e = Config::load(Some(Path::new("/nonexistent/messina.toml"))).unwrap_err();
+        assert!(e.to_string().contains("print-config"), "{e}");
+    }
+}

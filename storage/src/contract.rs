@@ -1,0 +1,500 @@
+//! The storage contract: one suite of behaviours that every backend must pass, run against each
+//! backend by [`contract_suite!`](crate::contract_suite). A storage behaviour is specified here
+//! first; a backend is done when it passes all of it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::model::{AttrValue, Batch, DeadLetter, DeviceId, Event, Reading};
+use crate::query::{
+    DeadLetterQuery, EventQuery, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
+};
+use crate::{Storage, StorageError};
+
+/// Opens a backend for the suite. Every call to `open` on one harness opens the *same* data, so
+/// the suite can close a backend and reopen it; each harness starts empty.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    async fn open(&self) -> Arc<dyn Storage>;
+}
+
+/// Expands to one `#[tokio::test]` per contract behaviour. `$harness` is an expression evaluating
+/// to a future of a fresh, empty [`Harness`].
+#[macro_export]
+macro_rules! contract_suite {
+    ($harness:expr) => {
+        $crate::contract_suite!(@each $harness;
+            idempotent_upsert, newest_and_oldest_first, half_open_ranges, cursors_page_exactly_once,
+            latest_is_never_overwritten_by_an_older_reading, empty_batch_and_unknown_device,
+            data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
+            events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first);
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness.await;
+                $crate::contract::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+const T0: i64 = 1_760_000_000_000;
+
+fn dev(id: &str) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+/// A reading with a battery value, at `T0 + offset` seconds.
+pub fn reading(device: &str, offset_s: i64, seq: u64, battery: f64) -> Reading {
+    Reading {
+        device: dev(device),
+        ts: T0 + offset_s * 1000,
+        seq,
+        received_at: T0 + offset_s * 1000 + 5,
+        battery: Some(battery),
+        rssi: None,
+        online: None,
+        metrics: BTreeMap::from([("temp_c".to_string(), 20.0 + offset_s as f64)]),
+        attrs: BTreeMap::new(),
+    }
+}
+
+fn event(device: &str, offset_s: i64, seq: u64, kind: &str) -> Event {
+    Event {
+        device: dev(device),
+        ts: T0 + offset_s * 1000,
+        seq,
+        received_at: T0 + offset_s * 1000 + 5,
+        kind: kind.to_string(),
+        attrs: BTreeMap::from([("n".to_string(), AttrValue::Int(offset_s))]),
+    }
+}
+
+async fn write(storage: &dyn Storage, readings: Vec<Reading>) {
+    let batch = Batch {
+        readings,
+        ..Batch::default()
+    };
+    storage.write_batch(&batch).await.expect("write_batch");
+}
+
+fn tq(device: &str, range: TimeRange, order: Order, limit: usize) -> TelemetryQuery {
+    TelemetryQuery {
+        device: dev(device),
+        range,
+        order,
+        page: PageRequest::first(limit),
+    }
+}
+
+fn times(page: &Page<Reading>) -> Vec<i64> {
+    page.items.iter().map(|r| (r.ts - T0) / 1000).collect()
+}
+
+/// Follows cursors to the end, returning every item and checking each page's size.
+async fn all_pages<T, F, Fut>(limit: usize, mut fetch: F) -> Vec<T>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<Page<T>, StorageError>>,
+{
+    let mut out = Vec::new();
+    let mut page = PageRequest::first(limit);
+    for _ in 0..1000 {
+        let got = fetch(page.clone()).await.expect("page");
+        assert!(
+            got.items.len() <= limit,
+            "a page holds at most `limit` items"
+        );
+        let n = got.items.len();
+        out.extend(got.items);
+        match got.next_cursor {
+            Some(c) => {
+                assert_eq!(n, limit, "only the last page may be short");
+                page.cursor = Some(c);
+            }
+            None => return out,
+        }
+    }
+    panic!("paging did not end after 1000 pages");
+}
+
+pub async fn idempotent_upsert(h: &dyn Harness) {
+    let s = h.open().await;
+    write(&*s, vec![reading("d1", 1, 7, 50.0)]).await;
+    // Redelivery of the same (device, ts, seq) replaces the row; a different seq is another row.
+    write(
+        &*s,
+        vec![reading("d1", 1, 7, 60.0), reading("d1", 1, 7, 61.0)],
+    )
+    .await;
+    write(&*s, vec![reading("d1", 1, 8, 70.0)]).await;
+    let page = s
+        .telemetry(&tq("d1", TimeRange::default(), Order::OldestFirst, 100))
+        .await
+        .unwrap();
+    let got: Vec<(u64, Option<f64>)> = page.items.iter().map(|r| (r.seq, r.battery)).collect();
+    assert_eq!(got, vec![(7, Some(61.0)), (8, Some(70.0))]);
+}
+
+pub async fn newest_and_oldest_first(h: &dyn Harness) {
+    let s = h.open().await;
+    // Written out of order, across several days, so partitioning by day must not matter.
+    let offsets = [3, 1, 200_000, 5, 86_400 * 2, 2];
+    write(
+        &*s,
+        offsets.iter().map(|&o| reading("d1", o, 0, 1.0)).collect(),
+    )
+    .await;
+    let newest = s
+        .telemetry(&tq("d1", TimeRange::default(), Order::NewestFirst, 100))
+        .await
+        .unwrap();
+    assert_eq!(times(&newest), vec![200_000, 172_800, 5, 3, 2, 1]);
+    let oldest = s
+        .telemetry(&tq("d1", TimeRange::default(), Order::OldestFirst, 100))
+        .await
+        .unwrap();
+    assert_eq!(times(&oldest), vec![1, 2, 3, 5, 172_800, 200_000]);
+    let r = &oldest.items[0];
+    assert_eq!(
+        r,
+        &reading("d1", 1, 0, 1.0),
+        "every field reads back as written"
+    );
+}
+
+pub async fn half_open_ranges(h: &dyn Harness) {
+    let s = h.open().await;
+    write(&*s, (0..10).map(|o| reading("d1", o, 0, 1.0)).collect()).await;
+    let at = |o: i64| Some(T0 + o * 1000);
+    let check = |since: Option<i64>, until: Option<i64>, expected: Vec<i64>| {
+        let s = Arc::clone(&s);
+        async move {
+            let page = s
+                .telemetry(&tq(
+                    "d1",
+                    TimeRange { since, until },
+                    Order::OldestFirst,
+                    100,
+                ))
+                .await
+                .unwrap();
+            assert_eq!(times(&page), expected, "range [{since:?}, {until:?})");
+        }
+    };
+    check(at(3), at(6), vec![3, 4, 5]).await;
+    check(at(3), None, vec![3, 4, 5, 6, 7, 8, 9]).await;
+    check(None, at(2), vec![0, 1]).await;
+    check(at(4), at(4), vec![]).await;
+    check(at(9), at(100), vec![9]).await;
+}
+
+pub async fn cursors_page_exactly_once(h: &dyn Harness) {
+    let s = h.open().await;
+    // Two rows share each time (different seq), so cursors must resume inside a timestamp.
+    let rows: Vec<Reading> = (0..23)
+        .flat_map(|o| [reading("d1", o, 1, 1.0), reading("d1", o, 2, 1.0)])
+        .collect();
+    write(&*s, rows).await;
+    for order in [Order::NewestFirst, Order::OldestFirst] {
+        for limit in [1, 7, 46, 100] {
+            let items = all_pages(limit, |page| {
+                let s = Arc::clone(&s);
+                async move {
+                    s.telemetry(&TelemetryQuery {
+                        device: dev("d1"),
+                        range: TimeRange {
+                            since: Some(T0 + 2000),
+                            until: Some(T0 + 20_000),
+                        },
+                        order,
+                        page,
+                    })
+                    .await
+                }
+            })
+            .await;
+            let mut got: Vec<(i64, u64)> =
+                items.iter().map(|r| ((r.ts - T0) / 1000, r.seq)).collect();
+            let mut expected: Vec<(i64, u64)> = (2..20).flat_map(|o| [(o, 1), (o, 2)]).collect();
+            if order == Order::NewestFirst {
+                expected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                got.iter()
+                    .zip(&expected)
+                    .for_each(|(g, e)| assert_eq!(g.0, e.0));
+                got.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            }
+            assert_eq!(got, expected, "order {order:?}, limit {limit}");
+        }
+    }
+}
+
+pub async fn latest_is_never_overwritten_by_an_older_reading(h: &dyn Harness) {
+    let s = h.open().await;
+    let mut newer = reading("d1", 100, 0, 50.0);
+    newer.online = Some(true);
+    write(&*s, vec![newer]).await;
+    let mut older = reading("d1", 10, 0, 90.0);
+    older.rssi = Some(-70);
+    older.online = Some(false);
+    older.received_at = T0 + 500_000;
+    write(&*s, vec![older]).await;
+    let state = s.device(&dev("d1")).await.unwrap().expect("device state");
+    assert_eq!(state.ts, T0 + 100_000, "newest device time");
+    assert_eq!(
+        state.battery.map(|b| b.value),
+        Some(50.0),
+        "older battery ignored"
+    );
+    assert_eq!(
+        state.online.map(|b| b.value),
+        Some(true),
+        "older online ignored"
+    );
+    assert_eq!(
+        state.rssi.map(|b| b.value),
+        Some(-70),
+        "a field only the older reading carries is still the newest known value"
+    );
+    assert_eq!(state.metrics["temp_c"].value, 120.0);
+    assert_eq!(state.last_seen, T0 + 500_000, "last_seen is arrival time");
+    // Within one batch too.
+    write(
+        &*s,
+        vec![reading("d2", 5, 0, 30.0), reading("d2", 1, 0, 99.0)],
+    )
+    .await;
+    let state = s.device(&dev("d2")).await.unwrap().unwrap();
+    assert_eq!(state.battery.map(|b| b.value), Some(30.0));
+}
+
+pub async fn empty_batch_and_unknown_device(h: &dyn Harness) {
+    let s = h.open().await;
+    s.write_batch(&Batch::default()).await.unwrap();
+    assert_eq!(s.device(&dev("nobody")).await.unwrap(), None);
+    let page = s
+        .telemetry(&tq("nobody", TimeRange::default(), Order::NewestFirst, 10))
+        .await
+        .unwrap();
+    assert!(page.items.is_empty() && page.next_cursor.is_none());
+    s.health().await.unwrap();
+}
+
+pub async fn data_survives_close_and_reopen(h: &dyn Harness) {
+    {
+        let s = h.open().await;
+        write(
+            &*s,
+            vec![reading("d1", 1, 0, 10.0), reading("d1", 2, 0, 20.0)],
+        )
+        .await;
+        s.write_batch(&Batch {
+            events: vec![event("d1", 3, 0, "button")],
+            ..Batch::default()
+        })
+        .await
+        .unwrap();
+        s.close().await.unwrap();
+        assert!(
+            s.device(&dev("d1")).await.is_err(),
+            "a closed backend refuses calls"
+        );
+    }
+    let s = h.open().await;
+    let page = s
+        .telemetry(&tq("d1", TimeRange::default(), Order::OldestFirst, 10))
+        .await
+        .unwrap();
+    assert_eq!(times(&page), vec![1, 2]);
+    let state = s.device(&dev("d1")).await.unwrap().unwrap();
+    assert_eq!(state.battery.map(|b| b.value), Some(20.0));
+    let events = s
+        .events(&EventQuery {
+            device: dev("d1"),
+            kind: None,
+            range: TimeRange::default(),
+            order: Order::NewestFirst,
+            page: PageRequest::first(10),
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.items, vec![event("d1", 3, 0, "button")]);
+}
+
+pub async fn devices_are_isolated(h: &dyn Harness) {
+    let s = h.open().await;
+    write(
+        &*s,
+        vec![
+            reading("a", 1, 0, 1.0),
+            reading("ab", 2, 0, 2.0),
+            reading("a.b", 3, 0, 3.0),
+            reading("A", 4, 0, 4.0),
+        ],
+    )
+    .await;
+    for (device, expected) in [("a", 1), ("ab", 2), ("a.b", 3), ("A", 4)] {
+        let page = s
+            .telemetry(&tq(device, TimeRange::default(), Order::NewestFirst, 10))
+            .await
+            .unwrap();
+        assert_eq!(times(&page), vec![expected], "device {device}");
+    }
+}
+
+pub async fn foreign_cursor_is_rejected(h: &dyn Harness) {
+    let s = h.open().await;
+    write(&*s, (0..3).map(|o| reading("a", o, 0, 1.0)).collect()).await;
+    write(&*s, (0..3).map(|o| reading("b", o, 0, 1.0)).collect()).await;
+    let first = s
+        .telemetry(&tq("a", TimeRange::default(), Order::NewestFirst, 1))
+        .await
+        .unwrap();
+    let cursor = first.next_cursor.expect("more pages");
+    let mut q = tq("b", TimeRange::default(), Order::NewestFirst, 1);
+    q.page.cursor = Some(cursor.clone());
+    let err = s.telemetry(&q).await.expect_err("cursor of another device");
+    assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
+    let err = s
+        .events(&EventQuery {
+            device: dev("a"),
+            kind: None,
+            range: TimeRange::default(),
+            order: Order::NewestFirst,
+            page: PageRequest {
+                limit: 1,
+                cursor: Some(cursor),
+            },
+        })
+        .await
+        .expect_err("cursor of another query");
+    assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
+}
+
+pub async fn events_by_kind_page_exactly_once(h: &dyn Harness) {
+    let s = h.open().await;
+    let events: Vec<Event> = (0..30)
+        .map(|o| event("d1", o, 0, if o % 3 == 0 { "sync" } else { "button" }))
+        .chain((0..5).map(|o| event("d2", o, 0, "sync")))
+        .collect();
+    s.write_batch(&Batch {
+        events,
+        ..Batch::default()
+    })
+    .await
+    .unwrap();
+    for (kind, expected) in [
+        (
+            Some("sync"),
+            (0..30).filter(|o| o % 3 == 0).rev().collect::<Vec<i64>>(),
+        ),
+        (None, (0..30).rev().collect()),
+    ] {
+        let items = all_pages(4, |page| {
+            let s = Arc::clone(&s);
+            async move {
+                s.events(&EventQuery {
+                    device: dev("d1"),
+                    kind: kind.map(str::to_string),
+                    range: TimeRange::default(),
+                    order: Order::NewestFirst,
+                    page,
+                })
+                .await
+            }
+        })
+        .await;
+        let got: Vec<i64> = items.iter().map(|e| (e.ts - T0) / 1000).collect();
+        assert_eq!(got, expected, "kind {kind:?}");
+        assert!(items.iter().all(|e| kind.is_none_or(|k| e.kind == k)));
+    }
+}
+
+pub async fn fleet_pages_and_counts(h: &dyn Harness) {
+    let s = h.open().await;
+    let rows: Vec<Reading> = (0..9)
+        .map(|i| {
+            let mut r = reading(&format!("dev-{i}"), 1, 0, if i < 3 { 5.0 } else { 80.0 });
+            r.online = Some(i % 2 == 0);
+            r
+        })
+        .collect();
+    write(&*s, rows).await;
+    let mut ids = Vec::new();
+    let mut page = PageRequest::first(4);
+    loop {
+        let got = s
+            .fleet(&FleetQuery {
+                page: page.clone(),
+                low_battery_percent: 20.0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                got.counts.total,
+                got.counts.online,
+                got.counts.offline,
+                got.counts.low_battery
+            ),
+            (9, 5, 4, 3),
+            "counts cover the whole fleet on every page"
+        );
+        ids.extend(got.devices.items.iter().map(|d| d.device.to_string()));
+        match got.devices.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..9).map(|i| format!("dev-{i}")).collect();
+    assert_eq!(ids, expected);
+}
+
+pub async fn dead_letters_newest_first(h: &dyn Harness) {
+    let s = h.open().await;
+    let letters: Vec<DeadLetter> = (0..5u64)
+        .map(|i| DeadLetter {
+            id: i,
+            received_at: T0 + (i as i64 % 3) * 1000,
+            topic: format!("devices/d{}/telemetry", i % 2),
+            device: Some(dev(&format!("d{}", i % 2))),
+            payload: vec![0xc1, i as u8],
+            reason: format!("reason {i}"),
+        })
+        .collect();
+    s.write_batch(&Batch {
+        dead_letters: letters.clone(),
+        ..Batch::default()
+    })
+    .await
+    .unwrap();
+    let all = all_pages(2, |page| {
+        let s = Arc::clone(&s);
+        async move {
+            s.dead_letters(&DeadLetterQuery {
+                device: None,
+                range: TimeRange::default(),
+                page,
+            })
+            .await
+        }
+    })
+    .await;
+    let got: Vec<u64> = all.iter().map(|d| d.id).collect();
+    assert_eq!(got, vec![2, 4, 1, 3, 0], "newest arrival first");
+    assert_eq!(all[4], letters[0], "raw payload and reason kept");
+    let d1 = s
+        .dead_letters(&DeadLetterQuery {
+            device: Some(dev("d1")),
+            range: TimeRange::default(),
+            page: PageRequest::first(10),
+        })
+        .await
+        .unwrap();
+    let got: Vec<u64> = d1.items.iter().map(|d| d.id).collect();
+    assert_eq!(got, vec![1, 3]);
+}

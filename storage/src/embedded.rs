@@ -1,0 +1,472 @@
+//! The embedded backend: fjall (an LSM-tree key-value store) on disk inside the Messina process,
+//! with the same keys and ordering as the ScyllaDB schema, so both backends answer alike.
+//!
+//! Keyspaces and keys (integers big-endian; times with the sign bit flipped so they sort):
+//! - `telemetry`: `device 0x00 ts seq` → `Reading`
+//! - `events`: `device 0x00 ts seq` → `Event`
+//! - `device_latest`: `device` → `DeviceState`
+//! - `dead_letters`: `received_at id` → `DeadLetter`
+//!
+//! fjall's calls block on disk, so every call runs on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::model::{Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading};
+use crate::query::{
+    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
+    TelemetryQuery, TimeRange,
+};
+use crate::{Result, Storage, StorageError};
+
+/// Settings of the embedded backend.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub path: PathBuf,
+    /// Fsync each batch before `write_batch` returns.
+    pub fsync: bool,
+    pub cache_bytes: u64,
+}
+
+impl EmbeddedOptions {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        EmbeddedOptions {
+            path: path.as_ref().to_path_buf(),
+            fsync: true,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The embedded backend; cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    telemetry: Keyspace,
+    events: Keyspace,
+    latest: Keyspace,
+    dead_letters: Keyspace,
+    fsync: bool,
+    closed: AtomicBool,
+    /// One writer at a time, because the latest state is read, merged and written back.
+    write_lock: Mutex<()>,
+}
+
+/// Tags the first byte of a cursor with the result set it belongs to.
+const CURSOR_TELEMETRY: u8 = b'T';
+const CURSOR_EVENTS: u8 = b'E';
+const CURSOR_DEAD: u8 = b'D';
+const CURSOR_FLEET: u8 = b'F';
+
+fn io(e: fjall::Error) -> StorageError {
+    StorageError::Unavailable(format!("embedded store: {e}"))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| StorageError::Fatal(format!("cannot encode a row: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| StorageError::Fatal(format!("stored row does not decode: {e}")))
+}
+
+fn time_key(ts: Millis) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn device_prefix(device: &DeviceId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(device.as_str().len() + 17);
+    key.extend_from_slice(device.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+fn row_key(device: &DeviceId, ts: Millis, seq: u64) -> Vec<u8> {
+    let mut key = device_prefix(device);
+    key.extend_from_slice(&time_key(ts));
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn with_time(prefix: &[u8], ts: Millis) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&time_key(ts));
+    key
+}
+
+/// Key bounds of a half-open time range below a prefix; `prefix` must end in the 0x00 separator,
+/// so `prefix` with its last byte raised to 0x01 is past every key of the prefix.
+fn time_bounds(prefix: &[u8], range: &TimeRange) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let lo = match range.since {
+        Some(since) => Bound::Included(with_time(prefix, since)),
+        None => Bound::Included(prefix.to_vec()),
+    };
+    let hi = match range.until {
+        Some(until) => Bound::Excluded(with_time(prefix, until)),
+        None if prefix.is_empty() => Bound::Unbounded,
+        None => {
+            let mut end = prefix.to_vec();
+            *end.last_mut().expect("non-empty prefix") = 1;
+            Bound::Excluded(end)
+        }
+    };
+    (lo, hi)
+}
+
+/// Narrows bounds to what comes after a cursor in the given order.
+fn resume(
+    bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    tag: u8,
+    prefix: &[u8],
+    order: Order,
+    cursor: Option<&Cursor>,
+) -> Result<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+    let Some(cursor) = cursor else {
+        return Ok(bounds);
+    };
+    let key = match cursor.0.split_first() {
+        Some((t, key)) if *t == tag && key.starts_with(prefix) && key.len() > prefix.len() => key,
+        _ => {
+            return Err(StorageError::InvalidRequest(
+                "cursor does not belong to this query; start again without a cursor".into(),
+            ))
+        }
+    };
+    let at = Bound::Excluded(key.to_vec());
+    Ok(match order {
+        Order::OldestFirst => (at, bounds.1),
+        Order::NewestFirst => (bounds.0, at),
+    })
+}
+
+fn cursor(tag: u8, key: &[u8]) -> Cursor {
+    let mut bytes = Vec::with_capacity(key.len() + 1);
+    bytes.push(tag);
+    bytes.extend_from_slice(key);
+    Cursor(bytes)
+}
+
+/// Reads one page of rows between bounds, keeping those `keep` accepts.
+fn scan<T: DeserializeOwned>(
+    keyspace: &Keyspace,
+    bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    order: Order,
+    limit: usize,
+    tag: u8,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Page<T>> {
+    if limit == 0 {
+        return Err(StorageError::InvalidRequest(
+            "limit must be at least 1".into(),
+        ));
+    }
+    let iter = keyspace.range::<Vec<u8>, _>(bounds);
+    let iter: Box<dyn Iterator<Item = fjall::Guard>> = match order {
+        Order::OldestFirst => Box::new(iter),
+        Order::NewestFirst => Box::new(iter.rev()),
+    };
+    let mut items = Vec::new();
+    let mut last_key = None;
+    for guard in iter {
+        let (key, value) = guard.into_inner().map_err(io)?;
+        let item: T = decode(&value)?;
+        if !keep(&item) {
+            continue;
+        }
+        if items.len() == limit {
+            // One more item exists: the page ends at the previous one.
+            let next_cursor = last_key.map(|k: fjall::Slice| cursor(tag, &k));
+            return Ok(Page { items, next_cursor });
+        }
+        items.push(item);
+        last_key = Some(key);
+    }
+    Ok(Page {
+        items,
+        next_cursor: None,
+    })
+}
+
+impl EmbeddedStorage {
+    /// Opens (creating when missing) the store in `options.path`.
+    pub fn open(options: &EmbeddedOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.path).map_err(|e| {
+            StorageError::Fatal(format!(
+                "cannot create data directory {}: {e}",
+                options.path.display()
+            ))
+        })?;
+        let db = Database::builder(&options.path)
+            .cache_size(options.cache_bytes)
+            .open()
+            .map_err(|e| {
+                StorageError::Fatal(format!(
+                    "cannot open embedded store in {}: {e} (is another Messina using it?)",
+                    options.path.display()
+                ))
+            })?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(io)
+        };
+        let inner = Inner {
+            telemetry: ks("telemetry")?,
+            events: ks("events")?,
+            latest: ks("device_latest")?,
+            dead_letters: ks("dead_letters")?,
+            db,
+            fsync: options.fsync,
+            closed: AtomicBool::new(false),
+            write_lock: Mutex::new(()),
+        };
+        Ok(EmbeddedStorage {
+            inner: Arc::new(inner),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = Arc::clone(&self.inner);
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Fatal("embedded store is closed".into()));
+        }
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StorageError::Fatal(format!("storage task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn write_batch(&self, batch: &Batch) -> Result<()> {
+        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wb = self.db.batch().durability(if self.fsync {
+            Some(PersistMode::SyncData)
+        } else {
+            None
+        });
+        let mut states: HashMap<&DeviceId, DeviceState> = HashMap::new();
+        for r in &batch.readings {
+            wb.insert(&self.telemetry, row_key(&r.device, r.ts, r.seq), encode(r)?);
+            match states.get_mut(&r.device) {
+                Some(state) => state.apply(r),
+                None => {
+                    let state = match self.latest.get(r.device.as_str()).map_err(io)? {
+                        Some(bytes) => {
+                            let mut state: DeviceState = decode(&bytes)?;
+                            state.apply(r);
+                            state
+                        }
+                        None => DeviceState::from_reading(r),
+                    };
+                    states.insert(&r.device, state);
+                }
+            }
+        }
+        for (device, state) in &states {
+            wb.insert(&self.latest, device.as_str(), encode(state)?);
+        }
+        for e in &batch.events {
+            wb.insert(&self.events, row_key(&e.device, e.ts, e.seq), encode(e)?);
+        }
+        for d in &batch.dead_letters {
+            let mut key = time_key(d.received_at).to_vec();
+            key.extend_from_slice(&d.id.to_be_bytes());
+            wb.insert(&self.dead_letters, key, encode(d)?);
+        }
+        wb.commit().map_err(io)
+    }
+
+    fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
+        let limit = query.page.limit;
+        let lo =
+            match &query.page.cursor {
+                None => Bound::Unbounded,
+                Some(c) => match c.0.split_first() {
+                    Some((&CURSOR_FLEET, key)) if !key.is_empty() => Bound::Excluded(key.to_vec()),
+                    _ => return Err(StorageError::InvalidRequest(
+                        "cursor does not belong to the fleet listing; start again without a cursor"
+                            .into(),
+                    )),
+                },
+            };
+        let devices = scan::<DeviceState>(
+            &self.latest,
+            (lo, Bound::Unbounded),
+            Order::OldestFirst,
+            limit,
+            CURSOR_FLEET,
+            |_| true,
+        )?;
+        // Counts cover the whole fleet, so they need a full pass over the (one row per device)
+        // latest-state keyspace.
+        let mut counts = FleetCounts::default();
+        for guard in self.latest.iter() {
+            let (_, value) = guard.into_inner().map_err(io)?;
+            counts.count(&decode(&value)?, query.low_battery_percent);
+        }
+        Ok(FleetPage { devices, counts })
+    }
+}
+
+#[async_trait]
+impl Storage for EmbeddedStorage {
+    async fn write_batch(&self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = batch.clone();
+        self.blocking(move |inner| inner.write_batch(&batch)).await
+    }
+
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceState>> {
+        let device = device.clone();
+        self.blocking(
+            move |inner| match inner.latest.get(device.as_str()).map_err(io)? {
+                Some(bytes) => Ok(Some(decode(&bytes)?)),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
+        let query = query.clone();
+        self.blocking(move |inner| inner.fleet(&query)).await
+    }
+
+    async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            let prefix = device_prefix(&q.device);
+            let bounds = time_bounds(&prefix, &q.range);
+            let bounds = resume(
+                bounds,
+                CURSOR_TELEMETRY,
+                &prefix,
+                q.order,
+                q.page.cursor.as_ref(),
+            )?;
+            scan(
+                &inner.telemetry,
+                bounds,
+                q.order,
+                q.page.limit,
+                CURSOR_TELEMETRY,
+                |_| true,
+            )
+        })
+        .await
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Page<Event>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            let prefix = device_prefix(&q.device);
+            let bounds = time_bounds(&prefix, &q.range);
+            let bounds = resume(
+                bounds,
+                CURSOR_EVENTS,
+                &prefix,
+                q.order,
+                q.page.cursor.as_ref(),
+            )?;
+            scan(
+                &inner.events,
+                bounds,
+                q.order,
+                q.page.limit,
+                CURSOR_EVENTS,
+                |e: &Event| q.kind.as_deref().is_none_or(|k| e.kind == k),
+            )
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Page<DeadLetter>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            let bounds = time_bounds(&[], &q.range);
+            let bounds = resume(
+                bounds,
+                CURSOR_DEAD,
+                &[],
+                Order::NewestFirst,
+                q.page.cursor.as_ref(),
+            )?;
+            scan(
+                &inner.dead_letters,
+                bounds,
+                Order::NewestFirst,
+                q.page.limit,
+                CURSOR_DEAD,
+                |d: &DeadLetter| {
+                    q.device
+                        .as_ref()
+                        .is_none_or(|dev| d.device.as_ref() == Some(dev))
+                },
+            )
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<()> {
+        // A point read touches the journal, memtables and tables, which is what must work.
+        self.blocking(|inner| inner.latest.get([0xff]).map(|_| ()).map_err(io))
+            .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let result = self
+            .blocking(|inner| inner.db.persist(PersistMode::SyncAll).map_err(io))
+            .await;
+        self.inner.closed.store(true, Ordering::Release);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_keys_sort_like_times() {
+        let times = [i64::MIN, -5, -1, 0, 1, 1_700_000_000_000, i64::MAX];
+        for w in times.windows(2) {
+            assert!(time_key(w[0]) < time_key(w[1]), "{} < {}", w[0], w[1]);
+        }
+    }
+
+    #[test]
+    fn device_prefixes_do_not_overlap() {
+        // "a" must not scan into "a.b" or "ab": the 0x00 separator sorts below every id byte.
+        let a = device_prefix(&DeviceId::new("a").unwrap());
+        let ab = row_key(&DeviceId::new("ab").unwrap(), 0, 0);
+        let (lo, hi) = time_bounds(&a, &TimeRange::default());
+        let inside = |k: &Vec<u8>| {
+            matches!(&lo, Bound::Included(l) if k >= l)
+                && matches!(&hi, Bound::Excluded(h) if k < h)
+        };
+        assert!(!inside(&ab));
+        assert!(inside(&row_key(
+            &DeviceId::new("a").unwrap(),
+            i64::MAX,
+            u64::MAX
+        )));
+    }
+}

@@ -1,0 +1,74 @@
+//! Storage for Messina: the domain types, the `Storage` trait every backend implements, the
+//! embedded backend, and the contract suite that every backend must pass.
+
+pub mod contract;
+pub mod embedded;
+pub mod model;
+pub mod query;
+
+use async_trait::async_trait;
+
+pub use embedded::EmbeddedStorage;
+pub use model::{
+    AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, InvalidDeviceId, Millis, Reading,
+    Stamped,
+};
+pub use query::{
+    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
+    PageRequest, TelemetryQuery, TimeRange,
+};
+
+/// What went wrong in storage; each variant says what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The backend could not do it now (I/O error, timeout, overload); the same call may succeed
+    /// later. Writers keep the batch and retry.
+    #[error("storage unavailable, retry later: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong (e.g. a cursor that was not issued for this query); do not
+    /// retry, tell the caller.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Stored data cannot be read back, or the backend is closed; an operator must look.
+    #[error("storage failure: {0}")]
+    Fatal(String),
+}
+
+impl StorageError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// The one storage interface of Messina; the bridge writes through it and the HTTP API reads
+/// through it. Its behaviour is specified by the [`contract`] suite.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Stores a batch idempotently: a reading or event with the same `(device, ts, seq)` as a stored
+    /// one overwrites it. Updates each device's latest state by device time. When this returns
+    /// `Ok`, the batch is durable to the backend's configured degree.
+    async fn write_batch(&self, batch: &Batch) -> Result<()>;
+
+    /// The latest state of one device, `None` when it never sent a reading.
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceState>>;
+
+    /// A page of the fleet ordered by device id, with counts over the whole fleet.
+    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage>;
+
+    /// Readings of one device in a time range.
+    async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>>;
+
+    /// Events of one device in a time range.
+    async fn events(&self, query: &EventQuery) -> Result<Page<Event>>;
+
+    /// Dead letters, newest first.
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Page<DeadLetter>>;
+
+    /// `Ok` when the backend can serve reads and writes now.
+    async fn health(&self) -> Result<()>;
+
+    /// Makes everything written durable and releases the backend; later calls fail with `Fatal`.
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,251 @@
+//! Domain types stored by every backend: device ids, readings, events, dead letters and the latest
+//! state of a device. They know nothing of MessagePack, MQTT or JSON.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+/// A device id: 1 to 128 characters of `[A-Za-z0-9_.-]`, the `{id}` segment of `devices/{id}/...`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+/// Why a string is not a valid device id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDeviceId {
+    #[error("device id is empty")]
+    Empty,
+    #[error("device id is {0} characters long; at most 128 are allowed")]
+    TooLong(usize),
+    #[error("device id contains {0:?}; only A-Z, a-z, 0-9, '_', '.' and '-' are allowed")]
+    BadCharacter(char),
+}
+
+impl DeviceId {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidDeviceId> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(InvalidDeviceId::Empty);
+        }
+        if id.len() > Self::MAX_LEN {
+            return Err(InvalidDeviceId::TooLong(id.len()));
+        }
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        {
+            return Err(InvalidDeviceId::BadCharacter(c));
+        }
+        Ok(DeviceId(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = InvalidDeviceId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        DeviceId::new(s)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(d: DeviceId) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A value of an event attribute, or of a telemetry key that is neither a known field nor a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttrValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// One telemetry reading of one device at one device time.
+///
+/// Its identity is `(device, ts, seq)`: storing the same identity again overwrites, never duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub device: DeviceId,
+    /// Device time of the reading.
+    pub ts: Millis,
+    /// Per-device sequence number; 0 when the device sends none.
+    pub seq: u64,
+    /// Server time the message arrived.
+    pub received_at: Millis,
+    /// Battery level in percent, 0 to 100.
+    pub battery: Option<f64>,
+    /// Signal strength in dBm.
+    pub rssi: Option<i32>,
+    pub online: Option<bool>,
+    /// Any other sensor values, by name.
+    pub metrics: BTreeMap<String, f64>,
+    /// Keys that were neither known fields nor numbers, kept rather than rejected.
+    pub attrs: BTreeMap<String, AttrValue>,
+}
+
+/// A discrete event of one device: a button press, a sync result, ...
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub device: DeviceId,
+    pub ts: Millis,
+    pub seq: u64,
+    pub received_at: Millis,
+    /// What happened, e.g. `button` or `sync`.
+    pub kind: String,
+    pub attrs: BTreeMap<String, AttrValue>,
+}
+
+/// A message that could not be decoded or validated, kept with the reason instead of being dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Unique among dead letters with the same `received_at`.
+    pub id: u64,
+    pub received_at: Millis,
+    pub topic: String,
+    /// The device named by the topic, when the topic named a valid one.
+    pub device: Option<DeviceId>,
+    /// The raw payload, byte for byte.
+    pub payload: Vec<u8>,
+    /// What was wrong, naming the field.
+    pub reason: String,
+}
+
+/// A value with the device time it was measured at; the latest state keeps, per field, the value of
+/// the newest reading that carried that field.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stamped<T> {
+    pub value: T,
+    pub ts: Millis,
+}
+
+/// The latest known state of a device, merged field by field from its readings by device time, so a
+/// late, older reading never overwrites a newer value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub device: DeviceId,
+    /// Device time of the newest reading.
+    pub ts: Millis,
+    /// Sequence number of the newest reading.
+    pub seq: u64,
+    /// Server time the most recent message of this device arrived.
+    pub last_seen: Millis,
+    pub battery: Option<Stamped<f64>>,
+    pub rssi: Option<Stamped<i32>>,
+    pub online: Option<Stamped<bool>>,
+    pub metrics: BTreeMap<String, Stamped<f64>>,
+}
+
+fn merge<T: Copy>(slot: &mut Option<Stamped<T>>, value: Option<T>, ts: Millis) {
+    if let Some(value) = value {
+        if slot.is_none_or(|s| ts >= s.ts) {
+            *slot = Some(Stamped { value, ts });
+        }
+    }
+}
+
+impl DeviceState {
+    /// The state of a device whose first reading is `r`.
+    pub fn from_reading(r: &Reading) -> Self {
+        let mut s = DeviceState {
+            device: r.device.clone(),
+            ts: r.ts,
+            seq: r.seq,
+            last_seen: r.received_at,
+            battery: None,
+            rssi: None,
+            online: None,
+            metrics: BTreeMap::new(),
+        };
+        s.apply(r);
+        s
+    }
+
+    /// Merges one reading: each field takes the reading's value only if the reading is at least as
+    /// new as the value held. This is the same rule ScyllaDB applies with `USING TIMESTAMP`.
+    pub fn apply(&mut self, r: &Reading) {
+        if (r.ts, r.seq) >= (self.ts, self.seq) {
+            self.ts = r.ts;
+            self.seq = r.seq;
+        }
+        self.last_seen = self.last_seen.max(r.received_at);
+        merge(&mut self.battery, r.battery, r.ts);
+        merge(&mut self.rssi, r.rssi, r.ts);
+        merge(&mut self.online, r.online, r.ts);
+        for (name, value) in &r.metrics {
+            let mut slot = self.metrics.get(name).copied();
+            merge(&mut slot, Some(*value), r.ts);
+            if let Some(slot) = slot {
+                self.metrics.insert(name.clone(), slot);
+            }
+        }
+    }
+
+    /// True when the newest `online` value says so.
+    pub fn is_online(&self) -> bool {
+        self.online.is_some_and(|o| o.value)
+    }
+}
+
+/// Everything the bridge writes in one go. Backends write a batch atomically where they can, and
+/// always idempotently, so a batch retried after a failure never duplicates rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub readings: Vec<Reading>,
+    pub events: Vec<Event>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.readings.len() + self.events.len() + self.dead_letters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.readings.clear();
+        self.events.clear();
+        self.dead_letters.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_follow_the_topic_syntax() {
+        assert!(DeviceId::new("dev-01_a.b").is_ok());
+        assert_eq!(DeviceId::new(""), Err(InvalidDeviceId::Empty));
+        assert_eq!(
+            DeviceId::new("a/b"),
+            Err(InvalidDeviceId::BadCharacter('/'))
+        );
+        assert_eq!(
+            DeviceId::new("x".repeat(129)),
+            Err(InvalidDeviceId::TooLong(129))
+        );
+        assert!(DeviceId::new("x".repeat(128)).is_ok());
+    }
+}

@@ -1,0 +1,117 @@
+//! Query types shared by every backend: time ranges, order, paging with opaque cursors.
+
+use crate::model::{DeviceId, DeviceState, Millis};
+
+/// Which end of a time range comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    #[default]
+    NewestFirst,
+    OldestFirst,
+}
+
+/// A half-open range of device time, `[since, until)`; an open end is unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeRange {
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
+}
+
+impl TimeRange {
+    pub fn contains(&self, ts: Millis) -> bool {
+        self.since.is_none_or(|s| ts >= s) && self.until.is_none_or(|u| ts < u)
+    }
+}
+
+/// A position in a result set, returned with a page and given back to get the next one. Its bytes
+/// belong to the backend that made it; callers only carry them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor(pub Vec<u8>);
+
+/// How many items to return and where to resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub limit: usize,
+    pub cursor: Option<Cursor>,
+}
+
+impl PageRequest {
+    pub fn first(limit: usize) -> Self {
+        PageRequest {
+            limit,
+            cursor: None,
+        }
+    }
+}
+
+/// One page of results; `next_cursor` is `None` on the last page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Readings of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryQuery {
+    pub device: DeviceId,
+    pub range: TimeRange,
+    pub order: Order,
+    pub page: PageRequest,
+}
+
+/// Events of one device, optionally of one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventQuery {
+    pub device: DeviceId,
+    pub kind: Option<String>,
+    pub range: TimeRange,
+    pub order: Order,
+    pub page: PageRequest,
+}
+
+/// Dead letters, newest first, optionally of one device; the range is over arrival time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterQuery {
+    pub device: Option<DeviceId>,
+    pub range: TimeRange,
+    pub page: PageRequest,
+}
+
+/// The fleet: every device's latest state, by device id, with counts over the whole fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetQuery {
+    pub page: PageRequest,
+    /// Devices whose latest battery is below this percentage count as low on battery.
+    pub low_battery_percent: f64,
+}
+
+/// Counts over the whole fleet, whatever the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FleetCounts {
+    pub total: u64,
+    pub online: u64,
+    pub offline: u64,
+    pub low_battery: u64,
+}
+
+impl FleetCounts {
+    pub fn count(&mut self, state: &DeviceState, low_battery_percent: f64) {
+        self.total += 1;
+        if state.is_online() {
+            self.online += 1;
+        } else {
+            self.offline += 1;
+        }
+        if state.battery.is_some_and(|b| b.value < low_battery_percent) {
+            self.low_battery += 1;
+        }
+    }
+}
+
+/// A page of the fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetPage {
+    pub devices: Page<DeviceState>,
+    pub counts: FleetCounts,
+}
