@@ -1,0 +1,70 @@
+//! The bridge's internal events, each logged and counted in one place, so logs and Prometheus
+//! metrics never disagree. Metric names are listed in `names` for the HTTP side to describe.
+
+use std::time::Duration;
+
+use messina_storage::{Batch, StorageError};
+
+use crate::wire::{Kind, Rejection};
+
+/// Metric names, for `describe_*` at start-up and for tests.
+pub mod names {
+    pub const RECEIVED: &str = "messina_messages_received_total";
+    pub const RECEIVED_BYTES: &str = "messina_received_bytes_total";
+    pub const DECODED: &str = "messina_rows_decoded_total";
+    pub const REJECTED: &str = "messina_messages_rejected_total";
+    pub const WRITTEN: &str = "messina_rows_written_total";
+    pub const BATCH_ROWS: &str = "messina_batch_rows";
+    pub const WRITE_SECONDS: &str = "messina_write_seconds";
+    pub const WRITE_ERRORS: &str = "messina_write_errors_total";
+    pub const ROWS_LOST: &str = "messina_rows_lost_total";
+    pub const QUEUE_DEPTH: &str = "messina_bridge_queue_depth";
+}
+
+fn label(kind: Option<Kind>) -> &'static str {
+    kind.map_or("unknown", Kind::as_str)
+}
+
+pub fn received(kind: Option<Kind>, bytes: usize) {
+    metrics::counter!(names::RECEIVED, "kind" => label(kind)).increment(1);
+    metrics::counter!(names::RECEIVED_BYTES).increment(bytes as u64);
+}
+
+pub fn decoded(kind: Option<Kind>, rows: usize) {
+    metrics::counter!(names::DECODED, "kind" => label(kind)).increment(rows as u64);
+}
+
+pub fn rejected(kind: Option<Kind>, topic: &str, rejection: &Rejection) {
+    // Debug, not warn: one misbehaving device must not flood the log; the dead letter keeps it all.
+    tracing::debug!(topic, reason = %rejection, "message rejected, stored as dead letter");
+    metrics::counter!(names::REJECTED, "kind" => label(kind)).increment(1);
+}
+
+pub fn written(batch: &Batch, took: Duration) {
+    tracing::trace!(rows = batch.len(), ?took, "batch written");
+    for (table, n) in [
+        ("telemetry", batch.readings.len()),
+        ("events", batch.events.len()),
+        ("dead_letters", batch.dead_letters.len()),
+    ] {
+        if n > 0 {
+            metrics::counter!(names::WRITTEN, "table" => table).increment(n as u64);
+        }
+    }
+    metrics::histogram!(names::BATCH_ROWS).record(batch.len() as f64);
+    metrics::histogram!(names::WRITE_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn write_failed(error: &StorageError, rows: usize, giving_up: bool) {
+    metrics::counter!(names::WRITE_ERRORS).increment(1);
+    if giving_up {
+        tracing::error!(%error, rows, "storage write failed; giving up on this batch");
+        metrics::counter!(names::ROWS_LOST).increment(rows as u64);
+    } else {
+        tracing::warn!(%error, rows, "storage write failed; retrying");
+    }
+}
+
+pub fn queue_depth(depth: usize) {
+    metrics::gauge!(names::QUEUE_DEPTH).set(depth as f64);
+}

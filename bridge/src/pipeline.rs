@@ -1,0 +1,253 @@
+//! The bridge task: receives device messages on a bounded queue, decodes and validates them, batches
+//! them by size and by time, and writes each batch through the storage trait, retrying with backoff
+//! while storage is unavailable. A full queue makes the sender wait: backpressure, never loss.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use messina_storage::{Batch, DeadLetter, Millis, Storage};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::meter;
+use crate::wire::{self, Decoded, Limits};
+
+/// One message as the broker received it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Server time of arrival.
+    pub received_at: Millis,
+}
+
+/// How the bridge batches and retries; from `[bridge]` in the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub batch_max_rows: usize,
+    pub batch_max_delay: Duration,
+    pub queue_capacity: usize,
+    pub retry_initial_delay: Duration,
+    pub retry_max_delay: Duration,
+    /// After shutdown is requested, how many more attempts a failing write gets before its rows
+    /// are given up (and counted as lost).
+    pub retries_after_shutdown: u32,
+    pub limits: Limits,
+}
+
+impl Settings {
+    pub fn from_config(c: &messina_config::BridgeConfig) -> Self {
+        Settings {
+            batch_max_rows: c.batch_max_rows,
+            batch_max_delay: Duration::from_millis(c.batch_max_delay_ms),
+            queue_capacity: c.queue_capacity,
+            retry_initial_delay: Duration::from_millis(c.retry_initial_delay_ms),
+            retry_max_delay: Duration::from_millis(c.retry_max_delay_ms),
+            retries_after_shutdown: 3,
+            limits: Limits {
+                max_future_skew_ms: (c.max_future_skew_s as i64).saturating_mul(1000),
+                max_age_ms: (c.max_age_days as i64).saturating_mul(86_400_000),
+                max_readings_per_message: c.max_readings_per_message,
+            },
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::from_config(&messina_config::BridgeConfig::default())
+    }
+}
+
+/// The sending side of the bridge queue. The bridge runs until every handle is dropped, then
+/// drains the queue, writes the last batch and ends.
+#[derive(Clone)]
+pub struct BridgeHandle {
+    tx: mpsc::Sender<Inbound>,
+}
+
+/// The bridge is gone (it ended after a fatal storage error); nothing more can be delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("the bridge has stopped")]
+pub struct BridgeClosed;
+
+impl BridgeHandle {
+    /// Queues a message, waiting while the queue is full.
+    pub async fn send(&self, inbound: Inbound) -> Result<(), BridgeClosed> {
+        self.tx.send(inbound).await.map_err(|_| BridgeClosed)
+    }
+
+    /// Queues a message from a thread outside the async runtime, blocking while the queue is full.
+    pub fn blocking_send(&self, inbound: Inbound) -> Result<(), BridgeClosed> {
+        self.tx.blocking_send(inbound).map_err(|_| BridgeClosed)
+    }
+
+    /// Messages waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Starts the bridge. `shutdown` only shortens retries of a failing write once requested; the
+/// bridge itself ends when every [`BridgeHandle`] is dropped, so nothing queued is left behind.
+pub fn spawn(
+    storage: Arc<dyn Storage>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> (BridgeHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(settings.queue_capacity);
+    let bridge = Bridge {
+        storage,
+        batch: Batch::default(),
+        settings,
+        shutdown,
+        depth: tx.clone().downgrade(),
+    };
+    let task = tokio::spawn(bridge.run(rx));
+    (BridgeHandle { tx }, task)
+}
+
+struct Bridge {
+    storage: Arc<dyn Storage>,
+    batch: Batch,
+    settings: Settings,
+    shutdown: CancellationToken,
+    /// Only to read the queue depth for metrics; does not keep the queue open.
+    depth: mpsc::WeakSender<Inbound>,
+}
+
+/// Ids of dead letters: unique per process run and, being seeded with the clock, across runs.
+fn next_dead_letter_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    };
+    let _ = NEXT.compare_exchange(0, seed(), Ordering::Relaxed, Ordering::Relaxed);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Bridge {
+    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                msg = rx.recv() => match msg {
+                    Some(inbound) => {
+                        if self.batch.is_empty() {
+                            deadline = Some(tokio::time::Instant::now() + self.settings.batch_max_delay);
+                        }
+                        self.accept(inbound);
+                        if self.batch.len() >= self.settings.batch_max_rows {
+                            self.flush().await;
+                            deadline = None;
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    self.flush().await;
+                    deadline = None;
+                }
+            }
+        }
+        self.flush().await;
+        tracing::info!("bridge drained and stopped");
+    }
+
+    /// Decodes one message into the pending batch; a message that fails becomes a dead letter.
+    fn accept(&mut self, inbound: Inbound) {
+        let (device, kind, result) = match wire::route(&inbound.topic) {
+            Ok((device, kind)) => {
+                let result = wire::decode(
+                    &device,
+                    kind,
+                    &inbound.payload,
+                    inbound.received_at,
+                    &self.settings.limits,
+                );
+                (Some(device), Some(kind), result)
+            }
+            Err(rejection) => (None, None, Err(rejection)),
+        };
+        meter::received(kind, inbound.payload.len());
+        match result {
+            Ok(Decoded::Readings(readings)) => {
+                meter::decoded(kind, readings.len());
+                self.batch.readings.extend(readings);
+            }
+            Ok(Decoded::Event(event)) => {
+                meter::decoded(kind, 1);
+                self.batch.events.push(event);
+            }
+            Err(rejection) => {
+                meter::rejected(kind, &inbound.topic, &rejection);
+                self.batch.dead_letters.push(DeadLetter {
+                    id: next_dead_letter_id(),
+                    received_at: inbound.received_at,
+                    topic: inbound.topic,
+                    device,
+                    payload: inbound.payload.to_vec(),
+                    reason: rejection.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Writes the pending batch, retrying with exponential backoff while storage is unavailable.
+    /// While it retries the queue fills and senders wait: slow storage slows publishers.
+    async fn flush(&mut self) {
+        if let Some(tx) = self.depth.upgrade() {
+            meter::queue_depth(tx.max_capacity() - tx.capacity());
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut delay = self.settings.retry_initial_delay;
+        let mut attempts_after_shutdown = 0;
+        loop {
+            let started = Instant::now();
+            match self.storage.write_batch(&self.batch).await {
+                Ok(()) => {
+                    meter::written(&self.batch, started.elapsed());
+                    self.batch.clear();
+                    return;
+                }
+                Err(e) => {
+                    let give_up = !e.is_retryable()
+                        || (self.shutdown.is_cancelled() && {
+                            attempts_after_shutdown += 1;
+                            attempts_after_shutdown > self.settings.retries_after_shutdown
+                        });
+                    meter::write_failed(&e, self.batch.len(), give_up);
+                    if give_up {
+                        self.batch.clear();
+                        return;
+                    }
+                    // Full jitter keeps many nodes from retrying in lockstep against one cluster.
+                    let jittered = delay.mul_f64(0.5 + jitter() * 0.5);
+                    tokio::select! {
+                        _ = tokio::time::sleep(jittered) => {}
+                        _ = self.shutdown.cancelled(), if !self.shutdown.is_cancelled() => {}
+                    }
+                    delay = (delay * 2).min(self.settings.retry_max_delay);
+                }
+            }
+        }
+    }
+}
+
+/// A cheap pseudo-random number in [0, 1) for retry jitter.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}

@@ -1,0 +1,218 @@
+//! The bridge task end to end with the embedded backend: batching by size and by time, retries
+//! while storage fails, dead letters, and draining on shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use messina_bridge::{spawn, BridgeHandle, Inbound, Settings};
+use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+use messina_storage::*;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const NOW: i64 = 1_760_000_000_000;
+
+/// Delegates to the embedded backend, records batch sizes and fails the first `fail` writes.
+struct Recording {
+    inner: EmbeddedStorage,
+    batches: Mutex<Vec<usize>>,
+    fail: AtomicUsize,
+}
+
+#[async_trait]
+impl Storage for Recording {
+    async fn write_batch(&self, batch: &Batch) -> Result<()> {
+        if self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StorageError::Unavailable("injected outage".into()));
+        }
+        self.batches.lock().unwrap().push(batch.len());
+        self.inner.write_batch(batch).await
+    }
+    async fn device(&self, d: &DeviceId) -> Result<Option<DeviceState>> {
+        self.inner.device(d).await
+    }
+    async fn fleet(&self, q: &FleetQuery) -> Result<FleetPage> {
+        self.inner.fleet(q).await
+    }
+    async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
+        self.inner.telemetry(q).await
+    }
+    async fn events(&self, q: &EventQuery) -> Result<Page<Event>> {
+        self.inner.events(q).await
+    }
+    async fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Page<DeadLetter>> {
+        self.inner.dead_letters(q).await
+    }
+    async fn health(&self) -> Result<()> {
+        self.inner.health().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    storage: Arc<Recording>,
+    handle: Option<BridgeHandle>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = EmbeddedStorage::open(&EmbeddedOptions::new(dir.path())).unwrap();
+    let storage = Arc::new(Recording {
+        inner,
+        batches: Mutex::new(Vec::new()),
+        fail: AtomicUsize::new(fail),
+    });
+    let settings = Settings {
+        batch_max_rows: rows,
+        batch_max_delay: Duration::from_millis(delay_ms),
+        retry_initial_delay: Duration::from_millis(5),
+        retry_max_delay: Duration::from_millis(20),
+        ..Settings::default()
+    };
+    let (handle, task) = spawn(storage.clone(), settings, CancellationToken::new());
+    Fixture {
+        _dir: dir,
+        storage,
+        handle: Some(handle),
+        task,
+    }
+}
+
+fn telemetry(device: &str, i: i64) -> Inbound {
+    Inbound {
+        topic: format!("devices/{device}/telemetry"),
+        payload: Bytes::from(rmp_serde::to_vec(&json!({"ts": NOW + i, "battery": 50})).unwrap()),
+        received_at: NOW + 10_000,
+    }
+}
+
+impl Fixture {
+    async fn send(&self, inbound: Inbound) {
+        self.handle.as_ref().unwrap().send(inbound).await.unwrap();
+    }
+
+    /// Drops the last handle and waits for the bridge to drain.
+    async fn close(&mut self) {
+        self.handle.take();
+        (&mut self.task).await.unwrap();
+    }
+
+    async fn stored(&self, device: &str) -> usize {
+        self.storage
+            .telemetry(&TelemetryQuery {
+                device: DeviceId::new(device).unwrap(),
+                range: TimeRange::default(),
+                order: Order::OldestFirst,
+                page: PageRequest::first(10_000),
+            })
+            .await
+            .unwrap()
+            .items
+            .len()
+    }
+
+    async fn wait_stored(&self, device: &str, n: usize) {
+        for _ in 0..500 {
+            if self.stored(device).await == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} readings of {device} were never stored");
+    }
+}
+
+#[tokio::test]
+async fn batches_by_size_then_drains_the_rest_on_close() {
+    let mut f = fixture(10, 60_000, 0);
+    for i in 0..25 {
+        f.send(telemetry("d1", i)).await;
+    }
+    f.wait_stored("d1", 20).await;
+    assert_eq!(*f.storage.batches.lock().unwrap(), vec![10, 10]);
+    f.close().await;
+    assert_eq!(f.stored("d1").await, 25);
+    assert_eq!(*f.storage.batches.lock().unwrap(), vec![10, 10, 5]);
+}
+
+#[tokio::test]
+async fn batches_by_time() {
+    let f = fixture(1000, 30, 0);
+    for i in 0..3 {
+        f.send(telemetry("d1", i)).await;
+    }
+    f.wait_stored("d1", 3).await;
+    assert_eq!(*f.storage.batches.lock().unwrap(), vec![3]);
+}
+
+#[tokio::test]
+async fn retries_while_storage_fails_and_loses_nothing() {
+    let mut f = fixture(5, 10, 4);
+    for i in 0..12 {
+        f.send(telemetry("d1", i)).await;
+    }
+    f.close().await;
+    assert_eq!(f.stored("d1").await, 12);
+    assert_eq!(
+        f.storage.fail.load(Ordering::SeqCst),
+        0,
+        "all injected failures were hit"
+    );
+}
+
+#[tokio::test]
+async fn bad_messages_become_dead_letters_beside_good_ones() {
+    let mut f = fixture(100, 10, 0);
+    f.send(telemetry("d1", 1)).await;
+    f.send(Inbound {
+        topic: "devices/d1/telemetry".into(),
+        payload: Bytes::from_static(&[0x81, 0xa2, b't']),
+        received_at: NOW,
+    })
+    .await;
+    f.send(Inbound {
+        topic: "devices/bad id/events".into(),
+        payload: Bytes::from_static(b"{}"),
+        received_at: NOW + 1,
+    })
+    .await;
+    f.send(telemetry("d1", 2)).await;
+    f.close().await;
+    assert_eq!(f.stored("d1").await, 2);
+    let dead = f
+        .storage
+        .dead_letters(&DeadLetterQuery {
+            device: None,
+            range: TimeRange::default(),
+            page: PageRequest::first(10),
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].topic, "devices/bad id/events");
+    assert_eq!(dead[0].device, None);
+    assert!(
+        dead[0].reason.contains("device id contains ' '"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[1].device, Some(DeviceId::new("d1").unwrap()));
+    assert_eq!(dead[1].payload, vec![0x81, 0xa2, b't'], "raw bytes kept");
+    assert!(
+        dead[1].reason.contains("not valid MessagePack"),
+        "{}",
+        dead[1].reason
+    );
+}
