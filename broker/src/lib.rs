@@ -1,1 +1,192 @@
-//! x
+//! The composition root of Messina: starts storage, the embedded broker, the bridge and the HTTP
+//! side-port from one `Config`, and shuts them down in order. `messina serve` is a thin wrapper
+//! around [`serve`].
+
+pub mod http;
+pub mod mqtt;
+pub mod simulate;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use messina_bridge::meter::names;
+use messina_config::{Config, StorageBackend};
+use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+use messina_storage::Storage;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for the bridge to write what it holds before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight HTTP requests.
+const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder and describes Messina's metrics.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::WRITE_SECONDS.into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(names::BATCH_ROWS.into()),
+            &[
+                1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0,
+            ],
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    for (name, help) in [
+        (
+            names::RECEIVED,
+            "Device messages the bridge received, by kind.",
+        ),
+        (names::RECEIVED_BYTES, "Payload bytes the bridge received."),
+        (names::DECODED, "Rows decoded from valid messages, by kind."),
+        (
+            names::REJECTED,
+            "Messages rejected and stored as dead letters, by kind.",
+        ),
+        (names::WRITTEN, "Rows written to storage, by table."),
+        (
+            names::WRITE_ERRORS,
+            "Failed storage writes (each is retried or given up).",
+        ),
+        (
+            names::ROWS_LOST,
+            "Rows given up after storage kept failing during shutdown.",
+        ),
+        (
+            "messina_mqtt_publishes_total",
+            "PUBLISH packets the embedded broker routed.",
+        ),
+        (
+            "messina_mqtt_failed_publishes_total",
+            "PUBLISH packets the embedded broker failed to route.",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_histogram!(names::BATCH_ROWS, "Rows per batch written to storage.");
+    metrics::describe_histogram!(
+        names::WRITE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to write one batch to storage."
+    );
+    metrics::describe_gauge!(
+        names::QUEUE_DEPTH,
+        "Messages waiting between broker and bridge."
+    );
+    metrics::describe_gauge!(
+        "messina_mqtt_connections",
+        "Connected MQTT clients (updated each second while messages flow)."
+    );
+    Ok(handle)
+}
+
+/// Opens the configured storage backend.
+pub fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    match config.storage.backend {
+        StorageBackend::Embedded => {
+            let e = &config.storage.embedded;
+            let storage = EmbeddedStorage::open(&EmbeddedOptions {
+                path: e.path.clone(),
+                fsync: e.fsync,
+                cache_bytes: e.cache_mib << 20,
+            })?;
+            Ok(Arc::new(storage))
+        }
+    }
+}
+
+/// Runs Messina until `shutdown` is cancelled, then stops accepting queries, drains the bridge
+/// (every message it received is written), and closes storage.
+pub async fn serve(
+    config: Config,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api_key = config.api_key()?;
+    if api_key.is_none() && !config.http.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.http.listen,
+            "the HTTP API is open to the network without an API key; set `http.api_key_file`"
+        );
+    }
+    let storage = open_storage(&config)?;
+    let mut broker = mqtt::EmbeddedBroker::start(&config.mqtt)?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (`http.listen`); is another process using it?",
+                config.http.listen
+            )
+        })?;
+
+    let (bridge, bridge_task) = messina_bridge::spawn(
+        Arc::clone(&storage),
+        messina_bridge::Settings::from_config(&config.bridge),
+        shutdown.clone(),
+    );
+    let ingest = broker.spawn_ingest(bridge, shutdown.clone());
+    let meters = broker.spawn_meters(shutdown.clone());
+    let upkeep = metrics.clone().map(|handle| {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => handle.run_upkeep(),
+                }
+            }
+        })
+    });
+    let state = Arc::new(http::AppState {
+        storage: Arc::clone(&storage),
+        metrics,
+        api_key,
+        default_page_size: config.http.default_page_size,
+        max_page_size: config.http.max_page_size,
+        low_battery_percent: f64::from(config.http.low_battery_percent),
+    });
+    let http = tokio::spawn(
+        axum::serve(listener, http::app(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(
+        mqtt = %config.mqtt.listen,
+        mqtt_v5 = %config.mqtt.listen_v5,
+        http = %config.http.listen,
+        storage = ?config.storage.backend,
+        "messina is serving"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining the bridge");
+    // The ingest task ends first and drops the last bridge handle; the bridge then drains its queue.
+    let _ = ingest.await;
+    match tokio::time::timeout(DRAIN_TIMEOUT, bridge_task).await {
+        Ok(_) => {}
+        Err(_) => tracing::error!("the bridge did not drain within {DRAIN_TIMEOUT:?}"),
+    }
+    if tokio::time::timeout(HTTP_DRAIN_TIMEOUT, http)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still running after {HTTP_DRAIN_TIMEOUT:?}; closing anyway");
+    }
+    let _ = meters.await;
+    if let Some(upkeep) = upkeep {
+        let _ = upkeep.await;
+    }
+    storage.close().await.context("closing storage")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -269,7 +269,7 @@ section! {
     pub struct LogConfig at "log" {
         /// Filter in `tracing` syntax, e.g. "info" or "messina=debug,rumqttd=warn"; the RUST_LOG
         /// environment variable overrides it.
-        pub level: String = String::from("info,rumqttd=warn"),
+        pub level: String = String::from("info,rumqttd=warn,fjall=warn,lsm_tree=warn"),
         /// "text" or "json".
         pub format: LogFormat = LogFormat::Text,
     }
@@ -333,23 +333,19 @@ impl Config {
         Self::known_keys(&mut known);
         let mut leaves = Vec::new();
         collect_leaves("", &data, &mut leaves);
-        {
-            for key in leaves {
-                if !known.iter().any(|k| *k == key) {
-                    let source = figment.find_metadata(&key).map(|m| match &m.source {
-                        Some(src) => format!("{} {}", m.name, src),
-                        None => m.name.to_string(),
-                    });
-                    let hint = closest(&key, &known)
-                        .map(|k| format!("; did you mean `{k}`?"))
-                        .unwrap_or_default();
-                    errors.push(ConfigError {
-                        key,
-                        message: format!("unknown key{hint}"),
-                        source,
-                    });
-                }
-            }
+        for key in leaves.into_iter().filter(|k| !known.contains(k)) {
+            let source = figment.find_metadata(&key).map(|m| match &m.source {
+                Some(src) => format!("{} {}", m.name, src),
+                None => m.name.to_string(),
+            });
+            let hint = closest(&key, &known)
+                .map(|k| format!("; did you mean `{k}`?"))
+                .unwrap_or_default();
+            errors.push(ConfigError {
+                key,
+                message: format!("unknown key{hint}"),
+                source,
+            });
         }
         let config = Config {
             mqtt: MqttConfig::extract(&figment, &mut errors),
@@ -666,6 +662,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type.
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("m.toml", "[mqtt]\nlisten = \"127.0.0.1:2000\"\n")?;

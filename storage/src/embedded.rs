@@ -84,6 +84,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         .map_err(|e| StorageError::Fatal(format!("stored row does not decode: {e}")))
 }
 
+/// Lower and upper key bounds of a scan.
+type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
 fn time_key(ts: Millis) -> [u8; 8] {
     ((ts as u64) ^ (1 << 63)).to_be_bytes()
 }
@@ -110,7 +113,7 @@ fn with_time(prefix: &[u8], ts: Millis) -> Vec<u8> {
 
 /// Key bounds of a half-open time range below a prefix; `prefix` must end in the 0x00 separator,
 /// so `prefix` with its last byte raised to 0x01 is past every key of the prefix.
-fn time_bounds(prefix: &[u8], range: &TimeRange) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+fn time_bounds(prefix: &[u8], range: &TimeRange) -> KeyBounds {
     let lo = match range.since {
         Some(since) => Bound::Included(with_time(prefix, since)),
         None => Bound::Included(prefix.to_vec()),
@@ -129,12 +132,12 @@ fn time_bounds(prefix: &[u8], range: &TimeRange) -> (Bound<Vec<u8>>, Bound<Vec<u
 
 /// Narrows bounds to what comes after a cursor in the given order.
 fn resume(
-    bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    bounds: KeyBounds,
     tag: u8,
     prefix: &[u8],
     order: Order,
     cursor: Option<&Cursor>,
-) -> Result<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+) -> Result<KeyBounds> {
     let Some(cursor) = cursor else {
         return Ok(bounds);
     };
@@ -163,7 +166,7 @@ fn cursor(tag: u8, key: &[u8]) -> Cursor {
 /// Reads one page of rows between bounds, keeping those `keep` accepts.
 fn scan<T: DeserializeOwned>(
     keyspace: &Keyspace,
-    bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    bounds: KeyBounds,
     order: Order,
     limit: usize,
     tag: u8,

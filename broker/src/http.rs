@@ -1,0 +1,617 @@
+//! The HTTP side-port: JSON queries under `/v1`, health, readiness and Prometheus metrics. Handlers
+//! read through the storage trait; every error is `application/problem+json` that names the problem.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use messina_storage::{
+    AttrValue, Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery,
+    FleetQuery, Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery,
+    TimeRange,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// What the handlers share.
+pub struct AppState {
+    pub storage: Arc<dyn Storage>,
+    pub metrics: Option<PrometheusHandle>,
+    pub api_key: Option<String>,
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    pub low_battery_percent: f64,
+}
+
+/// The whole HTTP API as a router, testable without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/devices", get(fleet))
+        .route("/devices/{id}", get(device))
+        .route("/devices/{id}/telemetry", get(telemetry))
+        .route("/devices/{id}/events", get(events))
+        .route("/dead-letters", get(dead_letters))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An error answered as `application/problem+json` (RFC 9457). Internal details are logged, not
+/// sent.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    title: &'static str,
+    detail: String,
+    parameter: Option<String>,
+}
+
+impl ApiError {
+    fn bad_parameter(name: &str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            title: "Invalid query parameter",
+            detail: format!("`{name}`: {}", detail.into()),
+            parameter: Some(name.to_string()),
+        }
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            title: "Not found",
+            detail: detail.into(),
+            parameter: None,
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::InvalidRequest(detail) => ApiError::bad_parameter("cursor", detail),
+            StorageError::Unavailable(_) => {
+                tracing::warn!(error = %e, "query failed");
+                ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    title: "Storage unavailable",
+                    detail: "storage is unavailable; retry later".into(),
+                    parameter: None,
+                }
+            }
+            StorageError::Fatal(_) => {
+                tracing::error!(error = %e, "query failed");
+                ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    title: "Internal error",
+                    detail: "the query failed; see the server log".into(),
+                    parameter: None,
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(p) = self.parameter {
+            body["parameter"] = Value::String(p);
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", request.uri().path()))
+}
+
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            let mut response = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                title: "Unauthorized",
+                detail: "send the API key as `Authorization: Bearer <key>`".into(),
+                parameter: None,
+            }
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match state.storage.health().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+        }
+    }
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::not_found("metrics are not enabled in this process").into_response(),
+    }
+}
+
+/// Query parameters, checked against the names an endpoint accepts, so a typo is an error rather
+/// than a silently ignored filter.
+struct Params {
+    map: HashMap<String, String>,
+}
+
+impl Params {
+    fn new(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Self> {
+        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::bad_parameter(
+                unknown,
+                format!(
+                    "unknown parameter; this endpoint accepts {}",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        Ok(Params { map })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.map
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A time as RFC 3339 (`2026-01-01T00:00:00Z`) or milliseconds since the epoch.
+    fn time(&self, name: &str) -> ApiResult<Option<Millis>> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        if let Ok(ms) = v.parse::<i64>() {
+            return Ok(Some(ms));
+        }
+        OffsetDateTime::parse(v, &Rfc3339)
+            .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
+            .map_err(|_| {
+                ApiError::bad_parameter(
+                    name,
+                    format!("{v:?} is not an RFC 3339 time (e.g. 2026-01-01T00:00:00Z) or milliseconds since the epoch"),
+                )
+            })
+    }
+
+    fn range(&self) -> ApiResult<TimeRange> {
+        let range = TimeRange {
+            since: self.time("since")?,
+            until: self.time("until")?,
+        };
+        if let (Some(s), Some(u)) = (range.since, range.until) {
+            if s > u {
+                return Err(ApiError::bad_parameter(
+                    "until",
+                    "must not be before `since`",
+                ));
+            }
+        }
+        Ok(range)
+    }
+
+    fn order(&self) -> ApiResult<Order> {
+        match self.get("order") {
+            None | Some("newest") | Some("desc") => Ok(Order::NewestFirst),
+            Some("oldest") | Some("asc") => Ok(Order::OldestFirst),
+            Some(v) => Err(ApiError::bad_parameter(
+                "order",
+                format!("{v:?} is not `newest` or `oldest`"),
+            )),
+        }
+    }
+
+    fn page(&self, state: &AppState) -> ApiResult<PageRequest> {
+        let limit = match self.get("limit") {
+            None => state.default_page_size,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=state.max_page_size).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::bad_parameter(
+                        "limit",
+                        format!(
+                            "{v:?} is not a whole number from 1 to {}",
+                            state.max_page_size
+                        ),
+                    ))
+                }
+            },
+        };
+        let cursor = match self.get("cursor") {
+            None => None,
+            Some(v) => Some(Cursor(URL_SAFE_NO_PAD.decode(v).map_err(|_| {
+                ApiError::bad_parameter(
+                    "cursor",
+                    "not a cursor returned by this API; pass `next_cursor` unchanged",
+                )
+            })?)),
+        };
+        Ok(PageRequest { limit, cursor })
+    }
+}
+
+fn device_id(id: String) -> ApiResult<DeviceId> {
+    DeviceId::new(id).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        title: "Invalid device id",
+        detail: e.to_string(),
+        parameter: Some("id".into()),
+    })
+}
+
+fn rfc3339(ms: Millis) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> Value {
+    serde_json::to_value(attrs).unwrap_or(Value::Null)
+}
+
+fn reading_json(r: &Reading) -> Value {
+    let mut v = json!({
+        "device_id": r.device.as_str(),
+        "ts": rfc3339(r.ts),
+        "seq": r.seq,
+        "received_at": rfc3339(r.received_at),
+        "metrics": r.metrics,
+    });
+    if let Some(b) = r.battery {
+        v["battery"] = json!(b);
+    }
+    if let Some(x) = r.rssi {
+        v["rssi"] = json!(x);
+    }
+    if let Some(o) = r.online {
+        v["online"] = json!(o);
+    }
+    if !r.attrs.is_empty() {
+        v["attrs"] = attrs_json(&r.attrs);
+    }
+    v
+}
+
+/// The latest state: each value flat, and `updated` giving the device time of every value.
+fn state_json(s: &DeviceState) -> Value {
+    let mut updated = serde_json::Map::new();
+    let mut v = json!({
+        "device_id": s.device.as_str(),
+        "ts": rfc3339(s.ts),
+        "seq": s.seq,
+        "last_seen": rfc3339(s.last_seen),
+        "online": s.is_online(),
+    });
+    if let Some(b) = s.battery {
+        v["battery"] = json!(b.value);
+        updated.insert("battery".into(), json!(rfc3339(b.ts)));
+    }
+    if let Some(x) = s.rssi {
+        v["rssi"] = json!(x.value);
+        updated.insert("rssi".into(), json!(rfc3339(x.ts)));
+    }
+    if let Some(o) = s.online {
+        updated.insert("online".into(), json!(rfc3339(o.ts)));
+    }
+    let mut metrics = serde_json::Map::new();
+    for (name, m) in &s.metrics {
+        metrics.insert(name.clone(), json!(m.value));
+        updated.insert(format!("metrics.{name}"), json!(rfc3339(m.ts)));
+    }
+    v["metrics"] = Value::Object(metrics);
+    v["updated"] = Value::Object(updated);
+    v
+}
+
+fn event_json(e: &Event) -> Value {
+    json!({
+        "device_id": e.device.as_str(),
+        "ts": rfc3339(e.ts),
+        "seq": e.seq,
+        "received_at": rfc3339(e.received_at),
+        "kind": e.kind,
+        "attrs": attrs_json(&e.attrs),
+    })
+}
+
+fn dead_letter_json(d: &DeadLetter) -> Value {
+    json!({
+        "id": d.id.to_string(),
+        "received_at": rfc3339(d.received_at),
+        "topic": d.topic,
+        "device_id": d.device.as_ref().map(DeviceId::as_str),
+        "reason": d.reason,
+        "payload_size": d.payload.len(),
+        "payload_base64": STANDARD.encode(&d.payload),
+    })
+}
+
+#[derive(Serialize)]
+struct PageJson {
+    items: Vec<Value>,
+    next_cursor: Option<String>,
+}
+
+fn page_json<T>(page: Page<T>, f: impl Fn(&T) -> Value) -> PageJson {
+    PageJson {
+        items: page.items.iter().map(f).collect(),
+        next_cursor: page.next_cursor.map(|c| URL_SAFE_NO_PAD.encode(c.0)),
+    }
+}
+
+async fn device(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let id = device_id(id)?;
+    match state.storage.device(&id).await? {
+        Some(s) => Ok(Json(state_json(&s))),
+        None => Err(ApiError::not_found(format!(
+            "device `{id}` has sent no telemetry"
+        ))),
+    }
+}
+
+async fn telemetry(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(params, &["since", "until", "limit", "cursor", "order"])?;
+    let query = TelemetryQuery {
+        device: device_id(id)?,
+        range: p.range()?,
+        order: p.order()?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(
+        state.storage.telemetry(&query).await?,
+        reading_json,
+    )))
+}
+
+async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(
+        params,
+        &["kind", "since", "until", "limit", "cursor", "order"],
+    )?;
+    let query = EventQuery {
+        device: device_id(id)?,
+        kind: p.get("kind").map(str::to_string),
+        range: p.range()?,
+        order: p.order()?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(
+        state.storage.events(&query).await?,
+        event_json,
+    )))
+}
+
+async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(params, &["device", "since", "until", "limit", "cursor"])?;
+    let device = match p.get("device") {
+        Some(d) => {
+            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
+        }
+        None => None,
+    };
+    let query = DeadLetterQuery {
+        device,
+        range: p.range()?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(
+        state.storage.dead_letters(&query).await?,
+        dead_letter_json,
+    )))
+}
+
+async fn fleet(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let p = Params::new(params, &["limit", "cursor"])?;
+    let page = state
+        .storage
+        .fleet(&FleetQuery {
+            page: p.page(&state)?,
+            low_battery_percent: state.low_battery_percent,
+        })
+        .await?;
+    let c = page.counts;
+    let devices = page_json(page.devices, state_json);
+    Ok(Json(json!({
+        "total": c.total,
+        "online": c.online,
+        "offline": c.offline,
+        "low_battery": c.low_battery,
+        "low_battery_percent": state.low_battery_percent,
+        "items": devices.items,
+        "next_cursor": devices.next_cursor,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+    use tower::ServiceExt;
+
+    async fn call(app: &Router, uri: &str, key: Option<&str>) -> (StatusCode, String, Value) {
+        let mut req = Request::get(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let res = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let ctype = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            ctype,
+            serde_json::from_slice(&body).unwrap_or(Value::Null),
+        )
+    }
+
+    fn state(dir: &std::path::Path, api_key: Option<&str>) -> Arc<AppState> {
+        Arc::new(AppState {
+            storage: Arc::new(EmbeddedStorage::open(&EmbeddedOptions::new(dir)).unwrap()),
+            metrics: None,
+            api_key: api_key.map(str::to_string),
+            default_page_size: 100,
+            max_page_size: 1000,
+            low_battery_percent: 20.0,
+        })
+    }
+
+    /// Asserts a 400 problem naming `parameter`.
+    async fn check_bad(app: &Router, uri: &str, parameter: &str) {
+        let (status, ctype, body) = call(app, uri, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        assert_eq!(ctype, "application/problem+json");
+        assert_eq!(body["parameter"], parameter, "{uri}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(parameter),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_parameters_are_400_problems_naming_the_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(state(dir.path(), None));
+        for (uri, parameter) in [
+            ("/v1/devices/d1/telemetry?limit=0", "limit"),
+            ("/v1/devices/d1/telemetry?limit=abc", "limit"),
+            ("/v1/devices/d1/telemetry?limit=1001", "limit"),
+            ("/v1/devices/d1/telemetry?since=yesterday", "since"),
+            (
+                "/v1/devices/d1/telemetry?since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+                "until",
+            ),
+            ("/v1/devices/d1/telemetry?order=up", "order"),
+            ("/v1/devices/d1/telemetry?cursor=%%%", "cursor"),
+            ("/v1/devices/d1/telemetry?cursor=AAAA", "cursor"),
+            ("/v1/devices/d1/telemetry?limt=5", "limt"),
+            ("/v1/devices/d1/events?kind=x&sort=1", "sort"),
+            ("/v1/devices?limit=-1", "limit"),
+            ("/v1/dead-letters?device=a%20b", "device"),
+            ("/v1/devices/bad%20id/telemetry", "id"),
+        ] {
+            check_bad(&app, uri, parameter).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_device_and_endpoint_are_404_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(state(dir.path(), None));
+        let (status, ctype, body) = call(&app, "/v1/devices/nobody", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(ctype, "application/problem+json");
+        assert!(body["detail"].as_str().unwrap().contains("nobody"));
+        let (status, _, _) = call(&app, "/v1/nothing", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn api_key_is_required_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "0123456789abcdef-key";
+        let app = app(state(dir.path(), Some(key)));
+        let (status, ctype, _) = call(&app, "/v1/devices", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(ctype, "application/problem+json");
+        let (status, _, _) = call(&app, "/v1/devices", Some("wrong-key-wrong-key")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(&app, "/v1/devices", Some(key)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["total"], 0);
+        let (status, _, _) = call(&app, "/healthz", None).await;
+        assert_eq!(status, StatusCode::OK, "health needs no key");
+    }
+}

@@ -1,0 +1,389 @@
+//! End to end through the real `messina` binary: MQTT 3.1.1 and 5 publishes of MessagePack land in
+//! storage and read back over HTTP with exact values, order and paging; bad payloads become dead
+//! letters; a clean shutdown keeps every message the bridge received.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{mp, now_ms, wait_for, Server};
+use serde_json::{json, Value};
+
+/// Publishes each `(topic, payload)` at QoS 1 over MQTT 3.1.1 and waits for every PUBACK.
+async fn publish_v4(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let n = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT 3.1.1 connection")
+            {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("all PUBACKs within 20 s");
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+/// Publishes each `(topic, payload)` at QoS 1 over MQTT 5 and waits for every PUBACK.
+async fn publish_v5(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let options = MqttOptions::new(client_id, "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let n = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT 5 connection")
+            {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("all PUBACKs within 20 s");
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+async fn wait_rows(server: &Server, n: f64) {
+    wait_for(&format!("{n} rows written"), || async {
+        server.counter("messina_rows_written_total").await >= n
+    })
+    .await;
+}
+
+/// Every item of a paged listing, following `next_cursor` with page size `limit`.
+async fn all_pages(server: &Server, path: &str, limit: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut url = format!("{path}{sep}limit={limit}");
+    loop {
+        let page = server.json(&url).await;
+        let got = page["items"].as_array().unwrap();
+        assert!(got.len() <= limit);
+        items.extend(got.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => url = format!("{path}{sep}limit={limit}&cursor={c}"),
+            None => return items,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_311_and_5_publishes_read_back_exactly_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "").await;
+    let t0 = now_ms() - 60_000;
+
+    // MQTT 3.1.1: five single readings (out of order) and one batch-form message of two.
+    let mut v4: Vec<(String, Vec<u8>)> = [3, 0, 4, 1, 2]
+        .iter()
+        .map(|&i| {
+            let payload = json!({
+                "ts": t0 + i * 1000, "seq": i, "battery": 90 - i, "rssi": -60 - i,
+                "online": true, "metrics": {"temp_c": 20.5 + i as f64}, "fw": "1.0.0"
+            });
+            ("devices/dev-a/telemetry".to_string(), mp(&payload))
+        })
+        .collect();
+    v4.push((
+        "devices/dev-a/telemetry".into(),
+        mp(&json!([{"ts": t0 + 5000, "seq": 5, "battery": 80}, {"ts": t0 + 6000, "seq": 6, "online": false}])),
+    ));
+    publish_v4(server.mqtt, "dev-a", v4).await;
+
+    // MQTT 5: two readings and two events of another device.
+    publish_v5(
+        server.mqtt_v5,
+        "dev-b",
+        vec![
+            ("devices/dev-b/telemetry".into(), mp(&json!({"ts": t0, "battery": 15.5, "online": true}))),
+            ("devices/dev-b/telemetry".into(), mp(&json!({"ts": t0 + 10, "metrics": {"lux": 300}}))),
+            (
+                "devices/dev-b/events".into(),
+                mp(&json!({"ts": t0 + 20, "kind": "sync", "files_synced": 12, "errors": 0, "speed_mbps": 8.5})),
+            ),
+            ("devices/dev-b/events".into(), mp(&json!({"ts": t0 + 30, "kind": "button", "attrs": {"button_id": 2}}))),
+        ],
+    )
+    .await;
+    wait_rows(&server, 11.0).await;
+
+    // Exact values, newest first by default.
+    let page = server.json("/v1/devices/dev-a/telemetry").await;
+    let items = page["items"].as_array().unwrap();
+    let seqs: Vec<u64> = items.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![6, 5, 4, 3, 2, 1, 0]);
+    let r3 = &items[3];
+    assert_eq!(r3["battery"], 87.0);
+    assert_eq!(r3["rssi"], -63);
+    assert_eq!(r3["online"], true);
+    assert_eq!(r3["metrics"]["temp_c"], 23.5);
+    assert_eq!(r3["attrs"]["fw"], "1.0.0");
+    assert_eq!(r3["device_id"], "dev-a");
+    let ts = time::OffsetDateTime::parse(
+        r3["ts"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(
+        (ts.unix_timestamp_nanos() / 1_000_000) as i64,
+        t0 + 3000,
+        "RFC 3339 UTC timestamps"
+    );
+    assert!(r3["ts"].as_str().unwrap().ends_with('Z'));
+
+    // Oldest first, a half-open range, and paging that returns every row exactly once.
+    let since = t0 + 1000;
+    let until = t0 + 5000;
+    let page = server
+        .json(&format!(
+            "/v1/devices/dev-a/telemetry?order=oldest&since={since}&until={until}"
+        ))
+        .await;
+    let seqs: Vec<u64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    for limit in [1, 2, 3, 7] {
+        let all = all_pages(&server, "/v1/devices/dev-a/telemetry?order=oldest", limit).await;
+        let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (0..7).collect::<Vec<u64>>(), "limit {limit}");
+    }
+
+    // Latest state merges fields by device time.
+    let a = server.json("/v1/devices/dev-a").await;
+    assert_eq!(a["seq"], 6);
+    assert_eq!(a["online"], false);
+    assert_eq!(a["battery"], 80.0);
+    assert_eq!(a["rssi"], -64);
+    let b = server.json("/v1/devices/dev-b").await;
+    assert_eq!(b["battery"], 15.5);
+    assert_eq!(b["metrics"]["lux"], 300.0);
+
+    // Fleet summary.
+    let fleet = server.json("/v1/devices?limit=1").await;
+    assert_eq!(
+        (
+            fleet["total"].as_u64(),
+            fleet["online"].as_u64(),
+            fleet["offline"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(fleet["low_battery"], 1);
+    assert_eq!(fleet["items"][0]["device_id"], "dev-a");
+    let cursor = fleet["next_cursor"].as_str().unwrap();
+    let fleet = server
+        .json(&format!("/v1/devices?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(fleet["items"][0]["device_id"], "dev-b");
+    assert!(fleet["next_cursor"].is_null());
+
+    // Events, all and by kind.
+    let events = server.json("/v1/devices/dev-b/events").await;
+    let kinds: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["button", "sync"]);
+    let sync = server.json("/v1/devices/dev-b/events?kind=sync").await;
+    let items = sync["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["attrs"]["files_synced"], 12);
+    assert_eq!(items[0]["attrs"]["speed_mbps"], 8.5);
+
+    // Unknown device and bad parameters.
+    let (status, body) = server.get("/v1/devices/nobody").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = server.get("/v1/devices/dev-a/telemetry?limit=0").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["parameter"], "limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_mistyped_and_out_of_range_payloads_become_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "").await;
+    let now = now_ms();
+    let messages = vec![
+        (
+            "devices/dev-c/telemetry".to_string(),
+            vec![0x81, 0xa2, b't'],
+        ),
+        (
+            "devices/dev-c/telemetry".to_string(),
+            mp(&json!({"ts": now, "battery": "full"})),
+        ),
+        (
+            "devices/dev-c/telemetry".to_string(),
+            mp(&json!({"ts": now, "battery": 140})),
+        ),
+        ("devices/dev-c/events".to_string(), mp(&json!({"ts": now}))),
+        (
+            "devices/dev-c/telemetry".to_string(),
+            mp(&json!({"ts": now, "battery": 40})),
+        ),
+    ];
+    publish_v4(server.mqtt, "dev-c", messages).await;
+    wait_rows(&server, 5.0).await;
+
+    let dead = server.json("/v1/dead-letters?device=dev-c").await;
+    let items = dead["items"].as_array().unwrap();
+    let mut reasons: Vec<&str> = items
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("not valid MessagePack")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("field `battery`: expected a number, got string")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("field `battery`: 140 is outside 0 to 100")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("field `kind`: missing")),
+        "{reasons:?}"
+    );
+    let malformed = items.iter().find(|d| d["payload_size"] == 3).unwrap();
+    assert_eq!(malformed["payload_base64"], "gaJ0", "raw bytes kept");
+    assert_eq!(malformed["topic"], "devices/dev-c/telemetry");
+    assert_eq!(server.counter("messina_messages_rejected_total").await, 4.0);
+
+    // The good message beside them is stored.
+    let page = server.json("/v1/devices/dev-c/telemetry").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["items"][0]["battery"], 40.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_shutdown_keeps_every_message_the_bridge_received() {
+    let dir = tempfile::tempdir().unwrap();
+    // Batches that neither fill nor time out before the shutdown: the last batch is only written
+    // by the shutdown drain.
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        "[bridge]\nbatch_max_rows = 100000\nbatch_max_delay_ms = 60000\n",
+    )
+    .await;
+    let t0 = now_ms() - 10_000;
+    let messages: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| {
+            (
+                "devices/dev-s/telemetry".to_string(),
+                mp(&json!({"ts": t0 + i, "seq": i})),
+            )
+        })
+        .collect();
+    publish_v4(server.mqtt, "dev-s", messages).await;
+    wait_for("200 messages received by the bridge", || async {
+        server.counter("messina_messages_received_total").await >= 200.0
+    })
+    .await;
+    assert_eq!(
+        server.counter("messina_rows_written_total").await,
+        0.0,
+        "nothing flushed yet"
+    );
+
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "clean exit, got {status}:\n{}",
+        server.log_text()
+    );
+    assert!(server.log_text().contains("stopped cleanly"));
+
+    server.restart().await;
+    let all = all_pages(&server, "/v1/devices/dev-s/telemetry?order=oldest", 1000).await;
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..200).collect::<Vec<u64>>());
+}
+
+#[test]
+fn bad_config_is_refused_naming_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[mqtt]\nlisten = \"nowhere\"\n[bridge]\nbatch_max_rows = 0\nbatch_size = 5\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "`mqtt.listen`",
+        "`bridge.batch_max_rows`",
+        "`bridge.batch_size`",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn print_config_output_is_a_valid_config() {
+    let out = std::process::Command::new(common::BIN)
+        .arg("print-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, include_str!("../../messina.example.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
