@@ -2,11 +2,9 @@
 //! storage and read back over HTTP with exact values, order and paging; bad payloads become dead
 //! letters; a clean shutdown keeps every message the bridge received.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{mp, now_ms, wait_for, Server};
+use messina_mosquitto_tests::{messina_bin, mp, now_ms, wait_for, Server};
 use serde_json::{json, Value};
 
 /// Publishes each `(topic, payload)` at QoS 1 over MQTT 3.1.1 and waits for every PUBACK.
@@ -348,7 +346,7 @@ fn bad_config_is_refused_naming_every_key() {
         "[mqtt]\nlisten = \"nowhere\"\n[bridge]\nbatch_max_rows = 0\nbatch_size = 5\n",
     )
     .unwrap();
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(messina_bin())
         .args(["serve", "--config"])
         .arg(&path)
         .output()
@@ -366,7 +364,7 @@ fn bad_config_is_refused_naming_every_key() {
 
 #[test]
 fn print_config_output_is_a_valid_config() {
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(messina_bin())
         .arg("print-config")
         .output()
         .unwrap();
@@ -376,7 +374,7 @@ fn print_config_output_is_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.toml");
     std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(messina_bin())
         .args(["check-config", "--config"])
         .arg(&path)
         .output()

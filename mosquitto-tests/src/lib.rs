@@ -1,1 +1,225 @@
-//! x
+//! Black-box test harness: starts the built `messina` binary on free loopback ports with a
+//! generated config and its own data directory, and talks to it only over real sockets. Used by the
+//! Mosquitto interop suite here and by the broker's end-to-end tests.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `messina` binary under test: `$MESSINA_BIN`, or the one cargo built beside the running test
+/// executable (`target/<profile>/messina`).
+pub fn messina_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MESSINA_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("messina"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first with `cargo build -p messina-broker` \
+         (`cargo test --workspace` does), or set MESSINA_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub mqtt: u16,
+    pub mqtt_v5: u16,
+    pub http: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    config: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Server {
+    /// Starts a server on new ports over `data`, with extra TOML appended to its config.
+    pub async fn start(data: &Path, extra_toml: &str) -> Server {
+        let (mqtt, mqtt_v5, http) = (free_port(), free_port(), free_port());
+        let config = data.with_extension("toml");
+        let toml = format!(
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nlisten_v5 = \"127.0.0.1:{mqtt_v5}\"\n\
+             [http]\nlisten = \"127.0.0.1:{http}\"\n\
+             [storage.embedded]\npath = \"{}\"\n{extra_toml}",
+            data.display()
+        );
+        std::fs::write(&config, toml).unwrap();
+        let mut server = Server {
+            child: None,
+            mqtt,
+            mqtt_v5,
+            http,
+            data: data.to_path_buf(),
+            log: data.with_extension("log"),
+            config,
+            client: reqwest::Client::new(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(messina_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,rumqttd=warn,fjall=warn,lsm_tree=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn messina");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "messina exited with {status} while starting:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "messina not ready after 30 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// GETs a path that must answer 200, returning its JSON.
+    pub async fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// Sum of a Prometheus counter over all its label sets.
+    pub async fn counter(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "messina did not stop after SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same configuration again (same ports and data).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "terminate first");
+        self.spawn().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns true, failing after 20 s with `what`.
+pub async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// MessagePack of a JSON value, integers kept as integers.
+pub fn mp(v: &Value) -> Vec<u8> {
+    rmp_serde::to_vec(v).unwrap()
+}

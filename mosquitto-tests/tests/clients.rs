@@ -1,0 +1,149 @@
+//! Interop with Debian's Mosquitto clients: `mosquitto_pub` publishes MessagePack that Messina
+//! stores, and `mosquitto_sub` receives what another client publishes, over MQTT 3.1.1 and 5.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use messina_mosquitto_tests::{mp, now_ms, wait_for, Server};
+use serde_json::json;
+
+/// The path of a Mosquitto client, or a failure that says how to install it.
+fn tool(name: &str) -> &str {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{name} not found: install it with `apt-get install mosquitto-clients` \
+         (scripts/test does this on a fresh machine)"
+    );
+    name
+}
+
+const VERSIONS: [(&str, bool); 2] = [("mqttv311", false), ("mqttv5", true)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_messagepack_is_stored_over_311_and_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "").await;
+    let t0 = now_ms() - 1000;
+    for (i, (version, v5)) in VERSIONS.iter().enumerate() {
+        let file = dir.path().join(format!("reading-{i}.msgpack"));
+        std::fs::write(
+            &file,
+            mp(&json!({"ts": t0 + i as i64, "seq": i, "battery": 50 + i})),
+        )
+        .unwrap();
+        let port = if *v5 { server.mqtt_v5 } else { server.mqtt };
+        // QoS 1: mosquitto_pub exits 0 only after the PUBACK.
+        let status = Command::new(tool("mosquitto_pub"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-V",
+                version,
+                "-q",
+                "1",
+            ])
+            .args([
+                "-i",
+                &format!("mq-pub-{i}"),
+                "-t",
+                "devices/mq-1/telemetry",
+                "-f",
+            ])
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mosquitto_pub -V {version} failed: {status}"
+        );
+    }
+    wait_for("both readings stored", || async {
+        server.counter("messina_rows_written_total").await >= 2.0
+    })
+    .await;
+    let page = server.json("/v1/devices/mq-1/telemetry?order=oldest").await;
+    let batteries: Vec<f64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["battery"].as_f64().unwrap())
+        .collect();
+    assert_eq!(batteries, vec![50.0, 51.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_receives_what_mosquitto_pub_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "").await;
+    for (version, v5) in VERSIONS {
+        let port = if v5 { server.mqtt_v5 } else { server.mqtt };
+        // Line-buffered, so the SUBACK line arrives while mosquitto_sub runs, not at exit.
+        let mut sub = Command::new("stdbuf")
+            .args(["-oL", tool("mosquitto_sub")])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-V",
+                version,
+                "-q",
+                "1",
+            ])
+            .args(["-t", "fleet/+/note", "-v", "-d", "-C", "1", "-W", "20"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+        // -d prints the SUBACK; only then is the subscription in place.
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut seen = Vec::new();
+            for line in lines.by_ref() {
+                let line = line.unwrap();
+                let subscribed = line.contains("SUBACK");
+                seen.push(line);
+                if subscribed {
+                    break;
+                }
+            }
+            (lines, seen)
+        });
+        let (lines, seen) = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("SUBACK within 20 s")
+            .unwrap();
+        assert!(seen.iter().any(|l| l.contains("SUBACK")), "{seen:?}");
+        let status = Command::new(tool("mosquitto_pub"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-V",
+                version,
+                "-q",
+                "1",
+            ])
+            .args(["-t", "fleet/x1/note", "-m", &format!("hello {version}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = tokio::task::spawn_blocking(move || {
+            lines.map(Result::unwrap).find(|l| l.starts_with("fleet/"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("fleet/x1/note hello {version}").as_str())
+        );
+        assert!(sub.wait().unwrap().success());
+    }
+}
