@@ -100,10 +100,14 @@ pub fn spawn(
 ) -> (BridgeHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(settings.queue_capacity);
     let bridge = Bridge {
-        storage,
+        writer: Arc::new(Writer {
+            storage,
+            settings: settings.clone(),
+            shutdown,
+        }),
+        in_flight: None,
         batch: Batch::default(),
         settings,
-        shutdown,
         depth: tx.clone().downgrade(),
     };
     let task = tokio::spawn(bridge.run(rx));
@@ -111,10 +115,11 @@ pub fn spawn(
 }
 
 struct Bridge {
-    storage: Arc<dyn Storage>,
+    writer: Arc<Writer>,
+    /// The batch being written, if any.
+    in_flight: Option<JoinHandle<()>>,
     batch: Batch,
     settings: Settings,
-    shutdown: CancellationToken,
     /// Only to read the queue depth for metrics; does not keep the queue open.
     depth: mpsc::WeakSender<Inbound>,
 }
@@ -158,6 +163,7 @@ impl Bridge {
             }
         }
         self.flush().await;
+        self.wait_for_writer().await;
         tracing::info!("bridge drained and stopped");
     }
 
@@ -200,8 +206,9 @@ impl Bridge {
         }
     }
 
-    /// Writes the pending batch, retrying with exponential backoff while storage is unavailable.
-    /// While it retries the queue fills and senders wait: slow storage slows publishers.
+    /// Hands the pending batch to the writer. At most one batch is being written while the next
+    /// one fills, so decoding overlaps storage I/O, writes stay in order, and memory stays bounded
+    /// at two batches.
     async fn flush(&mut self) {
         if let Some(tx) = self.depth.upgrade() {
             meter::queue_depth(tx.max_capacity() - tx.capacity());
@@ -209,14 +216,39 @@ impl Bridge {
         if self.batch.is_empty() {
             return;
         }
+        self.wait_for_writer().await;
+        let batch = std::mem::take(&mut self.batch);
+        let writer = Arc::clone(&self.writer);
+        self.in_flight = Some(tokio::spawn(async move { writer.write(batch).await }));
+    }
+
+    async fn wait_for_writer(&mut self) {
+        if let Some(task) = self.in_flight.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "batch writer task failed");
+            }
+        }
+    }
+}
+
+/// Writes batches, retrying with exponential backoff while storage is unavailable. While it
+/// retries, the bridge stops taking messages once its next batch is full, the queue fills and
+/// senders wait: slow storage slows publishers instead of losing data.
+struct Writer {
+    storage: Arc<dyn Storage>,
+    settings: Settings,
+    shutdown: CancellationToken,
+}
+
+impl Writer {
+    async fn write(&self, batch: Batch) {
         let mut delay = self.settings.retry_initial_delay;
         let mut attempts_after_shutdown = 0;
         loop {
             let started = Instant::now();
-            match self.storage.write_batch(&self.batch).await {
+            match self.storage.write_batch(&batch).await {
                 Ok(()) => {
-                    meter::written(&self.batch, started.elapsed());
-                    self.batch.clear();
+                    meter::written(&batch, started.elapsed());
                     return;
                 }
                 Err(e) => {
@@ -225,12 +257,11 @@ impl Bridge {
                             attempts_after_shutdown += 1;
                             attempts_after_shutdown > self.settings.retries_after_shutdown
                         });
-                    meter::write_failed(&e, self.batch.len(), give_up);
+                    meter::write_failed(&e, batch.len(), give_up);
                     if give_up {
-                        self.batch.clear();
                         return;
                     }
-                    // Full jitter keeps many nodes from retrying in lockstep against one cluster.
+                    // Jitter keeps many nodes from retrying in lockstep against one cluster.
                     let jittered = delay.mul_f64(0.5 + jitter() * 0.5);
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}
