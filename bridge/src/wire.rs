@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use messina_storage::{AttrValue, DeviceId, Event, Millis, Reading};
-use rmpv::Value;
+use rmpv::ValueRef as Value;
 
 /// What a device topic carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +125,7 @@ pub fn decode(
         return Err(reject_message("empty payload; expected a MessagePack map"));
     }
     let mut rest = payload;
-    let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH)
+    let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_DEPTH)
         .map_err(|e| reject_message(format!("payload is not valid MessagePack: {e}")))?;
     if !rest.is_empty() {
         return Err(reject_message(format!(
@@ -168,7 +168,7 @@ struct Ctx<'a> {
     limits: &'a Limits,
 }
 
-fn type_name(v: &Value) -> &'static str {
+fn type_name(v: &Value<'_>) -> &'static str {
     match v {
         Value::Nil => "nil",
         Value::Boolean(_) => "bool",
@@ -182,11 +182,11 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn expected(field: &str, what: &str, got: &Value) -> Rejection {
+fn expected(field: &str, what: &str, got: &Value<'_>) -> Rejection {
     reject(field, format!("expected {what}, got {}", type_name(got)))
 }
 
-fn number(field: &str, v: &Value) -> Result<f64, Rejection> {
+fn number(field: &str, v: &Value<'_>) -> Result<f64, Rejection> {
     let n = match v {
         Value::Integer(i) => i.as_f64().unwrap_or(f64::NAN),
         Value::F32(f) => f64::from(*f),
@@ -210,8 +210,19 @@ fn name_ok(field: &str, name: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The text of a MessagePack string that is valid UTF-8.
+fn text<'v>(v: &'v Value<'_>) -> Option<&'v str> {
+    match v {
+        Value::String(s) => s.as_str(),
+        _ => None,
+    }
+}
+
 /// Reads a map's entries as `(name, value)`, rejecting non-string keys.
-fn entries<'v>(field: &str, v: &'v Value) -> Result<Vec<(&'v str, &'v Value)>, Rejection> {
+fn entries<'v, 'a>(
+    field: &str,
+    v: &'v Value<'a>,
+) -> Result<Vec<(&'v str, &'v Value<'a>)>, Rejection> {
     let Value::Map(map) = v else {
         return Err(expected(field, "a map", v));
     };
@@ -222,7 +233,7 @@ fn entries<'v>(field: &str, v: &'v Value) -> Result<Vec<(&'v str, &'v Value)>, R
         ));
     }
     map.iter()
-        .map(|(k, v)| match k.as_str() {
+        .map(|(k, v)| match text(k) {
             Some(k) => Ok((k, v)),
             None => Err(reject(
                 field,
@@ -233,7 +244,7 @@ fn entries<'v>(field: &str, v: &'v Value) -> Result<Vec<(&'v str, &'v Value)>, R
 }
 
 /// An attribute value: string, number or bool.
-fn attr(field: &str, v: &Value) -> Result<AttrValue, Rejection> {
+fn attr(field: &str, v: &Value<'_>) -> Result<AttrValue, Rejection> {
     Ok(match v {
         Value::Boolean(b) => AttrValue::Bool(*b),
         Value::Integer(i) => match i.as_i64() {
@@ -257,7 +268,7 @@ fn attr(field: &str, v: &Value) -> Result<AttrValue, Rejection> {
 
 impl Ctx<'_> {
     /// Device time: milliseconds since the epoch, or a MessagePack timestamp extension (type -1).
-    fn timestamp(&self, field: &str, v: &Value) -> Result<Millis, Rejection> {
+    fn timestamp(&self, field: &str, v: &Value<'_>) -> Result<Millis, Rejection> {
         let ts = match v {
             Value::Integer(i) => i.as_i64().ok_or_else(|| reject(field, "out of range"))?,
             Value::Ext(-1, data) => ext_timestamp(data)
@@ -296,12 +307,12 @@ impl Ctx<'_> {
         Ok(ts)
     }
 
-    fn seq(&self, field: &str, v: &Value) -> Result<u64, Rejection> {
+    fn seq(&self, field: &str, v: &Value<'_>) -> Result<u64, Rejection> {
         v.as_u64()
             .ok_or_else(|| expected(field, "a non-negative integer", v))
     }
 
-    fn reading(&self, v: &Value, prefix: &str) -> Result<Reading, Rejection> {
+    fn reading(&self, v: &Value<'_>, prefix: &str) -> Result<Reading, Rejection> {
         let at = |name: &str| format!("{prefix}{name}");
         let fields = entries(prefix.trim_end_matches('.'), v).map_err(|mut e| {
             if e.field.as_deref() == Some("") {
@@ -382,7 +393,7 @@ impl Ctx<'_> {
         Ok(r)
     }
 
-    fn event(&self, v: &Value) -> Result<Event, Rejection> {
+    fn event(&self, v: &Value<'_>) -> Result<Event, Rejection> {
         let fields = entries("", v)
             .map_err(|e| reject_message(format!("an event must be a map: {}", e.message)))?;
         let mut ts = None;
@@ -394,9 +405,7 @@ impl Ctx<'_> {
                 "ts" => ts = Some(self.timestamp(name, value)?),
                 "seq" => seq = self.seq(name, value)?,
                 "kind" => {
-                    let k = value
-                        .as_str()
-                        .ok_or_else(|| expected("kind", "a string", value))?;
+                    let k = text(value).ok_or_else(|| expected("kind", "a string", value))?;
                     if k.is_empty()
                         || k.len() > MAX_KIND_LEN
                         || !k

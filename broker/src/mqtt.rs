@@ -48,8 +48,8 @@ fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Con
             max_connections: c.max_connections + 1,
             max_outgoing_packet_count: 1_000,
             // The commit log holds what subscribers (the bridge among them) have not read yet.
-            max_segment_size: 16 << 20,
-            max_segment_count: 16,
+            max_segment_size: c.commit_log_segment_mib << 20,
+            max_segment_count: c.commit_log_segments,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

@@ -190,6 +190,13 @@ section! {
         pub max_inflight: usize = 100,
         /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
         pub connect_timeout_ms: u16 = 5_000,
+        /// Size in MiB of one segment of the broker's in-memory commit log. Each subscription
+        /// filter (the bridge's two among them) has its own log of up to `commit_log_segments`
+        /// segments: this is how far the bridge may fall behind the broker before the oldest
+        /// messages are dropped, and what it costs in memory at most.
+        pub commit_log_segment_mib: usize = 16,
+        /// Segments kept per subscription filter; see `commit_log_segment_mib`.
+        pub commit_log_segments: usize = 8,
     }
 }
 
@@ -404,6 +411,19 @@ impl Config {
             (1..=65_535).contains(&m.max_inflight),
             "mqtt.max_inflight",
             format!("must be between 1 and 65535, got {}", m.max_inflight),
+        );
+        check(
+            (1..=1024).contains(&m.commit_log_segment_mib),
+            "mqtt.commit_log_segment_mib",
+            format!(
+                "must be between 1 and 1024, got {}",
+                m.commit_log_segment_mib
+            ),
+        );
+        check(
+            (2..=1024).contains(&m.commit_log_segments),
+            "mqtt.commit_log_segments",
+            format!("must be between 2 and 1024, got {}", m.commit_log_segments),
         );
         let h = &self.http;
         check(

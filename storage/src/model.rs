@@ -191,10 +191,16 @@ impl DeviceState {
         merge(&mut self.rssi, r.rssi, r.ts);
         merge(&mut self.online, r.online, r.ts);
         for (name, value) in &r.metrics {
-            let mut slot = self.metrics.get(name).copied();
-            merge(&mut slot, Some(*value), r.ts);
-            if let Some(slot) = slot {
-                self.metrics.insert(name.clone(), slot);
+            let stamped = Stamped {
+                value: *value,
+                ts: r.ts,
+            };
+            match self.metrics.get_mut(name) {
+                Some(slot) if r.ts >= slot.ts => *slot = stamped,
+                Some(_) => {}
+                None => {
+                    self.metrics.insert(name.clone(), stamped);
+                }
             }
         }
     }
