@@ -21,7 +21,8 @@ pub trait Harness: Send + Sync {
 }
 
 /// Expands to one `#[tokio::test]` per contract behaviour. `$harness` is an expression evaluating
-/// to a future of a fresh, empty [`Harness`].
+/// to a future of `Option` of a fresh, empty [`Harness`]; `None` means the developer explicitly
+/// opted out of this backend's tests (the test then passes without running, saying so).
 #[macro_export]
 macro_rules! contract_suite {
     ($harness:expr) => {
@@ -35,8 +36,10 @@ macro_rules! contract_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let harness = $harness.await;
-                $crate::contract::$name(&harness).await;
+                match $harness.await {
+                    Some(harness) => $crate::contract::$name(&harness).await,
+                    None => eprintln!("{}: skipped by explicit opt-out", stringify!($name)),
+                }
             }
         )*
     };
@@ -445,11 +448,15 @@ pub async fn fleet_pages_and_counts(h: &dyn Harness) {
             "counts cover the whole fleet on every page"
         );
         ids.extend(got.devices.items.iter().map(|d| d.device.to_string()));
+        assert!(got.devices.items.len() <= 4);
         match got.devices.next_cursor {
             Some(c) => page.cursor = Some(c),
             None => break,
         }
     }
+    // Every device exactly once; the order is the backend's own (by id for the embedded backend,
+    // by token for ScyllaDB) but stable across pages.
+    ids.sort();
     let expected: Vec<String> = (0..9).map(|i| format!("dev-{i}")).collect();
     assert_eq!(ids, expected);
 }

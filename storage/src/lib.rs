@@ -5,6 +5,7 @@ pub mod contract;
 pub mod embedded;
 pub mod model;
 pub mod query;
+pub mod scylla;
 
 use async_trait::async_trait;
 
@@ -17,6 +18,7 @@ pub use query::{
     Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
     PageRequest, TelemetryQuery, TimeRange,
 };
+pub use scylla::ScyllaStorage;
 
 /// What went wrong in storage; each variant says what the caller should do.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1308 @@
+//! The ScyllaDB backend (Apache Cassandra works too), on the `scylla` driver: the schema of
+//! `storage/schema.cql` applied at start, prepared statements, unlogged batches that stay inside one
+//! partition, token-aware routing, a bounded number of requests in flight, retries with backoff and
+//! jitter for timeouts, overload and unavailability, and cursors built on the driver's paging state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch as CqlBatch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+pub use scylla::statement::Consistency;
+use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
+
+use crate::model::{
+    AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading, Stamped,
+};
+use crate::query::{
+    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
+    PageRequest, TelemetryQuery, TimeRange,
+};
+use crate::{Result, Storage, StorageError};
+
+/// The schema applied at start; see the file for the tables.
+pub const SCHEMA: &str = include_str!("../schema.cql");
+/// The version of `SCHEMA`, recorded in `schema_version`.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Settings of the ScyllaDB backend.
+#[derive(Debug, Clone)]
+pub struct ScyllaOptions {
+    /// Contact points, "host:port".
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// CQL replication map used when the keyspace is created.
+    pub replication: String,
+    pub consistency: Consistency,
+    pub local_datacenter: Option<String>,
+    /// TTL of readings, events and dead letters; 0 keeps them forever.
+    pub ttl_seconds: i32,
+    pub max_in_flight: usize,
+    pub request_timeout: Duration,
+    /// Attempts of a write failing with a retryable error before `write_batch` gives up.
+    pub write_attempts: u32,
+    pub credentials: Option<(String, String)>,
+}
+
+impl ScyllaOptions {
+    /// Defaults for a single local node with a given keyspace.
+    pub fn local(keyspace: &str) -> Self {
+        ScyllaOptions {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: keyspace.into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            consistency: Consistency::LocalQuorum,
+            local_datacenter: None,
+            ttl_seconds: 0,
+            max_in_flight: 64,
+            request_timeout: Duration::from_secs(5),
+            write_attempts: 3,
+            credentials: None,
+        }
+    }
+}
+
+/// Rows per unlogged batch: keeps each batch (all of one partition) under Cassandra's default
+/// 5 KiB batch-size warning for typical readings.
+const ROWS_PER_BATCH: usize = 32;
+const DAY_MS: i64 = 86_400_000;
+/// Owner of the dead letters' partition index entries; device ids cannot contain '*'.
+const DEAD_LETTER_OWNER: &str = "*";
+
+/// The ScyllaDB backend; cheap to clone.
+#[derive(Clone)]
+pub struct ScyllaStorage {
+    inner: Arc<Inner>,
+}
+
+struct Statements {
+    insert_reading: PreparedStatement,
+    insert_event: PreparedStatement,
+    insert_event_by_kind: PreparedStatement,
+    insert_partition: PreparedStatement,
+    insert_dead_letter: PreparedStatement,
+    update_latest: PreparedStatement,
+    update_last_seen: PreparedStatement,
+    days_desc: PreparedStatement,
+    days_asc: PreparedStatement,
+    telemetry_desc: PreparedStatement,
+    telemetry_asc: PreparedStatement,
+    events_desc: PreparedStatement,
+    events_asc: PreparedStatement,
+    events_kind_desc: PreparedStatement,
+    events_kind_asc: PreparedStatement,
+    dead_letters: PreparedStatement,
+    latest: PreparedStatement,
+    fleet: PreparedStatement,
+    fleet_counts: PreparedStatement,
+}
+
+struct Inner {
+    session: Session,
+    st: Statements,
+    options: ScyllaOptions,
+    /// Partition index entries already written by this process; bounded by clearing.
+    known_partitions: Mutex<HashSet<(String, String, i64)>>,
+    closed: AtomicBool,
+}
+
+fn day_of(ms: Millis) -> i64 {
+    ms.div_euclid(DAY_MS)
+}
+
+fn cql_date(day: i64) -> CqlDate {
+    CqlDate((day + (1i64 << 31)).clamp(0, u32::MAX as i64) as u32)
+}
+
+fn from_cql_date(d: CqlDate) -> i64 {
+    i64::from(d.0) - (1i64 << 31)
+}
+
+fn ts(ms: Millis) -> CqlTimestamp {
+    CqlTimestamp(ms)
+}
+
+fn unset<T>(v: Option<T>) -> MaybeUnset<T> {
+    v.map_or(MaybeUnset::Unset, MaybeUnset::Set)
+}
+
+fn attrs_to_cql(attrs: &BTreeMap<String, AttrValue>) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::to_string(v).unwrap_or_default()))
+        .collect()
+}
+
+fn attrs_from_cql(attrs: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, AttrValue>> {
+    attrs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_str(&v).map(|v| (k, v)).map_err(|e| {
+                StorageError::Fatal(format!("attribute value {v:?} is not a JSON scalar: {e}"))
+            })
+        })
+        .collect()
+}
+
+fn device(id: String) -> Result<DeviceId> {
+    DeviceId::new(id).map_err(|e| StorageError::Fatal(format!("stored device id is invalid: {e}")))
+}
+
+/// Decides whether a failed request may succeed later, keeping the statement in the message.
+fn classify(statement: &str, e: ExecutionError) -> StorageError {
+    let retryable = match &e {
+        ExecutionError::ConnectionPoolError(_)
+        | ExecutionError::RequestTimeout(_)
+        | ExecutionError::EmptyPlan
+        | ExecutionError::SchemaAgreementError(_) => true,
+        ExecutionError::LastAttemptError(attempt) => match attempt {
+            RequestAttemptError::DbError(db, _) => matches!(
+                db,
+                DbError::Unavailable { .. }
+                    | DbError::Overloaded
+                    | DbError::IsBootstrapping
+                    | DbError::ReadTimeout { .. }
+                    | DbError::WriteTimeout { .. }
+                    | DbError::ReadFailure { .. }
+                    | DbError::WriteFailure { .. }
+                    | DbError::RateLimitReached { .. }
+                    | DbError::TruncateError
+            ),
+            RequestAttemptError::BrokenConnectionError(_)
+            | RequestAttemptError::UnableToAllocStreamId => true,
+            _ => false,
+        },
+        _ => false,
+    };
+    let message = format!(
+        "{}: {e}",
+        statement.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    if retryable {
+        StorageError::Unavailable(message)
+    } else {
+        StorageError::Fatal(message)
+    }
+}
+
+/// Statements of a schema file: comments removed, split on `;`.
+fn schema_statements(schema: &str) -> Vec<String> {
+    let text: String = schema
+        .lines()
+        .map(|l| l.split("--").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// FNV-1a, to bind a cursor to the query that issued it.
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(&[0xff]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A cursor over a day-partitioned stream: which query, which day, and where in that day.
+struct DayCursor {
+    day: i64,
+    paging: PagingState,
+}
+
+const CURSOR_MAGIC: u8 = b'S';
+
+fn encode_day_cursor(query: u64, c: &DayCursor) -> Cursor {
+    let mut bytes = vec![CURSOR_MAGIC];
+    bytes.extend_from_slice(&query.to_be_bytes());
+    bytes.extend_from_slice(&c.day.to_be_bytes());
+    if let Some(state) = c.paging.as_bytes_slice() {
+        bytes.extend_from_slice(state);
+    }
+    Cursor(bytes)
+}
+
+fn decode_day_cursor(query: u64, cursor: &Cursor) -> Result<DayCursor> {
+    let b = &cursor.0;
+    if b.len() < 17 || b[0] != CURSOR_MAGIC || b[1..9] != query.to_be_bytes() {
+        return Err(StorageError::InvalidRequest(
+            "cursor does not belong to this query; start again without a cursor".into(),
+        ));
+    }
+    let day = i64::from_be_bytes(b[9..17].try_into().expect("8 bytes"));
+    let paging = if b.len() > 17 {
+        PagingState::new_from_raw_bytes(&b[17..])
+    } else {
+        PagingState::start()
+    };
+    Ok(DayCursor { day, paging })
+}
+
+/// Columns read for a reading.
+type ReadingRow = (
+    String,
+    CqlTimestamp,
+    i64,
+    CqlTimestamp,
+    Option<f64>,
+    Option<i32>,
+    Option<bool>,
+    Option<BTreeMap<String, f64>>,
+    Option<BTreeMap<String, String>>,
+);
+
+fn reading_from_row(r: ReadingRow) -> Result<Reading> {
+    Ok(Reading {
+        device: device(r.0)?,
+        ts: r.1 .0,
+        seq: r.2 as u64,
+        received_at: r.3 .0,
+        battery: r.4,
+        rssi: r.5,
+        online: r.6,
+        metrics: r.7.unwrap_or_default(),
+        attrs: attrs_from_cql(r.8)?,
+    })
+}
+
+type EventRow = (
+    String,
+    CqlTimestamp,
+    i64,
+    CqlTimestamp,
+    String,
+    Option<BTreeMap<String, String>>,
+);
+
+fn event_from_row(r: EventRow) -> Result<Event> {
+    Ok(Event {
+        device: device(r.0)?,
+        ts: r.1 .0,
+        seq: r.2 as u64,
+        received_at: r.3 .0,
+        kind: r.4,
+        attrs: attrs_from_cql(r.5)?,
+    })
+}
+
+type DeadLetterRow = (
+    CqlTimestamp,
+    i64,
+    String,
+    Option<String>,
+    Option<Vec<u8>>,
+    String,
+);
+
+fn dead_letter_from_row(r: DeadLetterRow) -> Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.1 as u64,
+        received_at: r.0 .0,
+        topic: r.2,
+        device: r.3.map(device).transpose()?,
+        payload: r.4.unwrap_or_default(),
+        reason: r.5,
+    })
+}
+
+type LatestRow = (
+    String,
+    Option<CqlTimestamp>,
+    Option<i64>,
+    Option<CqlTimestamp>,
+    Option<f64>,
+    Option<i64>,
+    Option<i32>,
+    Option<i64>,
+    Option<bool>,
+    Option<i64>,
+    Option<BTreeMap<String, (f64, CqlTimestamp)>>,
+);
+
+const LATEST_COLUMNS: &str = "device_id, ts, seq, last_seen, battery, WRITETIME(battery), rssi, \
+     WRITETIME(rssi), online, WRITETIME(online), metrics";
+
+fn stamped<T>(value: Option<T>, writetime: Option<i64>) -> Option<Stamped<T>> {
+    Some(Stamped {
+        value: value?,
+        ts: writetime?.div_euclid(1000),
+    })
+}
+
+fn latest_from_row(r: LatestRow) -> Result<DeviceState> {
+    Ok(DeviceState {
+        device: device(r.0)?,
+        ts: r.1.map_or(0, |t| t.0),
+        seq: r.2.unwrap_or(0) as u64,
+        last_seen: r.3.map_or(0, |t| t.0),
+        battery: stamped(r.4, r.5),
+        rssi: stamped(r.6, r.7),
+        online: stamped(r.8, r.9),
+        metrics: r
+            .10
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, (value, t))| (k, Stamped { value, ts: t.0 }))
+            .collect(),
+    })
+}
+
+/// One request of a batch write: an unlogged batch inside one partition, or a single statement.
+enum Job {
+    Batch {
+        batch: CqlBatch,
+        values: JobValues,
+        statement: &'static str,
+    },
+}
+
+/// The bound values of a job's statements; all rows of one job use one statement.
+enum JobValues {
+    Readings(Vec<ReadingValues>),
+    Events(Vec<EventValues>),
+    EventsByKind(Vec<EventByKindValues>),
+    Latest(Vec<LatestValues>),
+    LastSeen(Vec<LastSeenValues>),
+    Partitions(Vec<PartitionValues>),
+    DeadLetters(Vec<DeadLetterValues>),
+}
+
+type ReadingValues = (
+    String,
+    CqlDate,
+    CqlTimestamp,
+    i64,
+    CqlTimestamp,
+    MaybeUnset<f64>,
+    MaybeUnset<i32>,
+    MaybeUnset<bool>,
+    BTreeMap<String, f64>,
+    BTreeMap<String, String>,
+    i32,
+);
+type EventValues = (
+    String,
+    CqlDate,
+    CqlTimestamp,
+    i64,
+    CqlTimestamp,
+    String,
+    BTreeMap<String, String>,
+    i32,
+);
+type EventByKindValues = (
+    String,
+    String,
+    CqlDate,
+    CqlTimestamp,
+    i64,
+    CqlTimestamp,
+    BTreeMap<String, String>,
+    i32,
+);
+type LatestValues = (
+    i64,
+    CqlTimestamp,
+    i64,
+    MaybeUnset<f64>,
+    MaybeUnset<i32>,
+    MaybeUnset<bool>,
+    MaybeUnset<BTreeMap<String, (f64, CqlTimestamp)>>,
+    String,
+);
+type LastSeenValues = (i64, CqlTimestamp, String);
+type PartitionValues = (String, String, CqlDate, i32);
+type DeadLetterValues = (
+    CqlDate,
+    CqlTimestamp,
+    i64,
+    String,
+    Option<String>,
+    Vec<u8>,
+    String,
+    i32,
+);
+
+impl ScyllaStorage {
+    /// Connects, creates the keyspace when missing, applies the schema and prepares statements.
+    pub async fn connect(options: &ScyllaOptions) -> Result<Self> {
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &options.local_datacenter {
+            policy = policy.prefer_datacenter(dc.clone());
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(options.consistency)
+            .request_timeout(Some(options.request_timeout))
+            .load_balancing_policy(policy.build())
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&options.nodes)
+            .connection_timeout(options.request_timeout)
+            .default_execution_profile_handle(profile.into_handle());
+        if let Some((user, password)) = &options.credentials {
+            builder = builder.user(user, password);
+        }
+        let session = builder.build().await.map_err(|e| {
+            StorageError::Unavailable(format!(
+                "cannot connect to ScyllaDB at {} (`storage.scylla.nodes`): {e}",
+                options.nodes.join(", ")
+            ))
+        })?;
+        let ks = &options.keyspace;
+        let create = format!(
+            "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {}",
+            options.replication
+        );
+        session
+            .query_unpaged(create.as_str(), ())
+            .await
+            .map_err(|e| classify(&create, e))?;
+        session
+            .use_keyspace(ks, false)
+            .await
+            .map_err(|e| StorageError::Fatal(format!("USE {ks}: {e}")))?;
+        for statement in schema_statements(SCHEMA) {
+            session
+                .query_unpaged(statement.as_str(), ())
+                .await
+                .map_err(|e| classify(&statement, e))?;
+        }
+        Self::check_schema_version(&session, ks).await?;
+        let st = Statements::prepare(&session, ks).await?;
+        Ok(ScyllaStorage {
+            inner: Arc::new(Inner {
+                session,
+                st,
+                options: options.clone(),
+                known_partitions: Mutex::new(HashSet::new()),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    async fn check_schema_version(session: &Session, ks: &str) -> Result<()> {
+        let select = format!("SELECT version FROM {ks}.schema_version WHERE component = 'messina'");
+        let found = session
+            .query_unpaged(select.as_str(), ())
+            .await
+            .map_err(|e| classify(&select, e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("{select}: {e}")))?
+            .maybe_first_row::<(Option<i32>,)>()
+            .map_err(|e| StorageError::Fatal(format!("{select}: {e}")))?
+            .and_then(|(v,)| v);
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(StorageError::Fatal(format!(
+                "keyspace {ks} holds schema version {v}, newer than this Messina's {SCHEMA_VERSION}; upgrade Messina"
+            ))),
+            Some(v) if v == SCHEMA_VERSION => Ok(()),
+            _ => {
+                let insert = format!(
+                    "INSERT INTO {ks}.schema_version (component, version, applied_at) VALUES ('messina', {SCHEMA_VERSION}, toTimestamp(now()))"
+                );
+                session
+                    .query_unpaged(insert.as_str(), ())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(&insert, e))
+            }
+        }
+    }
+
+    /// The driver session, for tools and tests that query with plain CQL.
+    pub fn session(&self) -> &Session {
+        &self.inner.session
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Fatal("ScyllaDB storage is closed".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Statements {
+    async fn prepare(session: &Session, ks: &str) -> Result<Self> {
+        let prepare = |cql: String| async move {
+            session
+                .prepare(cql.as_str())
+                .await
+                .map_err(|e| StorageError::Fatal(format!("preparing {cql}: {e}")))
+        };
+        let reading_cols = "device_id, ts, seq, received_at, battery, rssi, online, metrics, attrs";
+        let event_cols = "device_id, ts, seq, received_at, kind, attrs";
+        let range = "WHERE device_id = ? AND day = ? AND ts >= ? AND ts < ?";
+        let kind_range = "WHERE device_id = ? AND kind = ? AND day = ? AND ts >= ? AND ts < ?";
+        let asc = "ORDER BY ts ASC, seq ASC";
+        Ok(Statements {
+            insert_reading: prepare(format!(
+                "INSERT INTO {ks}.telemetry (device_id, day, ts, seq, received_at, battery, rssi, online, metrics, attrs) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            insert_event: prepare(format!(
+                "INSERT INTO {ks}.events (device_id, day, ts, seq, received_at, kind, attrs) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            insert_event_by_kind: prepare(format!(
+                "INSERT INTO {ks}.events_by_kind (device_id, kind, day, ts, seq, received_at, attrs) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            insert_partition: prepare(format!(
+                "INSERT INTO {ks}.partitions (owner, stream, day) VALUES (?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            insert_dead_letter: prepare(format!(
+                "INSERT INTO {ks}.dead_letters (day, received_at, id, topic, device_id, payload, reason) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            update_latest: prepare(format!(
+                "UPDATE {ks}.device_latest USING TIMESTAMP ? SET ts = ?, seq = ?, battery = ?, rssi = ?, online = ?, metrics = metrics + ? WHERE device_id = ?"
+            ))
+            .await?,
+            update_last_seen: prepare(format!(
+                "UPDATE {ks}.device_latest USING TIMESTAMP ? SET last_seen = ? WHERE device_id = ?"
+            ))
+            .await?,
+            days_desc: prepare(format!(
+                "SELECT day FROM {ks}.partitions WHERE owner = ? AND stream = ? AND day >= ? AND day <= ?"
+            ))
+            .await?,
+            days_asc: prepare(format!(
+                "SELECT day FROM {ks}.partitions WHERE owner = ? AND stream = ? AND day >= ? AND day <= ? ORDER BY day ASC"
+            ))
+            .await?,
+            telemetry_desc: prepare(format!("SELECT {reading_cols} FROM {ks}.telemetry {range}")).await?,
+            telemetry_asc: prepare(format!("SELECT {reading_cols} FROM {ks}.telemetry {range} {asc}")).await?,
+            events_desc: prepare(format!("SELECT {event_cols} FROM {ks}.events {range}")).await?,
+            events_asc: prepare(format!("SELECT {event_cols} FROM {ks}.events {range} {asc}")).await?,
+            events_kind_desc: prepare(format!("SELECT {event_cols} FROM {ks}.events_by_kind {kind_range}")).await?,
+            events_kind_asc: prepare(format!("SELECT {event_cols} FROM {ks}.events_by_kind {kind_range} {asc}")).await?,
+            dead_letters: prepare(format!(
+                "SELECT received_at, id, topic, device_id, payload, reason FROM {ks}.dead_letters WHERE day = ? AND received_at >= ? AND received_at < ?"
+            ))
+            .await?,
+            latest: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest WHERE device_id = ?")).await?,
+            fleet: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest")).await?,
+            fleet_counts: prepare(format!("SELECT battery, online FROM {ks}.device_latest")).await?,
+        })
+    }
+}
+
+/// Makes unlogged batches of at most `ROWS_PER_BATCH` rows of one statement, one partition each.
+fn batches<V>(
+    statement: &PreparedStatement,
+    name: &'static str,
+    partitions: impl IntoIterator<Item = Vec<V>>,
+    wrap: impl Fn(Vec<V>) -> JobValues,
+    jobs: &mut Vec<Job>,
+) {
+    for rows in partitions {
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<V> = rows.by_ref().take(ROWS_PER_BATCH).collect();
+            let mut batch = CqlBatch::new(BatchType::Unlogged);
+            for _ in 0..chunk.len() {
+                batch.append_statement(statement.clone());
+            }
+            jobs.push(Job::Batch {
+                batch,
+                values: wrap(chunk),
+                statement: name,
+            });
+        }
+    }
+}
+
+impl Inner {
+    fn ttl(&self) -> i32 {
+        self.options.ttl_seconds
+    }
+
+    /// Partition index entries not yet written by this process.
+    fn new_partitions(&self, entries: HashSet<(String, String, i64)>) -> Vec<PartitionValues> {
+        let mut known = self
+            .known_partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if known.len() > 100_000 {
+            known.clear();
+        }
+        // The index outlives its rows by a day so a range query never misses a live partition.
+        let ttl = if self.ttl() == 0 {
+            0
+        } else {
+            self.ttl().saturating_add(86_400)
+        };
+        entries
+            .into_iter()
+            .filter(|e| known.insert(e.clone()))
+            .map(|(owner, stream, day)| (owner, stream, cql_date(day), ttl))
+            .collect()
+    }
+
+    fn forget_partitions(&self) {
+        self.known_partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn jobs(&self, batch: &Batch) -> Vec<Job> {
+        let st = &self.st;
+        let ttl = self.ttl();
+        let mut index = HashSet::new();
+        let mut jobs = Vec::new();
+
+        let mut by_partition: HashMap<(&DeviceId, i64), Vec<ReadingValues>> = HashMap::new();
+        let mut latest: HashMap<&DeviceId, Vec<LatestValues>> = HashMap::new();
+        let mut last_seen: HashMap<&DeviceId, Millis> = HashMap::new();
+        for r in &batch.readings {
+            let day = day_of(r.ts);
+            index.insert((r.device.to_string(), "telemetry".to_string(), day));
+            by_partition.entry((&r.device, day)).or_default().push((
+                r.device.to_string(),
+                cql_date(day),
+                ts(r.ts),
+                r.seq as i64,
+                ts(r.received_at),
+                unset(r.battery),
+                unset(r.rssi),
+                unset(r.online),
+                r.metrics.clone(),
+                attrs_to_cql(&r.attrs),
+                ttl,
+            ));
+            let metrics: BTreeMap<String, (f64, CqlTimestamp)> = r
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), (*v, ts(r.ts))))
+                .collect();
+            latest.entry(&r.device).or_default().push((
+                r.ts.saturating_mul(1000),
+                ts(r.ts),
+                r.seq as i64,
+                unset(r.battery),
+                unset(r.rssi),
+                unset(r.online),
+                if metrics.is_empty() {
+                    MaybeUnset::Unset
+                } else {
+                    MaybeUnset::Set(metrics)
+                },
+                r.device.to_string(),
+            ));
+            let seen = last_seen.entry(&r.device).or_insert(r.received_at);
+            *seen = (*seen).max(r.received_at);
+        }
+        batches(
+            &st.insert_reading,
+            "INSERT INTO telemetry",
+            by_partition.into_values(),
+            JobValues::Readings,
+            &mut jobs,
+        );
+        batches(
+            &st.update_latest,
+            "UPDATE device_latest",
+            latest.into_values(),
+            JobValues::Latest,
+            &mut jobs,
+        );
+        let seen: Vec<Vec<LastSeenValues>> = last_seen
+            .into_iter()
+            .map(|(d, at)| vec![(at.saturating_mul(1000), ts(at), d.to_string())])
+            .collect();
+        batches(
+            &st.update_last_seen,
+            "UPDATE device_latest SET last_seen",
+            seen,
+            JobValues::LastSeen,
+            &mut jobs,
+        );
+
+        let mut events: HashMap<(&DeviceId, i64), Vec<EventValues>> = HashMap::new();
+        let mut by_kind: HashMap<(&DeviceId, &str, i64), Vec<EventByKindValues>> = HashMap::new();
+        for e in &batch.events {
+            let day = day_of(e.ts);
+            let attrs = attrs_to_cql(&e.attrs);
+            index.insert((e.device.to_string(), "events".to_string(), day));
+            index.insert((e.device.to_string(), format!("events:{}", e.kind), day));
+            events.entry((&e.device, day)).or_default().push((
+                e.device.to_string(),
+                cql_date(day),
+                ts(e.ts),
+                e.seq as i64,
+                ts(e.received_at),
+                e.kind.clone(),
+                attrs.clone(),
+                ttl,
+            ));
+            by_kind.entry((&e.device, &e.kind, day)).or_default().push((
+                e.device.to_string(),
+                e.kind.clone(),
+                cql_date(day),
+                ts(e.ts),
+                e.seq as i64,
+                ts(e.received_at),
+                attrs,
+                ttl,
+            ));
+        }
+        batches(
+            &st.insert_event,
+            "INSERT INTO events",
+            events.into_values(),
+            JobValues::Events,
+            &mut jobs,
+        );
+        batches(
+            &st.insert_event_by_kind,
+            "INSERT INTO events_by_kind",
+            by_kind.into_values(),
+            JobValues::EventsByKind,
+            &mut jobs,
+        );
+
+        let mut dead: HashMap<i64, Vec<DeadLetterValues>> = HashMap::new();
+        for d in &batch.dead_letters {
+            let day = day_of(d.received_at);
+            index.insert((
+                DEAD_LETTER_OWNER.to_string(),
+                "dead_letters".to_string(),
+                day,
+            ));
+            dead.entry(day).or_default().push((
+                cql_date(day),
+                ts(d.received_at),
+                d.id as i64,
+                d.topic.clone(),
+                d.device.as_ref().map(DeviceId::to_string),
+                d.payload.clone(),
+                d.reason.clone(),
+                ttl,
+            ));
+        }
+        batches(
+            &st.insert_dead_letter,
+            "INSERT INTO dead_letters",
+            dead.into_values(),
+            JobValues::DeadLetters,
+            &mut jobs,
+        );
+
+        // Each index entry is its own partition, so each is its own request.
+        let entries: Vec<Vec<PartitionValues>> = self
+            .new_partitions(index)
+            .into_iter()
+            .map(|p| vec![p])
+            .collect();
+        batches(
+            &st.insert_partition,
+            "INSERT INTO partitions",
+            entries,
+            JobValues::Partitions,
+            &mut jobs,
+        );
+        jobs
+    }
+
+    async fn run_job(&self, job: &Job) -> Result<()> {
+        let Job::Batch {
+            batch,
+            values,
+            statement,
+        } = job;
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            let result = match values {
+                JobValues::Readings(v) => self.session.batch(batch, v).await,
+                JobValues::Events(v) => self.session.batch(batch, v).await,
+                JobValues::EventsByKind(v) => self.session.batch(batch, v).await,
+                JobValues::Latest(v) => self.session.batch(batch, v).await,
+                JobValues::LastSeen(v) => self.session.batch(batch, v).await,
+                JobValues::Partitions(v) => self.session.batch(batch, v).await,
+                JobValues::DeadLetters(v) => self.session.batch(batch, v).await,
+            };
+            match result.map_err(|e| classify(statement, e)) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < self.options.write_attempts => {
+                    tracing::debug!(error = %e, attempt, "retrying a ScyllaDB write");
+                    tokio::time::sleep(delay.mul_f64(0.5 + jitter() * 0.5)).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Days holding rows of `(owner, stream)` within a range, in query order.
+    async fn days(
+        &self,
+        owner: &str,
+        stream: &str,
+        range: &TimeRange,
+        order: Order,
+    ) -> Result<Vec<i64>> {
+        let lo = range.since.map_or(i64::from(i32::MIN), day_of);
+        let hi = range.until.map_or(i64::from(i32::MAX), |u| day_of(u - 1));
+        let stmt = match order {
+            Order::NewestFirst => &self.st.days_desc,
+            Order::OldestFirst => &self.st.days_asc,
+        };
+        let values = (owner, stream, cql_date(lo), cql_date(hi));
+        self.session
+            .execute_iter(stmt.clone(), values)
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("SELECT day FROM partitions: {e}")))?
+            .rows_stream::<(CqlDate,)>()
+            .map_err(|e| StorageError::Fatal(format!("SELECT day FROM partitions: {e}")))?
+            .map_ok(|(d,)| from_cql_date(d))
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("SELECT day FROM partitions: {e}")))
+    }
+
+    /// Pages through day partitions in order, resuming at a cursor, with the driver's paging state
+    /// inside a day. Only rows `keep` accepts count towards the page.
+    #[allow(clippy::too_many_arguments)]
+    async fn page_days<R, T, V>(
+        &self,
+        query: u64,
+        days: Vec<i64>,
+        stmt: &PreparedStatement,
+        values: impl Fn(CqlDate) -> V,
+        page: &PageRequest,
+        decode: impl Fn(R) -> Result<T>,
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<Page<T>>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+        V: SerializeRow,
+    {
+        if page.limit == 0 {
+            return Err(StorageError::InvalidRequest(
+                "limit must be at least 1".into(),
+            ));
+        }
+        let (mut index, mut paging) = match &page.cursor {
+            None => (0, PagingState::start()),
+            Some(c) => {
+                let c = decode_day_cursor(query, c)?;
+                // Days newer (or older) than the cursor's were already returned.
+                match days.iter().position(|d| *d == c.day) {
+                    Some(i) => (i, c.paging),
+                    None => (days.len(), PagingState::start()),
+                }
+            }
+        };
+        let mut items = Vec::new();
+        while index < days.len() {
+            let mut stmt = stmt.clone();
+            stmt.set_page_size((page.limit - items.len()).clamp(1, 5000) as i32);
+            let (result, next) = self
+                .session
+                .execute_single_page(&stmt, values(cql_date(days[index])), paging)
+                .await
+                .map_err(|e| classify(stmt.get_statement(), e))?;
+            let rows = result
+                .into_rows_result()
+                .map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?;
+            for row in rows
+                .rows::<R>()
+                .map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?
+            {
+                let row =
+                    row.map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?;
+                let item = decode(row)?;
+                if keep(&item) {
+                    items.push(item);
+                }
+            }
+            match next {
+                PagingStateResponse::HasMorePages { state } => {
+                    if items.len() >= page.limit {
+                        let cursor = DayCursor {
+                            day: days[index],
+                            paging: state,
+                        };
+                        return Ok(Page {
+                            items,
+                            next_cursor: Some(encode_day_cursor(query, &cursor)),
+                        });
+                    }
+                    paging = state;
+                }
+                PagingStateResponse::NoMorePages => {
+                    index += 1;
+                    paging = PagingState::start();
+                    if items.len() >= page.limit {
+                        let next_cursor = days.get(index).map(|&day| {
+                            encode_day_cursor(
+                                query,
+                                &DayCursor {
+                                    day,
+                                    paging: PagingState::start(),
+                                },
+                            )
+                        });
+                        return Ok(Page { items, next_cursor });
+                    }
+                }
+            }
+        }
+        Ok(Page {
+            items,
+            next_cursor: None,
+        })
+    }
+}
+
+/// A cheap pseudo-random number in [0, 1) for retry jitter.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
+
+fn bounds(range: &TimeRange) -> (CqlTimestamp, CqlTimestamp) {
+    (
+        ts(range.since.unwrap_or(i64::MIN)),
+        ts(range.until.unwrap_or(i64::MAX)),
+    )
+}
+
+fn order_byte(order: Order) -> &'static [u8] {
+    match order {
+        Order::NewestFirst => b"n",
+        Order::OldestFirst => b"o",
+    }
+}
+
+#[async_trait]
+impl Storage for ScyllaStorage {
+    async fn write_batch(&self, batch: &Batch) -> Result<()> {
+        self.check_open()?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let jobs = inner.jobs(batch);
+        let requests: Vec<futures::future::BoxFuture<'_, Result<()>>> = jobs
+            .iter()
+            .map(|job| Box::pin(inner.run_job(job)) as _)
+            .collect();
+        let result = futures::stream::iter(requests)
+            .buffer_unordered(inner.options.max_in_flight)
+            .try_collect::<Vec<()>>()
+            .await;
+        if result.is_err() {
+            // Index entries of a failed batch may not have been written; write them again next time.
+            inner.forget_partitions();
+        }
+        result.map(|_| ())
+    }
+
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceState>> {
+        self.check_open()?;
+        let st = &self.inner.st.latest;
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, (device.as_str(),))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
+        match rows
+            .maybe_first_row::<LatestRow>()
+            .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?
+        {
+            // A row with only last_seen (its readings not yet written) is not a device yet.
+            Some(row) if row.1.is_some() => Ok(Some(latest_from_row(row)?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
+        self.check_open()?;
+        if query.page.limit == 0 {
+            return Err(StorageError::InvalidRequest(
+                "limit must be at least 1".into(),
+            ));
+        }
+        let inner = &self.inner;
+        let paging = match &query.page.cursor {
+            None => PagingState::start(),
+            Some(c) => match c.0.split_first() {
+                Some((b'F', state)) if !state.is_empty() => PagingState::new_from_raw_bytes(state),
+                _ => {
+                    return Err(StorageError::InvalidRequest(
+                        "cursor does not belong to the fleet listing; start again without a cursor"
+                            .into(),
+                    ))
+                }
+            },
+        };
+        // Devices come in token order, stable across pages; keep reading pages until `limit`
+        // devices are found or the table ends.
+        let mut items = Vec::new();
+        let mut paging = paging;
+        let mut next_cursor = None;
+        loop {
+            let mut stmt = inner.st.fleet.clone();
+            stmt.set_page_size((query.page.limit - items.len()).clamp(1, 5000) as i32);
+            let (result, next) = inner
+                .session
+                .execute_single_page(&stmt, (), paging)
+                .await
+                .map_err(|e| classify(stmt.get_statement(), e))?;
+            let rows = result
+                .into_rows_result()
+                .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
+            for row in rows
+                .rows::<LatestRow>()
+                .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?
+            {
+                let row = row.map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
+                if row.1.is_some() {
+                    items.push(latest_from_row(row)?);
+                }
+            }
+            match next {
+                PagingStateResponse::HasMorePages { state } if items.len() >= query.page.limit => {
+                    let mut bytes = vec![b'F'];
+                    bytes.extend_from_slice(
+                        state.as_bytes_slice().map(|s| &s[..]).unwrap_or_default(),
+                    );
+                    next_cursor = Some(Cursor(bytes));
+                    break;
+                }
+                PagingStateResponse::HasMorePages { state } => paging = state,
+                PagingStateResponse::NoMorePages => break,
+            }
+        }
+        // Counts cover the whole fleet: a full pass over the (one row per device) table.
+        let mut counts = FleetCounts::default();
+        let mut rows = inner
+            .session
+            .execute_iter(inner.st.fleet_counts.clone(), ())
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?
+            .rows_stream::<(Option<f64>, Option<bool>)>()
+            .map_err(|e| StorageError::Fatal(format!("counting the fleet: {e}")))?;
+        while let Some(row) = rows.next().await {
+            let (battery, online) =
+                row.map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?;
+            let state = DeviceState {
+                device: DeviceId::new("x").expect("valid"),
+                ts: 0,
+                seq: 0,
+                last_seen: 0,
+                battery: battery.map(|value| Stamped { value, ts: 0 }),
+                rssi: None,
+                online: online.map(|value| Stamped { value, ts: 0 }),
+                metrics: BTreeMap::new(),
+            };
+            counts.count(&state, query.low_battery_percent);
+        }
+        Ok(FleetPage {
+            devices: Page { items, next_cursor },
+            counts,
+        })
+    }
+
+    async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let days = inner
+            .days(q.device.as_str(), "telemetry", &q.range, q.order)
+            .await?;
+        let stmt = match q.order {
+            Order::NewestFirst => &inner.st.telemetry_desc,
+            Order::OldestFirst => &inner.st.telemetry_asc,
+        };
+        let id = fingerprint(&[
+            b"telemetry",
+            q.device.as_str().as_bytes(),
+            order_byte(q.order),
+        ]);
+        let (since, until) = bounds(&q.range);
+        let device = q.device.as_str();
+        inner
+            .page_days(
+                id,
+                days,
+                stmt,
+                |day| (device, day, since, until),
+                &q.page,
+                reading_from_row,
+                |_| true,
+            )
+            .await
+    }
+
+    async fn events(&self, q: &EventQuery) -> Result<Page<Event>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let (since, until) = bounds(&q.range);
+        let device = q.device.as_str();
+        match &q.kind {
+            None => {
+                let days = inner.days(device, "events", &q.range, q.order).await?;
+                let stmt = match q.order {
+                    Order::NewestFirst => &inner.st.events_desc,
+                    Order::OldestFirst => &inner.st.events_asc,
+                };
+                let id = fingerprint(&[b"events", device.as_bytes(), order_byte(q.order)]);
+                inner
+                    .page_days(
+                        id,
+                        days,
+                        stmt,
+                        |day| (device, day, since, until),
+                        &q.page,
+                        event_from_row,
+                        |_| true,
+                    )
+                    .await
+            }
+            Some(kind) => {
+                let days = inner
+                    .days(device, &format!("events:{kind}"), &q.range, q.order)
+                    .await?;
+                let stmt = match q.order {
+                    Order::NewestFirst => &inner.st.events_kind_desc,
+                    Order::OldestFirst => &inner.st.events_kind_asc,
+                };
+                let id = fingerprint(&[
+                    b"events",
+                    device.as_bytes(),
+                    kind.as_bytes(),
+                    order_byte(q.order),
+                ]);
+                let kind = kind.as_str();
+                inner
+                    .page_days(
+                        id,
+                        days,
+                        stmt,
+                        |day| (device, kind, day, since, until),
+                        &q.page,
+                        event_from_row,
+                        |_| true,
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Page<DeadLetter>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let days = inner
+            .days(
+                DEAD_LETTER_OWNER,
+                "dead_letters",
+                &q.range,
+                Order::NewestFirst,
+            )
+            .await?;
+        let device = q.device.as_ref().map(DeviceId::as_str).unwrap_or("");
+        let id = fingerprint(&[b"dead_letters", device.as_bytes()]);
+        let (since, until) = bounds(&q.range);
+        inner
+            .page_days(
+                id,
+                days,
+                &inner.st.dead_letters,
+                |day| (day, since, until),
+                &q.page,
+                dead_letter_from_row,
+                |d: &DeadLetter| {
+                    q.device
+                        .as_ref()
+                        .is_none_or(|dev| d.device.as_ref() == Some(dev))
+                },
+            )
+            .await
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.check_open()?;
+        let cql = "SELECT release_version FROM system.local";
+        self.inner
+            .session
+            .query_unpaged(cql, ())
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(cql, e))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Every write was acknowledged by the cluster at the configured consistency; there is
+        // nothing to flush, only further use to refuse.
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_splits_into_statements_without_comments() {
+        let statements = schema_statements(SCHEMA);
+        assert_eq!(statements.len(), 7);
+        assert!(statements
+            .iter()
+            .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+        assert!(statements.iter().all(|s| !s.contains("--")));
+    }
+
+    #[test]
+    fn dates_round_trip() {
+        for day in [-1_000, -1, 0, 1, 20_415] {
+            assert_eq!(from_cql_date(cql_date(day)), day);
+        }
+        assert_eq!(day_of(-1), -1);
+        assert_eq!(day_of(DAY_MS), 1);
+    }
+
+    #[test]
+    fn attribute_values_round_trip_through_json_text() {
+        let attrs = BTreeMap::from([
+            ("a".to_string(), AttrValue::Int(12)),
+            ("b".to_string(), AttrValue::Float(4.0)),
+            ("c".to_string(), AttrValue::Bool(true)),
+            ("d".to_string(), AttrValue::Text("12".into())),
+        ]);
+        assert_eq!(attrs_from_cql(Some(attrs_to_cql(&attrs))).unwrap(), attrs);
+    }
+}
