@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use messina_bridge::meter::names;
-use messina_config::{Config, StorageBackend};
+use messina_config::{Config, Consistency as CqlConsistency, StorageBackend};
 use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+use messina_storage::scylla::{Consistency, ScyllaOptions, ScyllaStorage};
 use messina_storage::Storage;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -89,7 +90,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Opens the configured storage backend.
-pub fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     match config.storage.backend {
         StorageBackend::Embedded => {
             let e = &config.storage.embedded;
@@ -99,6 +100,35 @@ pub fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
                 cache_bytes: e.cache_mib << 20,
             })?;
             Ok(Arc::new(storage))
+        }
+        StorageBackend::Scylla => {
+            let sc = &config.storage.scylla;
+            let password = config.scylla_password()?;
+            let options = ScyllaOptions {
+                nodes: sc.nodes.clone(),
+                keyspace: sc.keyspace.clone(),
+                replication: sc.replication.clone(),
+                consistency: match sc.consistency {
+                    CqlConsistency::One => Consistency::One,
+                    CqlConsistency::Two => Consistency::Two,
+                    CqlConsistency::Three => Consistency::Three,
+                    CqlConsistency::Quorum => Consistency::Quorum,
+                    CqlConsistency::All => Consistency::All,
+                    CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
+                    CqlConsistency::EachQuorum => Consistency::EachQuorum,
+                    CqlConsistency::LocalOne => Consistency::LocalOne,
+                },
+                local_datacenter: (!sc.local_datacenter.is_empty())
+                    .then(|| sc.local_datacenter.clone()),
+                ttl_seconds: (i64::from(sc.ttl_days) * 86_400).min(i64::from(i32::MAX)) as i32,
+                max_in_flight: sc.max_in_flight,
+                request_timeout: Duration::from_millis(sc.request_timeout_ms),
+                write_attempts: sc.write_attempts,
+                credentials: (!sc.username.is_empty())
+                    .then(|| (sc.username.clone(), password.unwrap_or_default())),
+            };
+            tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, "connecting to ScyllaDB");
+            Ok(Arc::new(ScyllaStorage::connect(&options).await?))
         }
     }
 }
@@ -117,7 +147,7 @@ pub async fn serve(
             "the HTTP API is open to the network without an API key; set `http.api_key_file`"
         );
     }
-    let storage = open_storage(&config)?;
+    let storage = open_storage(&config).await?;
     let mut broker = mqtt::EmbeddedBroker::start(&config.mqtt)?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await

@@ -223,3 +223,86 @@ where
 pub fn mp(v: &Value) -> Vec<u8> {
     rmp_serde::to_vec(v).unwrap()
 }
+
+/// Publishes each `(topic, payload)` at QoS 1 over MQTT 3.1.1 and waits for every PUBACK.
+pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let n = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT 3.1.1 connection")
+            {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("all PUBACKs within 20 s");
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+/// Publishes each `(topic, payload)` at QoS 1 over MQTT 5 and waits for every PUBACK.
+pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let options = MqttOptions::new(client_id, "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let n = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                eventloop.poll().await.expect("MQTT 5 connection")
+            {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("all PUBACKs within 20 s");
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+pub async fn wait_rows(server: &Server, n: f64) {
+    wait_for(&format!("{n} rows written"), || async {
+        server.counter("messina_rows_written_total").await >= n
+    })
+    .await;
+}
+
+/// Every item of a paged listing, following `next_cursor` with page size `limit`.
+pub async fn all_pages(server: &Server, path: &str, limit: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut url = format!("{path}{sep}limit={limit}");
+    loop {
+        let page = server.json(&url).await;
+        let got = page["items"].as_array().unwrap();
+        assert!(got.len() <= limit);
+        items.extend(got.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => url = format!("{path}{sep}limit={limit}&cursor={c}"),
+            None => return items,
+        }
+    }
+}
