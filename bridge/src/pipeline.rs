@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use messina_storage::backoff::Backoff;
 use messina_storage::{Batch, DeadLetter, Millis, Storage};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -242,7 +243,10 @@ struct Writer {
 
 impl Writer {
     async fn write(&self, batch: Batch) {
-        let mut delay = self.settings.retry_initial_delay;
+        let mut backoff = Backoff::new(
+            self.settings.retry_initial_delay,
+            self.settings.retry_max_delay,
+        );
         let mut attempts_after_shutdown = 0;
         loop {
             let started = Instant::now();
@@ -261,24 +265,12 @@ impl Writer {
                     if give_up {
                         return;
                     }
-                    // Jitter keeps many nodes from retrying in lockstep against one cluster.
-                    let jittered = delay.mul_f64(0.5 + jitter() * 0.5);
                     tokio::select! {
-                        _ = tokio::time::sleep(jittered) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = self.shutdown.cancelled(), if !self.shutdown.is_cancelled() => {}
                     }
-                    delay = (delay * 2).min(self.settings.retry_max_delay);
                 }
             }
         }
     }
-}
-
-/// A cheap pseudo-random number in [0, 1) for retry jitter.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1000) / 1000.0
 }

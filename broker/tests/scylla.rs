@@ -4,37 +4,23 @@
 //! elsewhere; only `MESSINA_SKIP_SCYLLA_TESTS=1` skips this test.
 
 use messina_mosquitto_tests::{mp, now_ms, publish_v4, publish_v5, wait_rows, Server};
+use messina_storage::scylla::test_node;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::value::CqlTimestamp;
 use serde_json::json;
 
-fn nodes() -> Vec<String> {
-    std::env::var("MESSINA_SCYLLA_NODES")
-        .unwrap_or_else(|_| "127.0.0.1:9042".into())
-        .split(',')
-        .map(str::to_string)
-        .collect()
-}
-
 async fn analyst_session() -> Option<Session> {
-    if std::env::var("MESSINA_SKIP_SCYLLA_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped by MESSINA_SKIP_SCYLLA_TESTS=1");
+    if test_node::skipped() {
+        eprintln!("skipped by {}=1", test_node::SKIP_VAR);
         return None;
     }
-    let nodes = nodes();
     Some(
         SessionBuilder::new()
-            .known_nodes(&nodes)
+            .known_nodes(test_node::nodes())
             .build()
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot reach ScyllaDB/Cassandra at {}: {e}\nstart a local node with \
-             `scripts/cassandra start` (scripts/test does) or set MESSINA_SKIP_SCYLLA_TESTS=1",
-                    nodes.join(",")
-                )
-            }),
+            .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e))),
     )
 }
 
@@ -62,7 +48,10 @@ async fn mqtt_to_cassandra_to_http_and_plain_cql() {
     };
     let ks = format!("messina_e2e_{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<String> = nodes().iter().map(|n| format!("\"{n}\"")).collect();
+    let nodes: Vec<String> = test_node::nodes()
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect();
     let server = Server::start(
         &dir.path().join("data"),
         &format!(

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::model::{Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading};
 use crate::query::{
     Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
-    TelemetryQuery, TimeRange,
+    PageRequest, TelemetryQuery, TimeRange,
 };
 use crate::{Result, Storage, StorageError};
 
@@ -204,6 +204,27 @@ fn scan<T: DeserializeOwned>(
     })
 }
 
+/// One page of a device's rows (telemetry or events) in a time range, resuming at a cursor.
+fn device_scan<T: DeserializeOwned>(
+    keyspace: &Keyspace,
+    tag: u8,
+    device: &DeviceId,
+    range: &TimeRange,
+    order: Order,
+    page: &PageRequest,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Page<T>> {
+    let prefix = device_prefix(device);
+    let bounds = resume(
+        time_bounds(&prefix, range),
+        tag,
+        &prefix,
+        order,
+        page.cursor.as_ref(),
+    )?;
+    scan(keyspace, bounds, order, page.limit, tag, keep)
+}
+
 impl EmbeddedStorage {
     /// Opens (creating when missing) the store in `options.path`.
     pub fn open(options: &EmbeddedOptions) -> Result<Self> {
@@ -356,21 +377,13 @@ impl Storage for EmbeddedStorage {
     async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>> {
         let q = query.clone();
         self.blocking(move |inner| {
-            let prefix = device_prefix(&q.device);
-            let bounds = time_bounds(&prefix, &q.range);
-            let bounds = resume(
-                bounds,
-                CURSOR_TELEMETRY,
-                &prefix,
-                q.order,
-                q.page.cursor.as_ref(),
-            )?;
-            scan(
+            device_scan(
                 &inner.telemetry,
-                bounds,
-                q.order,
-                q.page.limit,
                 CURSOR_TELEMETRY,
+                &q.device,
+                &q.range,
+                q.order,
+                &q.page,
                 |_| true,
             )
         })
@@ -380,22 +393,14 @@ impl Storage for EmbeddedStorage {
     async fn events(&self, query: &EventQuery) -> Result<Page<Event>> {
         let q = query.clone();
         self.blocking(move |inner| {
-            let prefix = device_prefix(&q.device);
-            let bounds = time_bounds(&prefix, &q.range);
-            let bounds = resume(
-                bounds,
-                CURSOR_EVENTS,
-                &prefix,
-                q.order,
-                q.page.cursor.as_ref(),
-            )?;
-            scan(
+            device_scan(
                 &inner.events,
-                bounds,
-                q.order,
-                q.page.limit,
                 CURSOR_EVENTS,
-                |e: &Event| q.kind.as_deref().is_none_or(|k| e.kind == k),
+                &q.device,
+                &q.range,
+                q.order,
+                &q.page,
+                |e| q.accepts(e),
             )
         })
         .await
@@ -418,11 +423,7 @@ impl Storage for EmbeddedStorage {
                 Order::NewestFirst,
                 q.page.limit,
                 CURSOR_DEAD,
-                |d: &DeadLetter| {
-                    q.device
-                        .as_ref()
-                        .is_none_or(|dev| d.device.as_ref() == Some(dev))
-                },
+                |d: &DeadLetter| q.accepts(d),
             )
         })
         .await

@@ -1,6 +1,7 @@
 //! Storage for Messina: the domain types, the `Storage` trait every backend implements, the
 //! embedded backend, and the contract suite that every backend must pass.
 
+pub mod backoff;
 pub mod contract;
 pub mod embedded;
 pub mod model;

@@ -1,6 +1,6 @@
 //! Query types shared by every backend: time ranges, order, paging with opaque cursors.
 
-use crate::model::{DeviceId, DeviceState, Millis};
+use crate::model::{DeadLetter, DeviceId, DeviceState, Event, Millis};
 
 /// Which end of a time range comes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,12 +70,28 @@ pub struct EventQuery {
     pub page: PageRequest,
 }
 
+impl EventQuery {
+    /// True when an event passes the kind filter.
+    pub fn accepts(&self, e: &Event) -> bool {
+        self.kind.as_deref().is_none_or(|k| e.kind == k)
+    }
+}
+
 /// Dead letters, newest first, optionally of one device; the range is over arrival time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetterQuery {
     pub device: Option<DeviceId>,
     pub range: TimeRange,
     pub page: PageRequest,
+}
+
+impl DeadLetterQuery {
+    /// True when a dead letter passes the device filter.
+    pub fn accepts(&self, d: &DeadLetter) -> bool {
+        self.device
+            .as_ref()
+            .is_none_or(|dev| d.device.as_ref() == Some(dev))
+    }
 }
 
 /// The fleet: every device's latest state, by device id, with counts over the whole fleet.

@@ -23,6 +23,7 @@ use scylla::statement::prepared::PreparedStatement;
 pub use scylla::statement::Consistency;
 use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 
+use crate::backoff::Backoff;
 use crate::model::{
     AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading, Stamped,
 };
@@ -834,7 +835,7 @@ impl Inner {
             values,
             statement,
         } = job;
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut attempt = 1;
         loop {
             let result = match values {
@@ -850,8 +851,7 @@ impl Inner {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_retryable() && attempt < self.options.write_attempts => {
                     tracing::debug!(error = %e, attempt, "retrying a ScyllaDB write");
-                    tokio::time::sleep(delay.mul_f64(0.5 + jitter() * 0.5)).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.next_delay()).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -979,15 +979,6 @@ impl Inner {
             next_cursor: None,
         })
     }
-}
-
-/// A cheap pseudo-random number in [0, 1) for retry jitter.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1000) / 1000.0
 }
 
 fn bounds(range: &TimeRange) -> (CqlTimestamp, CqlTimestamp) {
@@ -1244,11 +1235,7 @@ impl Storage for ScyllaStorage {
                 |day| (day, since, until),
                 &q.page,
                 dead_letter_from_row,
-                |d: &DeadLetter| {
-                    q.device
-                        .as_ref()
-                        .is_none_or(|dev| d.device.as_ref() == Some(dev))
-                },
+                |d: &DeadLetter| q.accepts(d),
             )
             .await
     }
@@ -1269,6 +1256,37 @@ impl Storage for ScyllaStorage {
         // nothing to flush, only further use to refuse.
         self.inner.closed.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+/// The node that test suites (the contract suite, end-to-end tests, benchmarks) run against, and
+/// the one explicit way to skip them.
+pub mod test_node {
+    /// Set to `1` to skip tests that need a ScyllaDB node; the project's test command never sets it.
+    pub const SKIP_VAR: &str = "MESSINA_SKIP_SCYLLA_TESTS";
+
+    /// True when the developer explicitly opted out of ScyllaDB tests.
+    pub fn skipped() -> bool {
+        std::env::var(SKIP_VAR).is_ok_and(|v| v == "1")
+    }
+
+    /// `$MESSINA_SCYLLA_NODES` (comma-separated `host:port`), default `127.0.0.1:9042`.
+    pub fn nodes() -> Vec<String> {
+        std::env::var("MESSINA_SCYLLA_NODES")
+            .unwrap_or_else(|_| "127.0.0.1:9042".into())
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// What a test says when the node does not answer: how to start one, or how to opt out.
+    pub fn unreachable(error: impl std::fmt::Display) -> String {
+        format!(
+            "cannot reach ScyllaDB/Cassandra at {}: {error}\n\
+             start a local node with `scripts/cassandra start` (scripts/test does), point \
+             MESSINA_SCYLLA_NODES at one, or set {SKIP_VAR}=1 to skip these tests",
+            nodes().join(",")
+        )
     }
 }
 

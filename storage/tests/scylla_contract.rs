@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use messina_storage::contract::Harness;
-use messina_storage::scylla::{ScyllaOptions, ScyllaStorage};
+use messina_storage::scylla::{test_node, ScyllaOptions, ScyllaStorage};
 use messina_storage::Storage;
 use scylla::client::session_builder::SessionBuilder;
 use tokio::sync::{OnceCell, Semaphore};
@@ -31,28 +31,16 @@ impl Harness for Scylla {
     }
 }
 
-fn nodes() -> Vec<String> {
-    std::env::var("MESSINA_SCYLLA_NODES")
-        .unwrap_or_else(|_| "127.0.0.1:9042".into())
-        .split(',')
-        .map(str::to_string)
-        .collect()
-}
-
 /// Checks the node answers, once per test binary, and drops keyspaces left by earlier runs.
 async fn prepare_node() {
     static READY: OnceCell<()> = OnceCell::const_new();
     READY
         .get_or_init(|| async {
-            let nodes = nodes();
-            let session = SessionBuilder::new().known_nodes(&nodes).build().await.unwrap_or_else(|e| {
-                panic!(
-                    "cannot reach ScyllaDB/Cassandra at {}: {e}\n\
-                     start a local node with `scripts/cassandra start` (scripts/test does), point \
-                     MESSINA_SCYLLA_NODES at one, or set MESSINA_SKIP_SCYLLA_TESTS=1 to skip these tests",
-                    nodes.join(",")
-                )
-            });
+            let session = SessionBuilder::new()
+                .known_nodes(test_node::nodes())
+                .build()
+                .await
+                .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
             let ours = format!("messina_test_{}_", std::process::id());
             let rows = session
                 .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
@@ -63,7 +51,9 @@ async fn prepare_node() {
             for row in rows.rows::<(String,)>().expect("keyspace names") {
                 let (name,) = row.expect("keyspace name");
                 if name.starts_with("messina_test_") && !name.starts_with(&ours) {
-                    let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), ()).await;
+                    let _ = session
+                        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), ())
+                        .await;
                 }
             }
         })
@@ -71,7 +61,7 @@ async fn prepare_node() {
 }
 
 async fn scylla() -> Option<Scylla> {
-    if std::env::var("MESSINA_SKIP_SCYLLA_TESTS").is_ok_and(|v| v == "1") {
+    if test_node::skipped() {
         return None;
     }
     prepare_node().await;
@@ -82,7 +72,7 @@ async fn scylla() -> Option<Scylla> {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     let mut options = ScyllaOptions::local(&keyspace);
-    options.nodes = nodes();
+    options.nodes = test_node::nodes();
     Some(Scylla { options })
 }
 

@@ -36,11 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let rows: usize = args.get(1).map_or(Ok(200_000), |a| a.parse())?;
     let devices: usize = args.get(2).map_or(Ok(100), |a| a.parse())?;
-    let nodes: Vec<String> = std::env::var("MESSINA_SCYLLA_NODES")
-        .unwrap_or_else(|_| "127.0.0.1:9042".into())
-        .split(',')
-        .map(str::to_string)
-        .collect();
+    let nodes = messina_storage::scylla::test_node::nodes();
     let t0 = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64
