@@ -342,7 +342,8 @@ fn state_json(s: &DeviceState) -> Value {
         "ts": rfc3339(s.ts),
         "seq": s.seq,
         "last_seen": rfc3339(s.last_seen),
-        "online": s.is_online(),
+        // null when the device never reported it
+        "online": s.online.map(|o| o.value),
     });
     if let Some(b) = s.battery {
         v["battery"] = json!(b.value);
