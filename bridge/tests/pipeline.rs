@@ -50,6 +50,15 @@ impl Storage for Recording {
     async fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Page<DeadLetter>> {
         self.inner.dead_letters(q).await
     }
+    async fn put_alerts(&self, alerts: &[Alert]) -> Result<()> {
+        self.inner.put_alerts(alerts).await
+    }
+    async fn alert(&self, id: &str) -> Result<Option<Alert>> {
+        self.inner.alert(id).await
+    }
+    async fn alerts(&self, q: &AlertQuery) -> Result<Page<Alert>> {
+        self.inner.alerts(q).await
+    }
     async fn health(&self) -> Result<()> {
         self.inner.health().await
     }

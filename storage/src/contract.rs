@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::model::{AttrValue, Batch, DeadLetter, DeviceId, Event, Reading};
+use crate::model::{Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, Event, Reading};
 use crate::query::{
-    DeadLetterQuery, EventQuery, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
+    AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetQuery, Order, Page,
+    PageRequest, TelemetryQuery, TimeRange,
 };
 use crate::{Storage, StorageError};
 
@@ -30,7 +31,8 @@ macro_rules! contract_suite {
             idempotent_upsert, newest_and_oldest_first, half_open_ranges, cursors_page_exactly_once,
             latest_is_never_overwritten_by_an_older_reading, empty_batch_and_unknown_device,
             data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
-            events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first);
+            events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
+            alerts_upsert_by_id_filter_and_page);
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
         $(
@@ -504,4 +506,97 @@ pub async fn dead_letters_newest_first(h: &dyn Harness) {
         .unwrap();
     let got: Vec<u64> = d1.items.iter().map(|d| d.id).collect();
     assert_eq!(got, vec![1, 3]);
+}
+
+fn alert(device: &str, rule: &str, offset_s: i64, state: AlertState) -> Alert {
+    let raised_at = T0 + offset_s * 1000;
+    Alert {
+        id: Alert::id_for(&dev(device), rule, raised_at),
+        device: dev(device),
+        rule: rule.to_string(),
+        state,
+        severity: "warning".into(),
+        message: format!("{rule} on {device}"),
+        value: Some(12.5),
+        threshold: Some(15.0),
+        raised_at,
+        acked_at: None,
+        acked_by: None,
+        cleared_at: (state == AlertState::Cleared).then_some(raised_at + 60_000),
+    }
+}
+
+pub async fn alerts_upsert_by_id_filter_and_page(h: &dyn Harness) {
+    let s = h.open().await;
+    let a = alert("d1", "battery_low", 10, AlertState::Raised);
+    let b = alert("d2", "offline", 20, AlertState::Raised);
+    // A day later, so listings cross day partitions.
+    let c = alert("d1", "offline", 86_400 + 30, AlertState::Cleared);
+    s.put_alerts(&[a.clone(), b.clone(), c.clone()])
+        .await
+        .unwrap();
+    let mut acked = a.clone();
+    acked.state = AlertState::Acknowledged;
+    acked.acked_at = Some(T0 + 15_000);
+    acked.acked_by = Some("ops@example.com".into());
+    s.put_alerts(&[acked.clone()]).await.unwrap();
+
+    assert_eq!(
+        s.alert(&a.id).await.unwrap(),
+        Some(acked.clone()),
+        "a transition replaces the alert"
+    );
+    assert_eq!(s.alert("not-an-alert-id").await.unwrap(), None);
+    assert_eq!(
+        s.alert(&Alert::id_for(&dev("d9"), "offline", T0))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let ids = |page: Vec<Alert>| page.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let query = |f: &dyn Fn(&mut AlertQuery)| {
+        let mut q = AlertQuery::all(100);
+        f(&mut q);
+        q
+    };
+    let cases: Vec<(AlertQuery, Vec<String>)> = vec![
+        (
+            AlertQuery::all(100),
+            vec![c.id.clone(), b.id.clone(), a.id.clone()],
+        ),
+        (
+            query(&|q| q.state = Some(AlertStateFilter::Active)),
+            vec![b.id.clone(), a.id.clone()],
+        ),
+        (
+            query(&|q| q.state = Some(AlertStateFilter::Only(AlertState::Cleared))),
+            vec![c.id.clone()],
+        ),
+        (
+            query(&|q| q.device = Some(dev("d1"))),
+            vec![c.id.clone(), a.id.clone()],
+        ),
+        (
+            query(&|q| q.rule = Some("offline".into())),
+            vec![c.id.clone(), b.id.clone()],
+        ),
+        (
+            query(&|q| q.range.since = Some(T0 + 20_000)),
+            vec![c.id.clone(), b.id.clone()],
+        ),
+    ];
+    for (q, expected) in cases {
+        assert_eq!(ids(s.alerts(&q).await.unwrap().items), expected, "{q:?}");
+    }
+    let paged = all_pages(1, |page| {
+        let s = Arc::clone(&s);
+        async move {
+            let mut q = AlertQuery::all(1);
+            q.page = page;
+            s.alerts(&q).await
+        }
+    })
+    .await;
+    assert_eq!(ids(paged), vec![c.id.clone(), b.id.clone(), a.id.clone()]);
 }

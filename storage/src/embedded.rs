@@ -6,6 +6,7 @@
 //! - `events`: `device 0x00 ts seq` → `Event`
 //! - `device_latest`: `device` → `DeviceState`
 //! - `dead_letters`: `received_at id` → `DeadLetter`
+//! - `alerts`: `raised_at id` → `Alert`
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
@@ -20,10 +21,10 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::model::{Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading};
+use crate::model::{Alert, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading};
 use crate::query::{
-    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange,
+    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
+    Page, PageRequest, TelemetryQuery, TimeRange,
 };
 use crate::{Result, Storage, StorageError};
 
@@ -58,6 +59,7 @@ struct Inner {
     events: Keyspace,
     latest: Keyspace,
     dead_letters: Keyspace,
+    alerts: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -69,6 +71,13 @@ const CURSOR_TELEMETRY: u8 = b'T';
 const CURSOR_EVENTS: u8 = b'E';
 const CURSOR_DEAD: u8 = b'D';
 const CURSOR_FLEET: u8 = b'F';
+const CURSOR_ALERTS: u8 = b'A';
+
+fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
+    let mut key = time_key(raised_at).to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
 
 fn io(e: fjall::Error) -> StorageError {
     StorageError::Unavailable(format!("embedded store: {e}"))
@@ -252,6 +261,7 @@ impl EmbeddedStorage {
             events: ks("events")?,
             latest: ks("device_latest")?,
             dead_letters: ks("dead_letters")?,
+            alerts: ks("alerts")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -424,6 +434,59 @@ impl Storage for EmbeddedStorage {
                 q.page.limit,
                 CURSOR_DEAD,
                 |d: &DeadLetter| q.accepts(d),
+            )
+        })
+        .await
+    }
+
+    async fn put_alerts(&self, alerts: &[Alert]) -> Result<()> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let alerts = alerts.to_vec();
+        self.blocking(move |inner| {
+            let mut wb = inner
+                .db
+                .batch()
+                .durability(inner.fsync.then_some(PersistMode::SyncData));
+            for a in &alerts {
+                wb.insert(&inner.alerts, alert_key(a.raised_at, &a.id), encode(a)?);
+            }
+            wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn alert(&self, id: &str) -> Result<Option<Alert>> {
+        let Some((_, _, raised_at)) = Alert::parse_id(id) else {
+            return Ok(None);
+        };
+        let key = alert_key(raised_at, id);
+        self.blocking(move |inner| match inner.alerts.get(key).map_err(io)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn alerts(&self, query: &AlertQuery) -> Result<Page<Alert>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            let bounds = time_bounds(&[], &q.range);
+            let bounds = resume(
+                bounds,
+                CURSOR_ALERTS,
+                &[],
+                Order::NewestFirst,
+                q.page.cursor.as_ref(),
+            )?;
+            scan(
+                &inner.alerts,
+                bounds,
+                Order::NewestFirst,
+                q.page.limit,
+                CURSOR_ALERTS,
+                |a| q.accepts(a),
             )
         })
         .await

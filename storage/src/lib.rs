@@ -12,12 +12,12 @@ use async_trait::async_trait;
 
 pub use embedded::EmbeddedStorage;
 pub use model::{
-    AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, InvalidDeviceId, Millis, Reading,
-    Stamped,
+    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, InvalidDeviceId,
+    Millis, Reading, Stamped,
 };
 pub use query::{
-    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange,
+    AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage,
+    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
 };
 pub use scylla::ScyllaStorage;
 
@@ -68,6 +68,16 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Dead letters, newest first.
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Page<DeadLetter>>;
+
+    /// Stores alerts, each replacing the stored alert with the same id (every lifecycle
+    /// transition is written this way).
+    async fn put_alerts(&self, alerts: &[Alert]) -> Result<()>;
+
+    /// One alert by id; `None` when there is no such alert (or the id is not an alert id).
+    async fn alert(&self, id: &str) -> Result<Option<Alert>>;
+
+    /// Alerts, newest raised first.
+    async fn alerts(&self, query: &AlertQuery) -> Result<Page<Alert>>;
 
     /// `Ok` when the backend can serve reads and writes now.
     async fn health(&self) -> Result<()>;

@@ -211,6 +211,72 @@ impl DeviceState {
     }
 }
 
+/// Where an alert is in its lifecycle: raised → acknowledged (optional) → cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    Raised,
+    Acknowledged,
+    Cleared,
+}
+
+impl AlertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Raised => "raised",
+            AlertState::Acknowledged => "acknowledged",
+            AlertState::Cleared => "cleared",
+        }
+    }
+
+    /// Raised or acknowledged: the condition still holds.
+    pub fn is_active(self) -> bool {
+        self != AlertState::Cleared
+    }
+}
+
+/// One occurrence of a rule's condition on one device, from raised to cleared. At most one alert
+/// per (device, rule) is active; a condition that returns after clearing is a new alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `{device}~{rule}~{raised_at}`, see [`Alert::id_for`].
+    pub id: String,
+    pub device: DeviceId,
+    /// The rule's name, e.g. `battery_low`, `offline`, `sync_failures`, `anomaly.temp_c`.
+    pub rule: String,
+    pub state: AlertState,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    /// A sentence for a person.
+    pub message: String,
+    /// The value that raised (or last updated) the alert, when there is one.
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub raised_at: Millis,
+    pub acked_at: Option<Millis>,
+    pub acked_by: Option<String>,
+    pub cleared_at: Option<Millis>,
+}
+
+impl Alert {
+    /// The id of the alert of `rule` on `device` raised at `raised_at`. Device ids and rule names
+    /// cannot contain `~`, so the id can be split back into its parts.
+    pub fn id_for(device: &DeviceId, rule: &str, raised_at: Millis) -> String {
+        format!("{device}~{rule}~{raised_at}")
+    }
+
+    /// The device, rule and raise time an id names, if it is an alert id at all.
+    pub fn parse_id(id: &str) -> Option<(DeviceId, &str, Millis)> {
+        let mut parts = id.split('~');
+        let (Some(device), Some(rule), Some(at), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some((DeviceId::new(device).ok()?, rule, at.parse().ok()?))
+    }
+}
+
 /// Everything the bridge writes in one go. Backends write a batch atomically where they can, and
 /// always idempotently, so a batch retried after a failure never duplicates rows.
 #[derive(Debug, Clone, Default, PartialEq)]

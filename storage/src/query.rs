@@ -1,6 +1,6 @@
 //! Query types shared by every backend: time ranges, order, paging with opaque cursors.
 
-use crate::model::{DeadLetter, DeviceId, DeviceState, Event, Millis};
+use crate::model::{Alert, AlertState, DeadLetter, DeviceId, DeviceState, Event, Millis};
 
 /// Which end of a time range comes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -130,4 +130,50 @@ impl FleetCounts {
 pub struct FleetPage {
     pub devices: Page<DeviceState>,
     pub counts: FleetCounts,
+}
+
+/// Which alerts a query wants by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertStateFilter {
+    /// Raised or acknowledged.
+    Active,
+    Only(AlertState),
+}
+
+/// Alerts, newest raised first, filtered by state, device, rule and raise time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertQuery {
+    pub state: Option<AlertStateFilter>,
+    pub device: Option<DeviceId>,
+    pub rule: Option<String>,
+    /// Over `raised_at`.
+    pub range: TimeRange,
+    pub page: PageRequest,
+}
+
+impl AlertQuery {
+    /// Every alert, newest first, `limit` at a time.
+    pub fn all(limit: usize) -> Self {
+        AlertQuery {
+            state: None,
+            device: None,
+            rule: None,
+            range: TimeRange::default(),
+            page: PageRequest::first(limit),
+        }
+    }
+
+    /// True when an alert passes the state, device and rule filters (the range is applied by the
+    /// backend's key order).
+    pub fn accepts(&self, a: &Alert) -> bool {
+        let state_ok = match self.state {
+            None => true,
+            Some(AlertStateFilter::Active) => a.state.is_active(),
+            Some(AlertStateFilter::Only(s)) => a.state == s,
+        };
+        state_ok
+            && self.device.as_ref().is_none_or(|d| *d == a.device)
+            && self.rule.as_deref().is_none_or(|r| r == a.rule)
+            && self.range.contains(a.raised_at)
+    }
 }

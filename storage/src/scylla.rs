@@ -25,11 +25,12 @@ use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 
 use crate::backoff::Backoff;
 use crate::model::{
-    AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading, Stamped,
+    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading,
+    Stamped,
 };
 use crate::query::{
-    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange,
+    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
+    Page, PageRequest, TelemetryQuery, TimeRange,
 };
 use crate::{Result, Storage, StorageError};
 
@@ -79,7 +80,8 @@ impl ScyllaOptions {
 /// 5 KiB batch-size warning for typical readings.
 const ROWS_PER_BATCH: usize = 32;
 const DAY_MS: i64 = 86_400_000;
-/// Owner of the dead letters' partition index entries; device ids cannot contain '*'.
+/// Owner of the fleet-wide (dead letters, alerts) partition index entries; device ids cannot
+/// contain '*'.
 const DEAD_LETTER_OWNER: &str = "*";
 
 /// The ScyllaDB backend; cheap to clone.
@@ -108,6 +110,9 @@ struct Statements {
     latest: PreparedStatement,
     fleet: PreparedStatement,
     fleet_counts: PreparedStatement,
+    insert_alert: PreparedStatement,
+    alert: PreparedStatement,
+    alerts: PreparedStatement,
 }
 
 struct Inner {
@@ -368,6 +373,67 @@ fn latest_from_row(r: LatestRow) -> Result<DeviceState> {
     })
 }
 
+const ALERT_DATA_COLUMNS: &str =
+    "device_id, rule, state, severity, message, value, threshold, acked_at, acked_by, cleared_at";
+
+type AlertRow = (
+    CqlTimestamp,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<f64>,
+    Option<f64>,
+    Option<CqlTimestamp>,
+    Option<String>,
+    Option<CqlTimestamp>,
+);
+
+fn alert_from_row(r: AlertRow) -> Result<Alert> {
+    let state = match r.4.as_str() {
+        "raised" => AlertState::Raised,
+        "acknowledged" => AlertState::Acknowledged,
+        "cleared" => AlertState::Cleared,
+        other => {
+            return Err(StorageError::Fatal(format!(
+                "stored alert state {other:?} is unknown"
+            )))
+        }
+    };
+    Ok(Alert {
+        raised_at: r.0 .0,
+        id: r.1,
+        device: device(r.2)?,
+        rule: r.3,
+        state,
+        severity: r.5,
+        message: r.6,
+        value: r.7,
+        threshold: r.8,
+        acked_at: r.9.map(|t| t.0),
+        acked_by: r.10,
+        cleared_at: r.11.map(|t| t.0),
+    })
+}
+
+type AlertValues = (
+    CqlDate,
+    CqlTimestamp,
+    String,
+    String,
+    String,
+    &'static str,
+    String,
+    String,
+    Option<f64>,
+    Option<f64>,
+    Option<CqlTimestamp>,
+    Option<String>,
+    Option<CqlTimestamp>,
+);
+
 /// One request of a batch write: an unlogged batch inside one partition, or a single statement.
 enum Job {
     Batch {
@@ -386,6 +452,7 @@ enum JobValues {
     LastSeen(Vec<LastSeenValues>),
     Partitions(Vec<PartitionValues>),
     DeadLetters(Vec<DeadLetterValues>),
+    Alerts(Vec<AlertValues>),
 }
 
 type ReadingValues = (
@@ -607,6 +674,18 @@ impl Statements {
             latest: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest WHERE device_id = ?")).await?,
             fleet: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest")).await?,
             fleet_counts: prepare(format!("SELECT battery, online FROM {ks}.device_latest")).await?,
+            insert_alert: prepare(format!(
+                "INSERT INTO {ks}.alerts (day, raised_at, id, {ALERT_DATA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            alert: prepare(format!(
+                "SELECT raised_at, id, {ALERT_DATA_COLUMNS} FROM {ks}.alerts WHERE day = ? AND raised_at = ? AND id = ?"
+            ))
+            .await?,
+            alerts: prepare(format!(
+                "SELECT raised_at, id, {ALERT_DATA_COLUMNS} FROM {ks}.alerts WHERE day = ? AND raised_at >= ? AND raised_at < ?"
+            ))
+            .await?,
         })
     }
 }
@@ -846,6 +925,7 @@ impl Inner {
                 JobValues::LastSeen(v) => self.session.batch(batch, v).await,
                 JobValues::Partitions(v) => self.session.batch(batch, v).await,
                 JobValues::DeadLetters(v) => self.session.batch(batch, v).await,
+                JobValues::Alerts(v) => self.session.batch(batch, v).await,
             };
             match result.map_err(|e| classify(statement, e)) {
                 Ok(_) => return Ok(()),
@@ -1240,6 +1320,101 @@ impl Storage for ScyllaStorage {
             .await
     }
 
+    async fn put_alerts(&self, alerts: &[Alert]) -> Result<()> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let mut by_day: HashMap<i64, Vec<AlertValues>> = HashMap::new();
+        let mut index = HashSet::new();
+        for a in alerts {
+            let day = day_of(a.raised_at);
+            index.insert((DEAD_LETTER_OWNER.to_string(), "alerts".to_string(), day));
+            by_day.entry(day).or_default().push((
+                cql_date(day),
+                ts(a.raised_at),
+                a.id.clone(),
+                a.device.to_string(),
+                a.rule.clone(),
+                a.state.as_str(),
+                a.severity.clone(),
+                a.message.clone(),
+                a.value,
+                a.threshold,
+                a.acked_at.map(ts),
+                a.acked_by.clone(),
+                a.cleared_at.map(ts),
+            ));
+        }
+        let mut jobs = Vec::new();
+        batches(
+            &inner.st.insert_alert,
+            "INSERT INTO alerts",
+            by_day.into_values(),
+            JobValues::Alerts,
+            &mut jobs,
+        );
+        let entries: Vec<Vec<PartitionValues>> = inner
+            .new_partitions(index)
+            .into_iter()
+            .map(|p| vec![p])
+            .collect();
+        batches(
+            &inner.st.insert_partition,
+            "INSERT INTO partitions",
+            entries,
+            JobValues::Partitions,
+            &mut jobs,
+        );
+        for job in &jobs {
+            if let Err(e) = inner.run_job(job).await {
+                inner.forget_partitions();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn alert(&self, id: &str) -> Result<Option<Alert>> {
+        self.check_open()?;
+        let Some((_, _, raised_at)) = Alert::parse_id(id) else {
+            return Ok(None);
+        };
+        let st = &self.inner.st.alert;
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, (cql_date(day_of(raised_at)), ts(raised_at), id))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("alerts: {e}")))?;
+        rows.maybe_first_row::<AlertRow>()
+            .map_err(|e| StorageError::Fatal(format!("alerts: {e}")))?
+            .map(alert_from_row)
+            .transpose()
+    }
+
+    async fn alerts(&self, q: &AlertQuery) -> Result<Page<Alert>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let days = inner
+            .days(DEAD_LETTER_OWNER, "alerts", &q.range, Order::NewestFirst)
+            .await?;
+        let filters = format!("{:?}{:?}{:?}", q.state, q.device, q.rule);
+        let id = fingerprint(&[b"alerts", filters.as_bytes()]);
+        let (since, until) = bounds(&q.range);
+        inner
+            .page_days(
+                id,
+                days,
+                &inner.st.alerts,
+                |day| (day, since, until),
+                &q.page,
+                alert_from_row,
+                |a| q.accepts(a),
+            )
+            .await
+    }
+
     async fn health(&self) -> Result<()> {
         self.check_open()?;
         let cql = "SELECT release_version FROM system.local";
@@ -1297,7 +1472,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 7);
+        assert_eq!(statements.len(), 8);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
