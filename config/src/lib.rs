@@ -326,6 +326,66 @@ section! {
     }
 }
 
+/// A threshold rule: raise when `metric op value` holds for `for_s` seconds, clear when it no
+/// longer holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    /// Rule name: 1 to 64 characters of a-z, 0-9, '_', '.', '-'; the alert topic is
+    /// `alerts/{device}/{name}`.
+    pub name: String,
+    /// `battery`, `rssi` or `metrics.<name>`.
+    pub metric: String,
+    /// `>`, `>=`, `<` or `<=`.
+    pub op: String,
+    pub value: f64,
+    /// Seconds (of device time) the condition must hold before the alert is raised.
+    #[serde(default)]
+    pub for_s: u64,
+    /// `info`, `warning` or `critical`.
+    #[serde(default = "default_severity")]
+    pub severity: String,
+}
+
+fn default_severity() -> String {
+    "warning".into()
+}
+
+/// Names of the built-in alert rules; threshold rules may not reuse them.
+pub const BUILT_IN_RULES: [&str; 3] = ["battery_low", "offline", "sync_failures"];
+
+section! {
+    /// Alert rules, evaluated by the bridge on every batch. Alerts are published retained on
+    /// `alerts/{device}/{rule}` and stored; a fleet manager acknowledges one over HTTP or by
+    /// publishing to `alerts/{device}/{rule}/ack`.
+    pub struct AlertsConfig at "alerts" {
+        /// Evaluate alert rules at all.
+        pub enabled: bool = true,
+        /// `battery_low` is raised when a reading's battery is below this percentage...
+        pub battery_low_percent: f64 = 15.0,
+        /// ...and cleared when a reading's battery is above this one (hysteresis; must be higher).
+        pub battery_clear_percent: f64 = 25.0,
+        /// `offline` is raised when a device is silent this many seconds (0 disables), or at once
+        /// when its will message arrives on `devices/{id}/presence` (a connection lost without
+        /// DISCONNECT); it is cleared when the device is heard from again.
+        pub offline_after_s: u64 = 300,
+        /// `sync_failures` is raised after this many consecutive `sync` events with `errors` > 0
+        /// (0 disables) and cleared by a successful sync.
+        pub sync_failures: u32 = 3,
+        /// `anomaly.<metric>` is raised for a reading whose value is more than this many standard
+        /// deviations from the device's recent mean (a rolling z-score; 0 disables), and cleared
+        /// by the next normal reading.
+        pub anomaly_sensitivity: f64 = 4.0,
+        /// Readings per device and metric in the rolling window of the anomaly rule.
+        pub anomaly_window: usize = 60,
+        /// Readings the window must hold before the anomaly rule judges a value.
+        pub anomaly_min_samples: usize = 20,
+        /// Threshold rules, e.g. `thresholds = [{ name = "overheat", metric = "metrics.temp_c",
+        /// op = ">", value = 60.0, for_s = 120, severity = "critical" }]`.
+        pub thresholds: Vec<ThresholdRule> = Vec::new(),
+    }
+}
+
 section! {
     /// Logging.
     pub struct LogConfig at "log" {
@@ -345,6 +405,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub bridge: BridgeConfig,
+    pub alerts: AlertsConfig,
     pub log: LogConfig,
 }
 
@@ -414,9 +475,11 @@ impl Config {
             http: HttpConfig::extract(&figment, &mut errors),
             storage: StorageConfig::extract(&figment, &mut errors),
             bridge: BridgeConfig::extract(&figment, &mut errors),
+            alerts: AlertsConfig::extract(&figment, &mut errors),
             log: LogConfig::extract(&figment, &mut errors),
         };
         config.validate(&mut errors);
+        config.validate_alerts(&mut errors);
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -429,6 +492,7 @@ impl Config {
         HttpConfig::known_keys(keys);
         StorageConfig::known_keys(keys);
         BridgeConfig::known_keys(keys);
+        AlertsConfig::known_keys(keys);
         LogConfig::known_keys(keys);
     }
 
@@ -592,6 +656,109 @@ impl Config {
         );
     }
 
+    fn validate_alerts(&self, errors: &mut Vec<ConfigError>) {
+        let a = &self.alerts;
+        let mut check = |ok: bool, key: String, message: String| {
+            if !ok {
+                errors.push(ConfigError {
+                    key,
+                    message,
+                    source: None,
+                });
+            }
+        };
+        for (key, v) in [
+            ("alerts.battery_low_percent", a.battery_low_percent),
+            ("alerts.battery_clear_percent", a.battery_clear_percent),
+        ] {
+            check(
+                (0.0..=100.0).contains(&v),
+                key.into(),
+                format!("must be between 0 and 100, got {v}"),
+            );
+        }
+        check(
+            a.battery_clear_percent > a.battery_low_percent,
+            "alerts.battery_clear_percent".into(),
+            format!(
+                "must be above `alerts.battery_low_percent` ({}), or the alert would flap; got {}",
+                a.battery_low_percent, a.battery_clear_percent
+            ),
+        );
+        check(
+            a.anomaly_sensitivity >= 0.0 && a.anomaly_sensitivity.is_finite(),
+            "alerts.anomaly_sensitivity".into(),
+            format!(
+                "must be 0 (off) or a positive number of standard deviations, got {}",
+                a.anomaly_sensitivity
+            ),
+        );
+        check(
+            a.anomaly_min_samples >= 2 && a.anomaly_min_samples <= a.anomaly_window,
+            "alerts.anomaly_min_samples".into(),
+            format!(
+                "must be between 2 and `alerts.anomaly_window` ({}), got {}",
+                a.anomaly_window, a.anomaly_min_samples
+            ),
+        );
+        check(
+            a.anomaly_window <= 10_000,
+            "alerts.anomaly_window".into(),
+            format!("must be at most 10000, got {}", a.anomaly_window),
+        );
+        let mut names = Vec::new();
+        for (i, t) in a.thresholds.iter().enumerate() {
+            let key = |field: &str| format!("alerts.thresholds[{i}].{field}");
+            let name_ok = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')
+                });
+            check(
+                name_ok,
+                key("name"),
+                format!(
+                    "{:?} must be 1 to 64 characters of a-z, 0-9, '_', '.', '-'",
+                    t.name
+                ),
+            );
+            check(
+                !BUILT_IN_RULES.contains(&t.name.as_str()) && !t.name.starts_with("anomaly.") && !names.contains(&&t.name),
+                key("name"),
+                format!("{:?} is already a rule name; names must be unique and not {BUILT_IN_RULES:?} or anomaly.*", t.name),
+            );
+            names.push(&t.name);
+            let metric_ok = t.metric == "battery"
+                || t.metric == "rssi"
+                || t.metric
+                    .strip_prefix("metrics.")
+                    .is_some_and(|m| !m.is_empty() && m.len() <= 128);
+            check(
+                metric_ok,
+                key("metric"),
+                format!(
+                    "{:?} is not `battery`, `rssi` or `metrics.<name>`",
+                    t.metric
+                ),
+            );
+            check(
+                [">", ">=", "<", "<="].contains(&t.op.as_str()),
+                key("op"),
+                format!("{:?} is not one of >, >=, <, <=", t.op),
+            );
+            check(
+                t.value.is_finite(),
+                key("value"),
+                "must be a finite number".into(),
+            );
+            check(
+                ["info", "warning", "critical"].contains(&t.severity.as_str()),
+                key("severity"),
+                format!("{:?} is not info, warning or critical", t.severity),
+            );
+        }
+    }
+
     /// The full default configuration as TOML, with every key documented; what
     /// `messina print-config` prints and what `messina.example.toml` holds.
     pub fn documented_defaults() -> String {
@@ -609,6 +776,7 @@ impl Config {
         self.http.document(&mut out);
         self.storage.document(&mut out);
         self.bridge.document(&mut out);
+        self.alerts.document(&mut out);
         self.log.document(&mut out);
         out
     }
@@ -775,6 +943,29 @@ mod tests {
             text.contains("embedded"),
             "valid backends are named: {text}"
         );
+    }
+
+    #[test]
+    fn bad_alert_rules_are_refused_naming_the_key() {
+        let e = errors(
+            "[alerts]\nbattery_low_percent = 30\nbattery_clear_percent = 20\n\
+             thresholds = [{ name = \"hot\", metric = \"temperature\", op = \"=>\", value = 1.0 },\
+                           { name = \"offline\", metric = \"metrics.t\", op = \">\", value = 1.0, severity = \"loud\" }]\n",
+        );
+        for key in [
+            "alerts.battery_clear_percent",
+            "alerts.thresholds[0].metric",
+            "alerts.thresholds[0].op",
+            "alerts.thresholds[1].name",
+            "alerts.thresholds[1].severity",
+        ] {
+            assert!(e.mentions(key), "{key} not reported in:\n{e}");
+        }
+        let ok = Config::from_toml_str(
+            "[alerts]\nthresholds = [{ name = \"hot\", metric = \"metrics.temp_c\", op = \">\", value = 60.0, for_s = 30 }]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.alerts.thresholds[0].severity, "warning");
     }
 
     #[test]
