@@ -2,6 +2,7 @@
 //! payloads, validation), batching, and writing through the storage trait. It knows neither
 //! rumqttd nor HTTP, so all of it is testable without a network.
 
+pub mod alerts;
 pub mod meter;
 pub mod pipeline;
 pub mod wire;

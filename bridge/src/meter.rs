@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use messina_storage::{Batch, StorageError};
+use messina_storage::{Alert, AlertState, Batch, StorageError};
 
 use crate::wire::{Kind, Rejection};
 
@@ -19,6 +19,10 @@ pub mod names {
     pub const WRITE_ERRORS: &str = "messina_write_errors_total";
     pub const ROWS_LOST: &str = "messina_rows_lost_total";
     pub const QUEUE_DEPTH: &str = "messina_bridge_queue_depth";
+    pub const ALERTS_RAISED: &str = "messina_alerts_raised_total";
+    pub const ALERTS_CLEARED: &str = "messina_alerts_cleared_total";
+    pub const ALERTS_ACKED: &str = "messina_alerts_acknowledged_total";
+    pub const ALERTS_ACTIVE: &str = "messina_alerts_active";
 }
 
 fn label(kind: Option<Kind>) -> &'static str {
@@ -67,4 +71,28 @@ pub fn write_failed(error: &StorageError, rows: usize, giving_up: bool) {
 
 pub fn queue_depth(depth: usize) {
     metrics::gauge!(names::QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn alert_transition(alert: &Alert) {
+    let (name, level) = match alert.state {
+        AlertState::Raised => (names::ALERTS_RAISED, tracing::Level::WARN),
+        AlertState::Acknowledged => (names::ALERTS_ACKED, tracing::Level::INFO),
+        AlertState::Cleared => (names::ALERTS_CLEARED, tracing::Level::INFO),
+    };
+    // Rules are few and configured, so the rule is a bounded label (anomaly rules are folded).
+    let rule = if alert.rule.starts_with(crate::alerts::ANOMALY_PREFIX) {
+        "anomaly".to_string()
+    } else {
+        alert.rule.clone()
+    };
+    metrics::counter!(name, "rule" => rule).increment(1);
+    if level == tracing::Level::WARN {
+        tracing::warn!(id = %alert.id, message = %alert.message, "alert raised");
+    } else {
+        tracing::info!(id = %alert.id, state = alert.state.as_str(), "alert {}", alert.state.as_str());
+    }
+}
+
+pub fn active_alerts(n: usize) {
+    metrics::gauge!(names::ALERTS_ACTIVE).set(n as f64);
 }

@@ -1,0 +1,547 @@
+//! Alert rules on the ingest stream and the alert lifecycle: raised → acknowledged → cleared, at
+//! most one active alert per (device, rule).
+//!
+//! [`AlertEngine`] is the pure state machine (no I/O, tested alone). [`AlertService`] wraps it for
+//! the running process: it stores every transition and hands it to the broker as a [`Notice`] to
+//! publish on `alerts/{device}/{rule}` and `devices/{id}/presence`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use messina_config::{AlertsConfig, ThresholdRule};
+use messina_storage::backoff::Backoff;
+use messina_storage::{
+    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Batch, DeviceId, FleetQuery,
+    Millis, PageRequest, Reading, Storage, StorageError,
+};
+use tokio::sync::mpsc;
+
+use crate::meter;
+
+pub const BATTERY_LOW: &str = "battery_low";
+pub const OFFLINE: &str = "offline";
+pub const SYNC_FAILURES: &str = "sync_failures";
+pub const ANOMALY_PREFIX: &str = "anomaly.";
+
+/// A value a threshold rule looks at.
+#[derive(Debug, Clone, PartialEq)]
+enum Metric {
+    Battery,
+    Rssi,
+    Named(String),
+}
+
+impl Metric {
+    fn parse(s: &str) -> Option<Metric> {
+        match s {
+            "battery" => Some(Metric::Battery),
+            "rssi" => Some(Metric::Rssi),
+            _ => s
+                .strip_prefix("metrics.")
+                .map(|m| Metric::Named(m.to_string())),
+        }
+    }
+
+    fn of(&self, r: &Reading) -> Option<f64> {
+        match self {
+            Metric::Battery => r.battery,
+            Metric::Rssi => r.rssi.map(f64::from),
+            Metric::Named(name) => r.metrics.get(name).copied(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Threshold {
+    name: String,
+    metric: Metric,
+    op: String,
+    value: f64,
+    for_ms: i64,
+    severity: String,
+    label: String,
+}
+
+impl Threshold {
+    fn holds(&self, v: f64) -> bool {
+        match self.op.as_str() {
+            ">" => v > self.value,
+            ">=" => v >= self.value,
+            "<" => v < self.value,
+            _ => v <= self.value,
+        }
+    }
+}
+
+/// The rules, from `[alerts]` (already validated by the config loader).
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub enabled: bool,
+    battery_low: f64,
+    battery_clear: f64,
+    offline_after_ms: i64,
+    sync_failures: u32,
+    anomaly_z: f64,
+    anomaly_window: usize,
+    anomaly_min: usize,
+    thresholds: Vec<Threshold>,
+}
+
+impl Rules {
+    pub fn from_config(c: &AlertsConfig) -> Self {
+        let threshold = |t: &ThresholdRule| Threshold {
+            name: t.name.clone(),
+            metric: Metric::parse(&t.metric).unwrap_or(Metric::Named(t.metric.clone())),
+            op: t.op.clone(),
+            value: t.value,
+            for_ms: (t.for_s as i64).saturating_mul(1000),
+            severity: t.severity.clone(),
+            label: t.metric.clone(),
+        };
+        Rules {
+            enabled: c.enabled,
+            battery_low: c.battery_low_percent,
+            battery_clear: c.battery_clear_percent,
+            offline_after_ms: (c.offline_after_s as i64).saturating_mul(1000),
+            sync_failures: c.sync_failures,
+            anomaly_z: c.anomaly_sensitivity,
+            anomaly_window: c.anomaly_window,
+            anomaly_min: c.anomaly_min_samples,
+            thresholds: c.thresholds.iter().map(threshold).collect(),
+        }
+    }
+}
+
+/// Something the broker publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A transition of an alert: retained on `alerts/{device}/{rule}`.
+    Alert(Alert),
+    /// A device came online or went offline: retained on `devices/{id}/presence`.
+    Presence {
+        device: DeviceId,
+        online: bool,
+        at: Millis,
+    },
+}
+
+/// Why an acknowledgement was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("no active alert {0}")]
+    NotActive(String),
+}
+
+/// Recent values of one metric of one device, for the rolling z-score.
+#[derive(Debug, Default)]
+struct Window {
+    values: VecDeque<f64>,
+}
+
+impl Window {
+    /// Mean and standard deviation, once the window holds `min` values.
+    fn stats(&self, min: usize) -> Option<(f64, f64)> {
+        let n = self.values.len();
+        if n < min {
+            return None;
+        }
+        let mean = self.values.iter().sum::<f64>() / n as f64;
+        let var = self.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        Some((mean, var.sqrt()))
+    }
+}
+
+/// The alert state machine. Every method returns the notices its transitions produce.
+pub struct AlertEngine {
+    rules: Rules,
+    active: HashMap<(DeviceId, String), Alert>,
+    /// Server time each device was last heard from.
+    last_seen: HashMap<DeviceId, Millis>,
+    sync_failures: HashMap<DeviceId, u32>,
+    /// When each threshold condition started holding (device time).
+    holding_since: HashMap<(DeviceId, String), Millis>,
+    windows: HashMap<(DeviceId, String), Window>,
+}
+
+impl AlertEngine {
+    pub fn new(rules: Rules) -> Self {
+        AlertEngine {
+            rules,
+            active: HashMap::new(),
+            last_seen: HashMap::new(),
+            sync_failures: HashMap::new(),
+            holding_since: HashMap::new(),
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Takes back the active alerts and last-seen times stored before a restart, so offline
+    /// detection and the one-active-alert rule continue across restarts.
+    pub fn restore(&mut self, active: Vec<Alert>, last_seen: Vec<(DeviceId, Millis)>) {
+        for a in active.into_iter().filter(|a| a.state.is_active()) {
+            self.active.insert((a.device.clone(), a.rule.clone()), a);
+        }
+        for (device, at) in last_seen {
+            let seen = self.last_seen.entry(device).or_insert(at);
+            *seen = (*seen).max(at);
+        }
+    }
+
+    pub fn active(&self) -> impl Iterator<Item = &Alert> {
+        self.active.values()
+    }
+
+    fn raise(
+        &mut self,
+        device: &DeviceId,
+        rule: &str,
+        severity: &str,
+        message: String,
+        value: Option<f64>,
+        threshold: Option<f64>,
+        at: Millis,
+        out: &mut Vec<Notice>,
+    ) {
+        let key = (device.clone(), rule.to_string());
+        if self.active.contains_key(&key) {
+            return;
+        }
+        let alert = Alert {
+            id: Alert::id_for(device, rule, at),
+            device: device.clone(),
+            rule: rule.to_string(),
+            state: AlertState::Raised,
+            severity: severity.to_string(),
+            message,
+            value,
+            threshold,
+            raised_at: at,
+            acked_at: None,
+            acked_by: None,
+            cleared_at: None,
+        };
+        self.active.insert(key, alert.clone());
+        if rule == OFFLINE {
+            out.push(Notice::Presence {
+                device: device.clone(),
+                online: false,
+                at,
+            });
+        }
+        out.push(Notice::Alert(alert));
+    }
+
+    fn clear(&mut self, device: &DeviceId, rule: &str, message: String, value: Option<f64>, at: Millis, out: &mut Vec<Notice>) {
+        if let Some(mut alert) = self.active.remove(&(device.clone(), rule.to_string())) {
+            alert.state = AlertState::Cleared;
+            alert.cleared_at = Some(at);
+            alert.message = message;
+            if value.is_some() {
+                alert.value = value;
+            }
+            if rule == OFFLINE {
+                out.push(Notice::Presence {
+                    device: device.clone(),
+                    online: true,
+                    at,
+                });
+            }
+            out.push(Notice::Alert(alert));
+        }
+    }
+
+    /// The device was heard from at server time `at`.
+    fn heard(&mut self, device: &DeviceId, at: Millis, out: &mut Vec<Notice>) {
+        let first = !self.last_seen.contains_key(device);
+        let seen = self.last_seen.entry(device.clone()).or_insert(at);
+        *seen = (*seen).max(at);
+        if first && !self.active.contains_key(&(device.clone(), OFFLINE.to_string())) {
+            out.push(Notice::Presence {
+                device: device.clone(),
+                online: true,
+                at,
+            });
+        }
+        self.clear(device, OFFLINE, format!("{device} is online again"), None, at, out);
+    }
+
+    /// Evaluates the rules on a batch that was just stored.
+    pub fn observe(&mut self, batch: &Batch) -> Vec<Notice> {
+        let mut out = Vec::new();
+        if !self.rules.enabled {
+            return out;
+        }
+        for r in &batch.readings {
+            self.heard(&r.device, r.received_at, &mut out);
+            self.reading(r, &mut out);
+        }
+        for e in &batch.events {
+            self.heard(&e.device, e.received_at, &mut out);
+            if e.kind == "sync" && self.rules.sync_failures > 0 {
+                let errors = match e.attrs.get("errors") {
+                    Some(AttrValue::Int(n)) => *n,
+                    _ => 0,
+                };
+                let at = e.received_at;
+                if errors > 0 {
+                    let n = self.sync_failures.entry(e.device.clone()).or_insert(0);
+                    *n += 1;
+                    let n = *n;
+                    if n >= self.rules.sync_failures {
+                        let message = format!("{}: {n} consecutive syncs failed", e.device);
+                        self.raise(&e.device, SYNC_FAILURES, "warning", message, Some(f64::from(n)), Some(f64::from(self.rules.sync_failures)), at, &mut out);
+                    }
+                } else {
+                    self.sync_failures.remove(&e.device);
+                    self.clear(&e.device, SYNC_FAILURES, format!("{}: sync succeeded", e.device), Some(0.0), at, &mut out);
+                }
+            }
+        }
+        for d in &batch.dead_letters {
+            if let Some(device) = &d.device {
+                self.heard(device, d.received_at, &mut out);
+            }
+        }
+        out
+    }
+
+    fn reading(&mut self, r: &Reading, out: &mut Vec<Notice>) {
+        let at = r.received_at;
+        let device = &r.device;
+        if let Some(b) = r.battery {
+            if b < self.rules.battery_low {
+                let message = format!("{device}: battery at {b}%, below {}%", self.rules.battery_low);
+                self.raise(device, BATTERY_LOW, "warning", message, Some(b), Some(self.rules.battery_low), at, out);
+            } else if b > self.rules.battery_clear {
+                let message = format!("{device}: battery back at {b}%");
+                self.clear(device, BATTERY_LOW, message, Some(b), at, out);
+            }
+        }
+        for t in self.rules.thresholds.clone() {
+            let Some(v) = t.metric.of(r) else { continue };
+            let key = (device.clone(), t.name.clone());
+            if t.holds(v) {
+                let since = *self.holding_since.entry(key).or_insert(r.ts);
+                if r.ts - since >= t.for_ms {
+                    let message = format!("{device}: {} is {v}, {} {}", t.label, t.op, t.value);
+                    self.raise(device, &t.name, &t.severity, message, Some(v), Some(t.value), at, out);
+                }
+            } else {
+                self.holding_since.remove(&key);
+                let message = format!("{device}: {} back at {v}", t.label);
+                self.clear(device, &t.name, message, Some(v), at, out);
+            }
+        }
+        if self.rules.anomaly_z > 0.0 {
+            let values = r
+                .battery
+                .map(|b| ("battery".to_string(), b))
+                .into_iter()
+                .chain(r.rssi.map(|x| ("rssi".to_string(), f64::from(x))))
+                .chain(r.metrics.iter().map(|(k, v)| (k.clone(), *v)));
+            for (name, v) in values {
+                let rule = format!("{ANOMALY_PREFIX}{name}");
+                let window = self.windows.entry((device.clone(), name.clone())).or_default();
+                let z = window
+                    .stats(self.rules.anomaly_min)
+                    .filter(|(_, sd)| *sd > 0.0)
+                    .map(|(mean, sd)| ((v - mean) / sd, mean));
+                let anomalous = z.is_some_and(|(z, _)| z.abs() > self.rules.anomaly_z);
+                // Outliers stay out of the window, so one spike does not widen what counts as normal.
+                if !anomalous {
+                    window.values.push_back(v);
+                    if window.values.len() > self.rules.anomaly_window {
+                        window.values.pop_front();
+                    }
+                }
+                match z {
+                    Some((z, mean)) if anomalous => {
+                        let message = format!("{device}: {name} is {v}, {z:.1} standard deviations from its recent mean {mean:.2}");
+                        self.raise(device, &rule, "info", message, Some(v), Some(self.rules.anomaly_z), at, out);
+                    }
+                    _ => self.clear(device, &rule, format!("{device}: {name} back to normal at {v}"), Some(v), at, out),
+                }
+            }
+        }
+    }
+
+    /// A device's will message arrived: its connection was lost without DISCONNECT.
+    pub fn connection_lost(&mut self, device: &DeviceId, at: Millis) -> Vec<Notice> {
+        let mut out = Vec::new();
+        if self.rules.enabled {
+            let message = format!("{device}: connection lost without DISCONNECT (will message)");
+            self.raise(device, OFFLINE, "critical", message, None, None, at, &mut out);
+        }
+        out
+    }
+
+    /// Raises `offline` for devices silent longer than the configured interval.
+    pub fn tick(&mut self, now: Millis) -> Vec<Notice> {
+        let mut out = Vec::new();
+        if !self.rules.enabled || self.rules.offline_after_ms <= 0 {
+            return out;
+        }
+        let silent: Vec<(DeviceId, Millis)> = self
+            .last_seen
+            .iter()
+            .filter(|(d, seen)| {
+                now - **seen > self.rules.offline_after_ms
+                    && !self.active.contains_key(&((*d).clone(), OFFLINE.to_string()))
+            })
+            .map(|(d, seen)| (d.clone(), *seen))
+            .collect();
+        for (device, seen) in silent {
+            let secs = (now - seen) / 1000;
+            let message = format!("{device}: silent for {secs} s");
+            self.raise(&device, OFFLINE, "critical", message, Some(secs as f64), Some((self.rules.offline_after_ms / 1000) as f64), now, &mut out);
+        }
+        out
+    }
+
+    /// Acknowledges an active alert by id (again acknowledging one is a no-op that returns it).
+    pub fn ack(&mut self, id: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
+        let alert = self
+            .active
+            .values_mut()
+            .find(|a| a.id == id)
+            .ok_or_else(|| AckError::NotActive(id.to_string()))?;
+        if alert.state == AlertState::Raised {
+            alert.state = AlertState::Acknowledged;
+            alert.acked_at = Some(at);
+            alert.acked_by = Some(by.to_string());
+        }
+        Ok(alert.clone())
+    }
+
+    /// The id of the active alert of `rule` on `device`, for acknowledgements by topic.
+    pub fn active_id(&self, device: &DeviceId, rule: &str) -> Option<String> {
+        self.active
+            .get(&(device.clone(), rule.to_string()))
+            .map(|a| a.id.clone())
+    }
+}
+
+/// The engine in a running process: transitions are stored, counted and handed to the broker.
+pub struct AlertService {
+    engine: Mutex<AlertEngine>,
+    storage: Arc<dyn Storage>,
+    notices: mpsc::Sender<Notice>,
+}
+
+impl AlertService {
+    /// Creates the service and restores active alerts and last-seen times from storage.
+    pub async fn start(
+        rules: Rules,
+        storage: Arc<dyn Storage>,
+        notices: mpsc::Sender<Notice>,
+    ) -> Result<Arc<Self>, StorageError> {
+        let mut active = Vec::new();
+        let mut q = AlertQuery::all(1000);
+        q.state = Some(AlertStateFilter::Active);
+        loop {
+            let page = storage.alerts(&q).await?;
+            active.extend(page.items);
+            match page.next_cursor {
+                Some(c) => q.page.cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut last_seen = Vec::new();
+        let mut page = PageRequest::first(1000);
+        loop {
+            let fleet = storage
+                .fleet(&FleetQuery {
+                    page: page.clone(),
+                    low_battery_percent: 0.0,
+                })
+                .await?;
+            last_seen.extend(fleet.devices.items.iter().map(|d| (d.device.clone(), d.last_seen)));
+            match fleet.devices.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => break,
+            }
+        }
+        tracing::info!(active = active.len(), devices = last_seen.len(), "alert state restored");
+        let mut engine = AlertEngine::new(rules);
+        engine.restore(active, last_seen);
+        meter::active_alerts(engine.active().count());
+        Ok(Arc::new(AlertService {
+            engine: Mutex::new(engine),
+            storage,
+            notices,
+        }))
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, AlertEngine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores, counts and forwards transitions. Storing is retried a few times; a transition that
+    /// cannot be stored is still published, and logged.
+    async fn commit(&self, notices: Vec<Notice>) {
+        if notices.is_empty() {
+            return;
+        }
+        let alerts: Vec<Alert> = notices
+            .iter()
+            .filter_map(|n| match n {
+                Notice::Alert(a) => Some(a.clone()),
+                Notice::Presence { .. } => None,
+            })
+            .collect();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        for attempt in 1..=5 {
+            match self.storage.put_alerts(&alerts).await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && attempt < 5 => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, alerts = alerts.len(), "could not store alert transitions");
+                    break;
+                }
+            }
+        }
+        for a in &alerts {
+            meter::alert_transition(a);
+        }
+        meter::active_alerts(self.engine().active().count());
+        for notice in notices {
+            if self.notices.send(notice).await.is_err() {
+                tracing::warn!("alert publisher stopped; notice not published");
+            }
+        }
+    }
+
+    pub async fn on_batch(&self, batch: &Batch) {
+        let notices = self.engine().observe(batch);
+        self.commit(notices).await;
+    }
+
+    pub async fn connection_lost(&self, device: &DeviceId, at: Millis) {
+        let notices = self.engine().connection_lost(device, at);
+        self.commit(notices).await;
+    }
+
+    pub async fn tick(&self, now: Millis) {
+        let notices = self.engine().tick(now);
+        self.commit(notices).await;
+    }
+
+    /// Acknowledges an active alert by id, returning it as stored.
+    pub async fn ack(&self, id: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
+        let alert = self.engine().ack(id, by, at)?;
+        self.commit(vec![Notice::Alert(alert.clone())]).await;
+        Ok(alert)
+    }
+
+    /// Acknowledges the active alert of `rule` on `device` (the `alerts/{device}/{rule}/ack` topic).
+    pub async fn ack_rule(&self, device: &DeviceId, rule: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
+        let id = self
+            .engine()
+            .active_id(device, rule)
+            .ok_or_else(|| AckError::NotActive(format!("{device}/{rule}")))?;
+        self.ack(&id, by, at).await
+    }
+}
