@@ -514,6 +514,23 @@ impl AlertService {
         }
     }
 
+    /// Publishes every active alert again (retained messages do not survive a broker restart).
+    pub async fn republish_active(&self) {
+        let active: Vec<Alert> = self.engine().active().cloned().collect();
+        for alert in active {
+            if self.notices.send(Notice::Alert(alert)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Active alerts of one rule, e.g. the devices with repeated sync failures.
+    pub fn active_of(&self, rule: &str) -> Vec<Alert> {
+        let mut alerts: Vec<Alert> = self.engine().active().filter(|a| a.rule == rule).cloned().collect();
+        alerts.sort_by(|a, b| a.device.cmp(&b.device));
+        alerts
+    }
+
     pub async fn on_batch(&self, batch: &Batch) {
         let notices = self.engine().observe(batch);
         self.commit(notices).await;

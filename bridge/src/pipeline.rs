@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertService;
 use crate::meter;
 use crate::wire::{self, Decoded, Limits};
 
@@ -97,6 +98,7 @@ impl BridgeHandle {
 pub fn spawn(
     storage: Arc<dyn Storage>,
     settings: Settings,
+    alerts: Option<Arc<AlertService>>,
     shutdown: CancellationToken,
 ) -> (BridgeHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(settings.queue_capacity);
@@ -104,6 +106,7 @@ pub fn spawn(
         writer: Arc::new(Writer {
             storage,
             settings: settings.clone(),
+            alerts,
             shutdown,
         }),
         in_flight: None,
@@ -238,6 +241,8 @@ impl Bridge {
 struct Writer {
     storage: Arc<dyn Storage>,
     settings: Settings,
+    /// Evaluates alert rules on each batch once it is stored.
+    alerts: Option<Arc<AlertService>>,
     shutdown: CancellationToken,
 }
 
@@ -253,6 +258,9 @@ impl Writer {
             match self.storage.write_batch(&batch).await {
                 Ok(()) => {
                     meter::written(&batch, started.elapsed());
+                    if let Some(alerts) = &self.alerts {
+                        alerts.on_batch(&batch).await;
+                    }
                     return;
                 }
                 Err(e) => {

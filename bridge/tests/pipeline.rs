@@ -89,7 +89,7 @@ fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
         retry_max_delay: Duration::from_millis(20),
         ..Settings::default()
     };
-    let (handle, task) = spawn(storage.clone(), settings, CancellationToken::new());
+    let (handle, task) = spawn(storage.clone(), settings, None, CancellationToken::new());
     Fixture {
         _dir: dir,
         storage,

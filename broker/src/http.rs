@@ -8,15 +8,16 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use messina_storage::{
-    AttrValue, Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery,
+    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery,
     FleetQuery, Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery,
     TimeRange,
 };
+use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -31,6 +32,8 @@ pub struct AppState {
     pub default_page_size: usize,
     pub max_page_size: usize,
     pub low_battery_percent: f64,
+    /// `None` when alerts are disabled.
+    pub alerts: Option<Arc<AlertService>>,
 }
 
 /// The whole HTTP API as a router, testable without a socket.
@@ -41,6 +44,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/telemetry", get(telemetry))
         .route("/devices/{id}/events", get(events))
         .route("/dead-letters", get(dead_letters))
+        .route("/devices/failing", get(failing))
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{id}", get(one_alert))
+        .route("/alerts/{id}/ack", post(ack_alert))
+        .route("/anomalies", get(anomalies))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -300,7 +308,8 @@ fn device_id(id: String) -> ApiResult<DeviceId> {
     })
 }
 
-fn rfc3339(ms: Millis) -> String {
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T09:15:22.123Z`.
+pub fn rfc3339(ms: Millis) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
@@ -386,6 +395,24 @@ fn dead_letter_json(d: &DeadLetter) -> Value {
         "reason": d.reason,
         "payload_size": d.payload.len(),
         "payload_base64": STANDARD.encode(&d.payload),
+    })
+}
+
+/// An alert as the API answers it and as it is published on `alerts/{device}/{rule}`.
+pub fn alert_json(a: &Alert) -> Value {
+    json!({
+        "id": a.id,
+        "device_id": a.device.as_str(),
+        "rule": a.rule,
+        "state": a.state.as_str(),
+        "severity": a.severity,
+        "message": a.message,
+        "value": a.value,
+        "threshold": a.threshold,
+        "raised_at": rfc3339(a.raised_at),
+        "acked_at": a.acked_at.map(rfc3339),
+        "acked_by": a.acked_by,
+        "cleared_at": a.cleared_at.map(rfc3339),
     })
 }
 
@@ -504,6 +531,162 @@ async fn fleet(
     })))
 }
 
+fn alerts_service(state: &AppState) -> ApiResult<&Arc<AlertService>> {
+    state.alerts.as_ref().ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        title: "Alerts disabled",
+        detail: "alerts are disabled on this server (`alerts.enabled = false`)".into(),
+        parameter: None,
+    })
+}
+
+async fn list_alerts(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(params, &["state", "device", "rule", "since", "until", "limit", "cursor"])?;
+    let filter = match p.get("state") {
+        None | Some("all") => None,
+        Some("active") => Some(AlertStateFilter::Active),
+        Some("raised") => Some(AlertStateFilter::Only(AlertState::Raised)),
+        Some("acknowledged") => Some(AlertStateFilter::Only(AlertState::Acknowledged)),
+        Some("cleared") => Some(AlertStateFilter::Only(AlertState::Cleared)),
+        Some(v) => {
+            return Err(ApiError::bad_parameter(
+                "state",
+                format!("{v:?} is not active, raised, acknowledged, cleared or all"),
+            ))
+        }
+    };
+    let device = match p.get("device") {
+        Some(d) => Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?),
+        None => None,
+    };
+    let query = AlertQuery {
+        state: filter,
+        device,
+        rule: p.get("rule").map(str::to_string),
+        range: p.range()?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(state.storage.alerts(&query).await?, alert_json)))
+}
+
+async fn one_alert(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    match state.storage.alert(&id).await? {
+        Some(a) => Ok(Json(alert_json(&a))),
+        None => Err(ApiError::not_found(format!("no alert `{id}`"))),
+    }
+}
+
+async fn ack_alert(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let service = alerts_service(&state)?;
+    // The body is optional: `{"by": "name"}` records who acknowledged.
+    let by = if body.is_empty() {
+        "api".to_string()
+    } else {
+        let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            title: "Invalid body",
+            detail: format!("the body must be JSON like {{\"by\": \"name\"}}: {e}"),
+            parameter: Some("by".into()),
+        })?;
+        match &v["by"] {
+            Value::String(s) if !s.is_empty() && s.len() <= 128 => s.clone(),
+            Value::Null => "api".to_string(),
+            _ => {
+                return Err(ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    title: "Invalid body",
+                    detail: "`by` must be a string of 1 to 128 characters".into(),
+                    parameter: Some("by".into()),
+                })
+            }
+        }
+    };
+    match service.ack(&id, &by, crate::mqtt::now_millis()).await {
+        Ok(alert) => Ok(Json(alert_json(&alert))),
+        Err(AckError::NotActive(_)) => match state.storage.alert(&id).await? {
+            Some(a) => Err(ApiError {
+                status: StatusCode::CONFLICT,
+                title: "Alert not active",
+                detail: format!("alert `{id}` is {}; only raised alerts can be acknowledged", a.state.as_str()),
+                parameter: None,
+            }),
+            None => Err(ApiError::not_found(format!("no alert `{id}`"))),
+        },
+    }
+}
+
+/// Devices with repeated failed syncs (an active `sync_failures` alert).
+async fn failing(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let service = alerts_service(&state)?;
+    let items: Vec<Value> = service
+        .active_of(SYNC_FAILURES)
+        .iter()
+        .map(|a| {
+            json!({
+                "device_id": a.device.as_str(),
+                "consecutive_failures": a.value,
+                "failing_since": rfc3339(a.raised_at),
+                "alert": alert_json(a),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "total": items.len(), "items": items })))
+}
+
+/// How many anomaly alerts each device raised in a time range, by metric.
+async fn anomalies(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let p = Params::new(params, &["device", "since", "until"])?;
+    let device = match p.get("device") {
+        Some(d) => Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?),
+        None => None,
+    };
+    let mut query = AlertQuery {
+        state: None,
+        device,
+        rule: None,
+        range: p.range()?,
+        page: PageRequest::first(1000),
+    };
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    // Bounded: at most 100 pages of 1000 alerts per request.
+    for _ in 0..100 {
+        let page = state.storage.alerts(&query).await?;
+        for a in &page.items {
+            if let Some(metric) = a.rule.strip_prefix(ANOMALY_PREFIX) {
+                *counts.entry(a.device.to_string()).or_default().entry(metric.to_string()).or_default() += 1;
+            }
+        }
+        match page.next_cursor {
+            Some(c) => query.page.cursor = Some(c),
+            None => break,
+        }
+    }
+    let items: Vec<Value> = counts
+        .into_iter()
+        .map(|(device, by_metric)| {
+            json!({"device_id": device, "count": by_metric.values().sum::<u64>(), "by_metric": by_metric})
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +729,7 @@ mod tests {
             default_page_size: 100,
             max_page_size: 1000,
             low_battery_percent: 20.0,
+            alerts: None,
         })
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use messina_bridge::alerts::AlertService;
 use messina_bridge::meter::names;
 use messina_config::{Config, Consistency as CqlConsistency, StorageBackend};
 use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
@@ -158,12 +159,40 @@ pub async fn serve(
             )
         })?;
 
+    // Alert transitions go from the alert service to the publisher over a bounded channel; the
+    // publisher ends when the service (its last sender) is dropped at shutdown.
+    let (notices_tx, notices_rx) = tokio::sync::mpsc::channel(4096);
+    let publisher = broker.spawn_publisher(notices_rx);
+    let alerts = if config.alerts.enabled {
+        let rules = messina_bridge::alerts::Rules::from_config(&config.alerts);
+        let service = AlertService::start(rules, Arc::clone(&storage), notices_tx)
+            .await
+            .context("restoring alert state from storage")?;
+        service.republish_active().await;
+        Some(service)
+    } else {
+        drop(notices_tx);
+        None
+    };
+    let ticker = alerts.clone().map(|service| {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => service.tick(mqtt::now_millis()).await,
+                }
+            }
+        })
+    });
     let (bridge, bridge_task) = messina_bridge::spawn(
         Arc::clone(&storage),
         messina_bridge::Settings::from_config(&config.bridge),
+        alerts.clone(),
         shutdown.clone(),
     );
-    let ingest = broker.spawn_ingest(bridge, shutdown.clone());
+    let ingest = broker.spawn_ingest(bridge, alerts.clone(), shutdown.clone());
     let meters = broker.spawn_meters(shutdown.clone());
     let upkeep = metrics.clone().map(|handle| {
         let shutdown = shutdown.clone();
@@ -184,7 +213,9 @@ pub async fn serve(
         default_page_size: config.http.default_page_size,
         max_page_size: config.http.max_page_size,
         low_battery_percent: f64::from(config.http.low_battery_percent),
+        alerts: alerts.clone(),
     });
+    drop(alerts);
     let http = tokio::spawn(
         axum::serve(listener, http::app(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -213,6 +244,11 @@ pub async fn serve(
         tracing::warn!("HTTP requests still running after {HTTP_DRAIN_TIMEOUT:?}; closing anyway");
     }
     let _ = meters.await;
+    if let Some(ticker) = ticker {
+        let _ = ticker.await;
+    }
+    // Every holder of the alert service is gone now, so the publisher drains and ends.
+    let _ = tokio::time::timeout(HTTP_DRAIN_TIMEOUT, publisher).await;
     if let Some(upkeep) = upkeep {
         let _ = upkeep.await;
     }

@@ -6,17 +6,32 @@ use std::collections::HashMap;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use messina_bridge::alerts::{AlertService, Notice};
 use messina_bridge::{BridgeHandle, Inbound};
+use messina_storage::DeviceId;
+use rumqttd::protocol::{Packet, Publish};
+use tokio::sync::mpsc;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, ServerSettings};
 use tokio_util::sync::CancellationToken;
 
-/// Topic filters the bridge consumes.
-pub const DEVICE_FILTERS: [&str; 2] = ["devices/+/telemetry", "devices/+/events"];
+/// Topic filters the ingest link consumes: device data for the bridge, device wills (presence) and
+/// fleet managers' acknowledgements for the alert service.
+pub const INGEST_FILTERS: [&str; 4] = [
+    "devices/+/telemetry",
+    "devices/+/events",
+    "devices/+/presence",
+    "alerts/+/+/ack",
+];
 
-/// Client id of the bridge's local link; it counts as one connection in the router.
+/// Client ids of Messina's local links; each counts as one connection in the router.
 const BRIDGE_CLIENT_ID: &str = "messina-bridge";
+const PUBLISHER_CLIENT_ID: &str = "messina-publisher";
+/// Local links Messina itself holds open (not clients).
+const OWN_LINKS: usize = 2;
 
 fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Config> {
     let connections = ConnectionSettings {
@@ -45,7 +60,7 @@ fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Con
         id: 0,
         router: RouterConfig {
             // One more for the bridge's own local link.
-            max_connections: c.max_connections + 1,
+            max_connections: c.max_connections + OWN_LINKS,
             max_outgoing_packet_count: 1_000,
             // The commit log holds what subscribers (the bridge among them) have not read yet.
             max_segment_size: c.commit_log_segment_mib << 20,
@@ -71,6 +86,7 @@ fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Con
 /// The running embedded broker. rumqttd has no shutdown: its listener threads end with the process.
 pub struct EmbeddedBroker {
     link: Option<(LinkTx, LinkRx)>,
+    publisher: Option<(LinkTx, LinkRx)>,
     meters: Option<rumqttd::meters::MetersLink>,
 }
 
@@ -88,11 +104,14 @@ impl EmbeddedBroker {
         let mut link = broker
             .link(BRIDGE_CLIENT_ID)
             .context("connecting the bridge link to the broker")?;
-        for filter in DEVICE_FILTERS {
+        for filter in INGEST_FILTERS {
             link.0
                 .subscribe(filter)
                 .with_context(|| format!("subscribing the bridge to {filter}"))?;
         }
+        let publisher = broker
+            .link(PUBLISHER_CLIENT_ID)
+            .context("connecting the publisher link to the broker")?;
         let meters = broker.meters().context("connecting the broker meters")?;
         thread::Builder::new()
             .name("rumqttd".into())
@@ -104,6 +123,7 @@ impl EmbeddedBroker {
             .context("starting the broker thread")?;
         Ok(EmbeddedBroker {
             link: Some(link),
+            publisher: Some(publisher),
             meters: Some(meters),
         })
     }
@@ -113,6 +133,7 @@ impl EmbeddedBroker {
     pub fn spawn_ingest(
         &mut self,
         bridge: BridgeHandle,
+        alerts: Option<Arc<AlertService>>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let (link_tx, mut link_rx) = self.link.take().expect("ingest started once");
@@ -132,6 +153,12 @@ impl EmbeddedBroker {
                             payload: forward.publish.payload,
                             received_at: now_millis(),
                         };
+                        if let Some(control) = Control::parse(&inbound.topic, &inbound.payload) {
+                            if let Some(alerts) = &alerts {
+                                control.apply(alerts, inbound.received_at).await;
+                            }
+                            continue;
+                        }
                         if bridge.send(inbound).await.is_err() {
                             tracing::error!("bridge stopped; no longer consuming device messages");
                             break;
@@ -149,6 +176,41 @@ impl EmbeddedBroker {
                         tracing::error!(error = %e, "broker link closed");
                         break;
                     }
+                }
+            }
+        })
+    }
+
+    /// Publishes alert transitions and presence, retained, until the notice channel closes.
+    pub fn spawn_publisher(
+        &mut self,
+        mut notices: mpsc::Receiver<Notice>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (mut link_tx, link_rx) = self.publisher.take().expect("publisher started once");
+        tokio::spawn(async move {
+            // The receiving half must stay open, or the router drops the link.
+            let _link_rx = link_rx;
+            while let Some(notice) = notices.recv().await {
+                let (topic, payload) = match &notice {
+                    Notice::Alert(a) => (
+                        format!("alerts/{}/{}", a.device, a.rule),
+                        crate::http::alert_json(a).to_string(),
+                    ),
+                    Notice::Presence { device, online, at } => (
+                        format!("devices/{device}/presence"),
+                        serde_json::json!({
+                            "device_id": device.as_str(),
+                            "online": online,
+                            "at": crate::http::rfc3339(*at),
+                            "source": PRESENCE_SOURCE,
+                        })
+                        .to_string(),
+                    ),
+                };
+                let publish = Publish::new(topic, payload, true);
+                if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
+                    tracing::error!(error = %e, "publisher link closed; alerts are no longer published");
+                    break;
                 }
             }
         })
@@ -177,6 +239,56 @@ impl EmbeddedBroker {
                 }
             }
         })
+    }
+}
+
+/// Marks presence messages Messina publishes, so its own ingest link ignores them; any other
+/// message on `devices/{id}/presence` is a device's will.
+pub const PRESENCE_SOURCE: &str = "messina";
+
+/// A message for the alert service rather than the bridge.
+enum Control {
+    /// A device's will message on `devices/{id}/presence`: its connection was lost.
+    Will(DeviceId),
+    /// `alerts/{device}/{rule}/ack`, the payload naming who acknowledges.
+    Ack(DeviceId, String, String),
+    /// Messina's own presence message, come back on the ingest subscription.
+    Own,
+}
+
+impl Control {
+    fn parse(topic: &str, payload: &[u8]) -> Option<Control> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        match parts.as_slice() {
+            ["devices", id, "presence"] => {
+                let ours = serde_json::from_slice::<serde_json::Value>(payload)
+                    .is_ok_and(|v| v["source"] == PRESENCE_SOURCE);
+                if ours {
+                    return Some(Control::Own);
+                }
+                Some(Control::Will(DeviceId::new(*id).ok()?))
+            }
+            ["alerts", id, rule, "ack"] => {
+                let by = String::from_utf8_lossy(payload).trim().chars().take(128).collect::<String>();
+                let by = if by.is_empty() { "mqtt".to_string() } else { by };
+                Some(Control::Ack(DeviceId::new(*id).ok()?, rule.to_string(), by))
+            }
+            // Anything else, including these topics with an invalid device id, goes to the bridge,
+            // which stores what it cannot use as a dead letter with the reason.
+            _ => None,
+        }
+    }
+
+    async fn apply(self, alerts: &AlertService, at: i64) {
+        match self {
+            Control::Will(device) => alerts.connection_lost(&device, at).await,
+            Control::Ack(device, rule, by) => {
+                if let Err(e) = alerts.ack_rule(&device, &rule, &by, at).await {
+                    tracing::info!(error = %e, "acknowledgement over MQTT ignored");
+                }
+            }
+            Control::Own => {}
+        }
     }
 }
 
