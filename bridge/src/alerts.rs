@@ -152,6 +152,15 @@ impl Window {
     }
 }
 
+/// What a rule found: the alert it raises, unless one of the rule is already active.
+struct Condition<'a> {
+    rule: &'a str,
+    severity: &'a str,
+    message: String,
+    value: Option<f64>,
+    threshold: Option<f64>,
+}
+
 /// The alert state machine. Every method returns the notices its transitions produce.
 pub struct AlertEngine {
     rules: Rules,
@@ -192,17 +201,14 @@ impl AlertEngine {
         self.active.values()
     }
 
-    fn raise(
-        &mut self,
-        device: &DeviceId,
-        rule: &str,
-        severity: &str,
-        message: String,
-        value: Option<f64>,
-        threshold: Option<f64>,
-        at: Millis,
-        out: &mut Vec<Notice>,
-    ) {
+    fn raise(&mut self, device: &DeviceId, c: Condition<'_>, at: Millis, out: &mut Vec<Notice>) {
+        let Condition {
+            rule,
+            severity,
+            message,
+            value,
+            threshold,
+        } = c;
         let key = (device.clone(), rule.to_string());
         if self.active.contains_key(&key) {
             return;
@@ -232,7 +238,15 @@ impl AlertEngine {
         out.push(Notice::Alert(alert));
     }
 
-    fn clear(&mut self, device: &DeviceId, rule: &str, message: String, value: Option<f64>, at: Millis, out: &mut Vec<Notice>) {
+    fn clear(
+        &mut self,
+        device: &DeviceId,
+        rule: &str,
+        message: String,
+        value: Option<f64>,
+        at: Millis,
+        out: &mut Vec<Notice>,
+    ) {
         if let Some(mut alert) = self.active.remove(&(device.clone(), rule.to_string())) {
             alert.state = AlertState::Cleared;
             alert.cleared_at = Some(at);
@@ -256,14 +270,25 @@ impl AlertEngine {
         let first = !self.last_seen.contains_key(device);
         let seen = self.last_seen.entry(device.clone()).or_insert(at);
         *seen = (*seen).max(at);
-        if first && !self.active.contains_key(&(device.clone(), OFFLINE.to_string())) {
+        if first
+            && !self
+                .active
+                .contains_key(&(device.clone(), OFFLINE.to_string()))
+        {
             out.push(Notice::Presence {
                 device: device.clone(),
                 online: true,
                 at,
             });
         }
-        self.clear(device, OFFLINE, format!("{device} is online again"), None, at, out);
+        self.clear(
+            device,
+            OFFLINE,
+            format!("{device} is online again"),
+            None,
+            at,
+            out,
+        );
     }
 
     /// Evaluates the rules on a batch that was just stored.
@@ -290,11 +315,29 @@ impl AlertEngine {
                     let n = *n;
                     if n >= self.rules.sync_failures {
                         let message = format!("{}: {n} consecutive syncs failed", e.device);
-                        self.raise(&e.device, SYNC_FAILURES, "warning", message, Some(f64::from(n)), Some(f64::from(self.rules.sync_failures)), at, &mut out);
+                        self.raise(
+                            &e.device,
+                            Condition {
+                                rule: SYNC_FAILURES,
+                                severity: "warning",
+                                message,
+                                value: Some(f64::from(n)),
+                                threshold: Some(f64::from(self.rules.sync_failures)),
+                            },
+                            at,
+                            &mut out,
+                        );
                     }
                 } else {
                     self.sync_failures.remove(&e.device);
-                    self.clear(&e.device, SYNC_FAILURES, format!("{}: sync succeeded", e.device), Some(0.0), at, &mut out);
+                    self.clear(
+                        &e.device,
+                        SYNC_FAILURES,
+                        format!("{}: sync succeeded", e.device),
+                        Some(0.0),
+                        at,
+                        &mut out,
+                    );
                 }
             }
         }
@@ -311,8 +354,22 @@ impl AlertEngine {
         let device = &r.device;
         if let Some(b) = r.battery {
             if b < self.rules.battery_low {
-                let message = format!("{device}: battery at {b}%, below {}%", self.rules.battery_low);
-                self.raise(device, BATTERY_LOW, "warning", message, Some(b), Some(self.rules.battery_low), at, out);
+                let message = format!(
+                    "{device}: battery at {b}%, below {}%",
+                    self.rules.battery_low
+                );
+                self.raise(
+                    device,
+                    Condition {
+                        rule: BATTERY_LOW,
+                        severity: "warning",
+                        message,
+                        value: Some(b),
+                        threshold: Some(self.rules.battery_low),
+                    },
+                    at,
+                    out,
+                );
             } else if b > self.rules.battery_clear {
                 let message = format!("{device}: battery back at {b}%");
                 self.clear(device, BATTERY_LOW, message, Some(b), at, out);
@@ -325,7 +382,18 @@ impl AlertEngine {
                 let since = *self.holding_since.entry(key).or_insert(r.ts);
                 if r.ts - since >= t.for_ms {
                     let message = format!("{device}: {} is {v}, {} {}", t.label, t.op, t.value);
-                    self.raise(device, &t.name, &t.severity, message, Some(v), Some(t.value), at, out);
+                    self.raise(
+                        device,
+                        Condition {
+                            rule: &t.name,
+                            severity: &t.severity,
+                            message,
+                            value: Some(v),
+                            threshold: Some(t.value),
+                        },
+                        at,
+                        out,
+                    );
                 }
             } else {
                 self.holding_since.remove(&key);
@@ -342,7 +410,10 @@ impl AlertEngine {
                 .chain(r.metrics.iter().map(|(k, v)| (k.clone(), *v)));
             for (name, v) in values {
                 let rule = format!("{ANOMALY_PREFIX}{name}");
-                let window = self.windows.entry((device.clone(), name.clone())).or_default();
+                let window = self
+                    .windows
+                    .entry((device.clone(), name.clone()))
+                    .or_default();
                 let z = window
                     .stats(self.rules.anomaly_min)
                     .filter(|(_, sd)| *sd > 0.0)
@@ -358,9 +429,27 @@ impl AlertEngine {
                 match z {
                     Some((z, mean)) if anomalous => {
                         let message = format!("{device}: {name} is {v}, {z:.1} standard deviations from its recent mean {mean:.2}");
-                        self.raise(device, &rule, "info", message, Some(v), Some(self.rules.anomaly_z), at, out);
+                        self.raise(
+                            device,
+                            Condition {
+                                rule: &rule,
+                                severity: "info",
+                                message,
+                                value: Some(v),
+                                threshold: Some(self.rules.anomaly_z),
+                            },
+                            at,
+                            out,
+                        );
                     }
-                    _ => self.clear(device, &rule, format!("{device}: {name} back to normal at {v}"), Some(v), at, out),
+                    _ => self.clear(
+                        device,
+                        &rule,
+                        format!("{device}: {name} back to normal at {v}"),
+                        Some(v),
+                        at,
+                        out,
+                    ),
                 }
             }
         }
@@ -371,7 +460,18 @@ impl AlertEngine {
         let mut out = Vec::new();
         if self.rules.enabled {
             let message = format!("{device}: connection lost without DISCONNECT (will message)");
-            self.raise(device, OFFLINE, "critical", message, None, None, at, &mut out);
+            self.raise(
+                device,
+                Condition {
+                    rule: OFFLINE,
+                    severity: "critical",
+                    message,
+                    value: None,
+                    threshold: None,
+                },
+                at,
+                &mut out,
+            );
         }
         out
     }
@@ -387,14 +487,27 @@ impl AlertEngine {
             .iter()
             .filter(|(d, seen)| {
                 now - **seen > self.rules.offline_after_ms
-                    && !self.active.contains_key(&((*d).clone(), OFFLINE.to_string()))
+                    && !self
+                        .active
+                        .contains_key(&((*d).clone(), OFFLINE.to_string()))
             })
             .map(|(d, seen)| (d.clone(), *seen))
             .collect();
         for (device, seen) in silent {
             let secs = (now - seen) / 1000;
             let message = format!("{device}: silent for {secs} s");
-            self.raise(&device, OFFLINE, "critical", message, Some(secs as f64), Some((self.rules.offline_after_ms / 1000) as f64), now, &mut out);
+            self.raise(
+                &device,
+                Condition {
+                    rule: OFFLINE,
+                    severity: "critical",
+                    message,
+                    value: Some(secs as f64),
+                    threshold: Some((self.rules.offline_after_ms / 1000) as f64),
+                },
+                now,
+                &mut out,
+            );
         }
         out
     }
@@ -456,13 +569,23 @@ impl AlertService {
                     low_battery_percent: 0.0,
                 })
                 .await?;
-            last_seen.extend(fleet.devices.items.iter().map(|d| (d.device.clone(), d.last_seen)));
+            last_seen.extend(
+                fleet
+                    .devices
+                    .items
+                    .iter()
+                    .map(|d| (d.device.clone(), d.last_seen)),
+            );
             match fleet.devices.next_cursor {
                 Some(c) => page.cursor = Some(c),
                 None => break,
             }
         }
-        tracing::info!(active = active.len(), devices = last_seen.len(), "alert state restored");
+        tracing::info!(
+            active = active.len(),
+            devices = last_seen.len(),
+            "alert state restored"
+        );
         let mut engine = AlertEngine::new(rules);
         engine.restore(active, last_seen);
         meter::active_alerts(engine.active().count());
@@ -526,7 +649,12 @@ impl AlertService {
 
     /// Active alerts of one rule, e.g. the devices with repeated sync failures.
     pub fn active_of(&self, rule: &str) -> Vec<Alert> {
-        let mut alerts: Vec<Alert> = self.engine().active().filter(|a| a.rule == rule).cloned().collect();
+        let mut alerts: Vec<Alert> = self
+            .engine()
+            .active()
+            .filter(|a| a.rule == rule)
+            .cloned()
+            .collect();
         alerts.sort_by(|a, b| a.device.cmp(&b.device));
         alerts
     }
@@ -554,7 +682,13 @@ impl AlertService {
     }
 
     /// Acknowledges the active alert of `rule` on `device` (the `alerts/{device}/{rule}/ack` topic).
-    pub async fn ack_rule(&self, device: &DeviceId, rule: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
+    pub async fn ack_rule(
+        &self,
+        device: &DeviceId,
+        rule: &str,
+        by: &str,
+        at: Millis,
+    ) -> Result<Alert, AckError> {
         let id = self
             .engine()
             .active_id(device, rule)

@@ -27,7 +27,9 @@ fn reading(device: &str, s: i64, battery: Option<f64>, temp: Option<f64>) -> Rea
         battery,
         rssi: None,
         online: None,
-        metrics: temp.map(|t| BTreeMap::from([("temp_c".to_string(), t)])).unwrap_or_default(),
+        metrics: temp
+            .map(|t| BTreeMap::from([("temp_c".to_string(), t)]))
+            .unwrap_or_default(),
         attrs: BTreeMap::new(),
     }
 }
@@ -44,7 +46,10 @@ fn sync(device: &str, s: i64, errors: i64) -> Event {
 }
 
 fn readings(rs: Vec<Reading>) -> Batch {
-    Batch { readings: rs, ..Batch::default() }
+    Batch {
+        readings: rs,
+        ..Batch::default()
+    }
 }
 
 /// The alert transitions among notices, as (rule, state).
@@ -60,7 +65,8 @@ fn alerts(notices: &[Notice]) -> Vec<(String, AlertState)> {
 
 fn check(notices: Vec<Notice>, expected: &[(&str, AlertState)]) -> Vec<Notice> {
     let got = alerts(&notices);
-    let expected: Vec<(String, AlertState)> = expected.iter().map(|(r, s)| (r.to_string(), *s)).collect();
+    let expected: Vec<(String, AlertState)> =
+        expected.iter().map(|(r, s)| (r.to_string(), *s)).collect();
     assert_eq!(got, expected);
     notices
 }
@@ -70,31 +76,68 @@ use AlertState::{Acknowledged, Cleared, Raised};
 #[test]
 fn battery_low_has_hysteresis() {
     let mut e = engine(|_| {});
-    check(e.observe(&readings(vec![reading("d1", 0, Some(20.0), None)])), &[]);
-    let raised = check(e.observe(&readings(vec![reading("d1", 1, Some(10.0), None)])), &[("battery_low", Raised)]);
-    check(e.observe(&readings(vec![reading("d1", 2, Some(9.0), None)])), &[]);
-    check(e.observe(&readings(vec![reading("d1", 3, Some(20.0), None)])), &[]);
-    let cleared = check(e.observe(&readings(vec![reading("d1", 4, Some(30.0), None)])), &[("battery_low", Cleared)]);
-    let (Notice::Alert(r), Notice::Alert(c)) = (&raised[0], &cleared[0]) else { panic!() };
+    check(
+        e.observe(&readings(vec![reading("d1", 0, Some(20.0), None)])),
+        &[],
+    );
+    let raised = check(
+        e.observe(&readings(vec![reading("d1", 1, Some(10.0), None)])),
+        &[("battery_low", Raised)],
+    );
+    check(
+        e.observe(&readings(vec![reading("d1", 2, Some(9.0), None)])),
+        &[],
+    );
+    check(
+        e.observe(&readings(vec![reading("d1", 3, Some(20.0), None)])),
+        &[],
+    );
+    let cleared = check(
+        e.observe(&readings(vec![reading("d1", 4, Some(30.0), None)])),
+        &[("battery_low", Cleared)],
+    );
+    let (Notice::Alert(r), Notice::Alert(c)) = (&raised[0], &cleared[0]) else {
+        panic!()
+    };
     assert_eq!(r.id, c.id, "one alert from raise to clear");
     assert_eq!((r.value, r.threshold), (Some(10.0), Some(15.0)));
     assert_eq!(c.cleared_at, Some(T0 + 4000));
-    let again = check(e.observe(&readings(vec![reading("d1", 5, Some(5.0), None)])), &[("battery_low", Raised)]);
-    let Notice::Alert(a) = &again[0] else { panic!() };
+    let again = check(
+        e.observe(&readings(vec![reading("d1", 5, Some(5.0), None)])),
+        &[("battery_low", Raised)],
+    );
+    let Notice::Alert(a) = &again[0] else {
+        panic!()
+    };
     assert_ne!(a.id, r.id, "a condition that returns is a new alert");
 }
 
 #[test]
 fn repeated_sync_failures_raise_and_a_success_clears() {
     let mut e = engine(|_| {});
-    let batch = |events| Batch { events, ..Batch::default() };
-    check(e.observe(&batch(vec![sync("d1", 0, 2), sync("d1", 1, 1)])), &[]);
-    let n = check(e.observe(&batch(vec![sync("d1", 2, 5)])), &[("sync_failures", Raised)]);
+    let batch = |events| Batch {
+        events,
+        ..Batch::default()
+    };
+    check(
+        e.observe(&batch(vec![sync("d1", 0, 2), sync("d1", 1, 1)])),
+        &[],
+    );
+    let n = check(
+        e.observe(&batch(vec![sync("d1", 2, 5)])),
+        &[("sync_failures", Raised)],
+    );
     let Notice::Alert(a) = &n[0] else { panic!() };
     assert_eq!(a.value, Some(3.0));
     check(e.observe(&batch(vec![sync("d1", 3, 1)])), &[]);
-    check(e.observe(&batch(vec![sync("d1", 4, 0)])), &[("sync_failures", Cleared)]);
-    check(e.observe(&batch(vec![sync("d1", 5, 1), sync("d1", 6, 1)])), &[]);
+    check(
+        e.observe(&batch(vec![sync("d1", 4, 0)])),
+        &[("sync_failures", Cleared)],
+    );
+    check(
+        e.observe(&batch(vec![sync("d1", 5, 1), sync("d1", 6, 1)])),
+        &[],
+    );
 }
 
 #[test]
@@ -110,42 +153,84 @@ fn thresholds_hold_for_their_duration() {
         }];
         c.anomaly_sensitivity = 0.0;
     });
-    check(e.observe(&readings(vec![reading("d1", 0, None, Some(70.0))])), &[]);
-    check(e.observe(&readings(vec![reading("d1", 30, None, Some(71.0))])), &[]);
-    let n = check(e.observe(&readings(vec![reading("d1", 61, None, Some(72.0))])), &[("overheat", Raised)]);
+    check(
+        e.observe(&readings(vec![reading("d1", 0, None, Some(70.0))])),
+        &[],
+    );
+    check(
+        e.observe(&readings(vec![reading("d1", 30, None, Some(71.0))])),
+        &[],
+    );
+    let n = check(
+        e.observe(&readings(vec![reading("d1", 61, None, Some(72.0))])),
+        &[("overheat", Raised)],
+    );
     let Notice::Alert(a) = &n[0] else { panic!() };
     assert_eq!(a.severity, "critical");
-    check(e.observe(&readings(vec![reading("d1", 62, None, Some(50.0))])), &[("overheat", Cleared)]);
+    check(
+        e.observe(&readings(vec![reading("d1", 62, None, Some(50.0))])),
+        &[("overheat", Cleared)],
+    );
     // The clock restarts after the condition lapses.
-    check(e.observe(&readings(vec![reading("d1", 63, None, Some(70.0))])), &[]);
+    check(
+        e.observe(&readings(vec![reading("d1", 63, None, Some(70.0))])),
+        &[],
+    );
 }
 
 #[test]
 fn anomalies_are_far_from_the_recent_mean() {
     let mut e = engine(|c| c.battery_low_percent = 0.0);
-    let normal: Vec<Reading> = (0..30).map(|i| reading("d1", i, None, Some(20.0 + (i % 5) as f64 * 0.2))).collect();
+    let normal: Vec<Reading> = (0..30)
+        .map(|i| reading("d1", i, None, Some(20.0 + (i % 5) as f64 * 0.2)))
+        .collect();
     check(e.observe(&readings(normal)), &[]);
-    check(e.observe(&readings(vec![reading("d1", 31, None, Some(45.0))])), &[("anomaly.temp_c", Raised)]);
+    check(
+        e.observe(&readings(vec![reading("d1", 31, None, Some(45.0))])),
+        &[("anomaly.temp_c", Raised)],
+    );
     // The spike did not enter the window, so the next normal value clears it.
-    check(e.observe(&readings(vec![reading("d1", 32, None, Some(20.4))])), &[("anomaly.temp_c", Cleared)]);
+    check(
+        e.observe(&readings(vec![reading("d1", 32, None, Some(20.4))])),
+        &[("anomaly.temp_c", Cleared)],
+    );
 }
 
 #[test]
 fn offline_by_silence_or_will_and_online_when_heard_again() {
     let mut e = engine(|c| c.offline_after_s = 60);
-    let first = e.observe(&readings(vec![reading("d1", 0, None, None), reading("d2", 0, None, None)]));
+    let first = e.observe(&readings(vec![
+        reading("d1", 0, None, None),
+        reading("d2", 0, None, None),
+    ]));
     assert_eq!(
-        first.iter().filter(|n| matches!(n, Notice::Presence { online: true, .. })).count(),
+        first
+            .iter()
+            .filter(|n| matches!(n, Notice::Presence { online: true, .. }))
+            .count(),
         2,
         "first contact publishes presence"
     );
     check(e.tick(T0 + 59_000), &[]);
-    let n = check(e.tick(T0 + 61_000), &[("offline", Raised), ("offline", Raised)]);
-    assert!(n.iter().any(|n| matches!(n, Notice::Presence { online: false, .. })));
+    let n = check(
+        e.tick(T0 + 61_000),
+        &[("offline", Raised), ("offline", Raised)],
+    );
+    assert!(n
+        .iter()
+        .any(|n| matches!(n, Notice::Presence { online: false, .. })));
     check(e.tick(T0 + 120_000), &[]);
-    let back = check(e.observe(&readings(vec![reading("d1", 130, None, None)])), &[("offline", Cleared)]);
-    assert!(back.iter().any(|n| matches!(n, Notice::Presence { online: true, device, .. } if *device == dev("d1"))));
-    check(e.connection_lost(&dev("d1"), T0 + 131_000), &[("offline", Raised)]);
+    let back = check(
+        e.observe(&readings(vec![reading("d1", 130, None, None)])),
+        &[("offline", Cleared)],
+    );
+    assert!(back.iter().any(
+        |n| matches!(n, Notice::Presence { online: true, device, .. } if *device == dev("d1"))
+    ));
+    check(
+        e.connection_lost(&dev("d1"), T0 + 131_000),
+        &[("offline", Raised)],
+    );
     check(e.connection_lost(&dev("d1"), T0 + 132_000), &[]);
 }
 
@@ -153,13 +238,30 @@ fn offline_by_silence_or_will_and_online_when_heard_again() {
 fn acknowledge_then_clear() {
     let mut e = engine(|_| {});
     let n = e.observe(&readings(vec![reading("d1", 0, Some(5.0), None)]));
-    let Notice::Alert(raised) = &n.last().unwrap() else { panic!() };
+    let Notice::Alert(raised) = &n.last().unwrap() else {
+        panic!()
+    };
     let acked = e.ack(&raised.id, "ops", T0 + 5000).unwrap();
-    assert_eq!((acked.state, acked.acked_by.as_deref(), acked.acked_at), (Acknowledged, Some("ops"), Some(T0 + 5000)));
-    let n = check(e.observe(&readings(vec![reading("d1", 10, Some(90.0), None)])), &[("battery_low", Cleared)]);
-    let Notice::Alert(cleared) = &n[0] else { panic!() };
-    assert_eq!(cleared.acked_by.as_deref(), Some("ops"), "the acknowledgement stays on the record");
-    assert_eq!(e.ack(&raised.id, "ops", T0 + 11_000), Err(AckError::NotActive(raised.id.clone())));
+    assert_eq!(
+        (acked.state, acked.acked_by.as_deref(), acked.acked_at),
+        (Acknowledged, Some("ops"), Some(T0 + 5000))
+    );
+    let n = check(
+        e.observe(&readings(vec![reading("d1", 10, Some(90.0), None)])),
+        &[("battery_low", Cleared)],
+    );
+    let Notice::Alert(cleared) = &n[0] else {
+        panic!()
+    };
+    assert_eq!(
+        cleared.acked_by.as_deref(),
+        Some("ops"),
+        "the acknowledgement stays on the record"
+    );
+    assert_eq!(
+        e.ack(&raised.id, "ops", T0 + 11_000),
+        Err(AckError::NotActive(raised.id.clone()))
+    );
 }
 
 #[test]
@@ -179,8 +281,14 @@ fn restored_state_continues_after_a_restart() {
         acked_by: None,
         cleared_at: None,
     };
-    e.restore(vec![active.clone()], vec![(dev("d1"), T0), (dev("d2"), T0 + 100_000)]);
-    check(e.observe(&readings(vec![reading("d1", 1, Some(4.0), None)])), &[]);
+    e.restore(
+        vec![active.clone()],
+        vec![(dev("d1"), T0), (dev("d2"), T0 + 100_000)],
+    );
+    check(
+        e.observe(&readings(vec![reading("d1", 1, Some(4.0), None)])),
+        &[],
+    );
     check(e.tick(T0 + 150_000), &[("offline", Raised)]);
     assert_eq!(e.active_id(&dev("d1"), "battery_low"), Some(active.id));
 }
