@@ -239,6 +239,27 @@ async fn rules_raise_and_clear_on_mqtt_with_acks_and_retained_state() {
     );
     let (status, _) = post(&server, "/v1/alerts/nope~x~1/ack", "").await;
     assert_eq!(status, 404);
+    // A value far from a device's recent behaviour is an anomaly, counted per device and metric.
+    let mut readings: Vec<(String, Vec<u8>)> = (0..25)
+        .map(|i| {
+            let temp = 20.0 + (i % 5) as f64 * 0.1;
+            (
+                "devices/dev-a/telemetry".to_string(),
+                mp(&json!({"ts": t + i, "metrics": {"temp_c": temp}})),
+            )
+        })
+        .collect();
+    readings.push((
+        "devices/dev-a/telemetry".into(),
+        mp(&json!({"ts": t + 30, "metrics": {"temp_c": 48.0}})),
+    ));
+    publish_v4(server.mqtt, "dev-a", readings).await;
+    let anomaly = expect(&mut alerts, "alerts/dev-a/anomaly.temp_c", "raised").await;
+    assert_eq!(anomaly.body["value"], 48.0);
+    let counts = server.json("/v1/anomalies?device=dev-a").await;
+    assert_eq!(counts["items"][0]["count"], 1, "{counts}");
+    assert_eq!(counts["items"][0]["by_metric"]["temp_c"], 1);
+
     let (status, body) = server.get("/v1/alerts?state=open").await;
     assert_eq!((status, body["parameter"].as_str()), (400, Some("state")));
     assert!(server.counter("messina_alerts_raised_total").await >= 2.0);
