@@ -12,12 +12,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use messina_storage::{
-    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery,
-    FleetQuery, Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery,
-    TimeRange,
-};
 use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
+use messina_storage::{
+    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Cursor, DeadLetter,
+    DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery, Millis, Order, Page,
+    PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -544,7 +544,12 @@ async fn list_alerts(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(params, &["state", "device", "rule", "since", "until", "limit", "cursor"])?;
+    let p = Params::new(
+        params,
+        &[
+            "state", "device", "rule", "since", "until", "limit", "cursor",
+        ],
+    )?;
     let filter = match p.get("state") {
         None | Some("all") => None,
         Some("active") => Some(AlertStateFilter::Active),
@@ -559,7 +564,9 @@ async fn list_alerts(
         }
     };
     let device = match p.get("device") {
-        Some(d) => Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?),
+        Some(d) => {
+            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
+        }
         None => None,
     };
     let query = AlertQuery {
@@ -569,7 +576,10 @@ async fn list_alerts(
         range: p.range()?,
         page: p.page(&state)?,
     };
-    Ok(Json(page_json(state.storage.alerts(&query).await?, alert_json)))
+    Ok(Json(page_json(
+        state.storage.alerts(&query).await?,
+        alert_json,
+    )))
 }
 
 async fn one_alert(
@@ -617,7 +627,10 @@ async fn ack_alert(
             Some(a) => Err(ApiError {
                 status: StatusCode::CONFLICT,
                 title: "Alert not active",
-                detail: format!("alert `{id}` is {}; only raised alerts can be acknowledged", a.state.as_str()),
+                detail: format!(
+                    "alert `{id}` is {}; only raised alerts can be acknowledged",
+                    a.state.as_str()
+                ),
                 parameter: None,
             }),
             None => Err(ApiError::not_found(format!("no alert `{id}`"))),
@@ -654,7 +667,9 @@ async fn anomalies(
 ) -> ApiResult<Json<Value>> {
     let p = Params::new(params, &["device", "since", "until"])?;
     let device = match p.get("device") {
-        Some(d) => Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?),
+        Some(d) => {
+            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
+        }
         None => None,
     };
     let mut query = AlertQuery {
@@ -670,7 +685,11 @@ async fn anomalies(
         let page = state.storage.alerts(&query).await?;
         for a in &page.items {
             if let Some(metric) = a.rule.strip_prefix(ANOMALY_PREFIX) {
-                *counts.entry(a.device.to_string()).or_default().entry(metric.to_string()).or_default() += 1;
+                *counts
+                    .entry(a.device.to_string())
+                    .or_default()
+                    .entry(metric.to_string())
+                    .or_default() += 1;
             }
         }
         match page.next_cursor {

@@ -12,10 +12,10 @@ use anyhow::Context;
 use messina_bridge::alerts::{AlertService, Notice};
 use messina_bridge::{BridgeHandle, Inbound};
 use messina_storage::DeviceId;
-use rumqttd::protocol::{Packet, Publish};
-use tokio::sync::mpsc;
 use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, ServerSettings};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Topic filters the ingest link consumes: device data for the bridge, device wills (presence) and
@@ -269,8 +269,16 @@ impl Control {
                 Some(Control::Will(DeviceId::new(*id).ok()?))
             }
             ["alerts", id, rule, "ack"] => {
-                let by = String::from_utf8_lossy(payload).trim().chars().take(128).collect::<String>();
-                let by = if by.is_empty() { "mqtt".to_string() } else { by };
+                let by = String::from_utf8_lossy(payload)
+                    .trim()
+                    .chars()
+                    .take(128)
+                    .collect::<String>();
+                let by = if by.is_empty() {
+                    "mqtt".to_string()
+                } else {
+                    by
+                };
                 Some(Control::Ack(DeviceId::new(*id).ok()?, rule.to_string(), by))
             }
             // Anything else, including these topics with an invalid device id, goes to the bridge,
