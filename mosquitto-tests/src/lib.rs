@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod raw;
+
 /// The `messina` binary under test: `$MESSINA_BIN`, or the one cargo built beside the running test
 /// executable (`target/<profile>/messina`).
 pub fn messina_bin() -> PathBuf {
@@ -54,12 +56,20 @@ pub struct Server {
     pub data: PathBuf,
     pub log: PathBuf,
     config: PathBuf,
+    env: Vec<(String, String)>,
     client: reqwest::Client,
 }
 
 impl Server {
     /// Starts a server on new ports over `data`, with extra TOML appended to its config.
     pub async fn start(data: &Path, extra_toml: &str) -> Server {
+        Server::start_with_env(data, extra_toml, &[]).await
+    }
+
+    /// Like [`Server::start`], with `MESSINA__...` environment variables for the process. They set
+    /// keys of sections the generated config already opens (`[mqtt]`, `[http]`), which extra TOML
+    /// cannot repeat.
+    pub async fn start_with_env(data: &Path, extra_toml: &str, env: &[(&str, &str)]) -> Server {
         let (mqtt, mqtt_v5, http) = (free_port(), free_port(), free_port());
         let config = data.with_extension("toml");
         let toml = format!(
@@ -77,6 +87,10 @@ impl Server {
             data: data.to_path_buf(),
             log: data.with_extension("log"),
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             client: reqwest::Client::new(),
         };
         server.spawn().await;
@@ -93,6 +107,7 @@ impl Server {
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,rumqttd=warn,fjall=warn,lsm_tree=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
