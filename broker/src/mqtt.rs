@@ -33,7 +33,9 @@ const PUBLISHER_CLIENT_ID: &str = "messina-publisher";
 /// Local links Messina itself holds open (not clients).
 const OWN_LINKS: usize = 2;
 
-fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Config> {
+/// The embedded broker's rumqttd configuration, built in code; also used by the bare-rumqttd
+/// benchmark host so both run the same broker settings.
+pub fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd::Config> {
     let connections = ConnectionSettings {
         connection_timeout_ms: c.connect_timeout_ms,
         max_payload_size: c.max_payload_bytes,

@@ -200,9 +200,12 @@ section! {
         pub listen_v5: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1884)),
         /// Most simultaneous client connections (devices plus subscribers) the broker accepts.
         pub max_connections: usize = 20_000,
-        /// Largest PUBLISH payload accepted, in bytes; larger packets close the connection.
+        /// Largest PUBLISH packet accepted, in bytes: the payload plus its topic and properties
+        /// (rumqttd checks the whole packet). A larger one closes the connection.
         pub max_payload_bytes: usize = 256 * 1024,
-        /// Most unacknowledged QoS 1/2 messages in flight per connection.
+        /// Most packets the broker reads from one connection in one go (rumqttd's
+        /// `max_inflight_count`). The number of unacknowledged QoS 1/2 messages in flight per
+        /// connection is fixed at 100 by rumqttd 0.20.
         pub max_inflight: usize = 100,
         /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
         pub connect_timeout_ms: u16 = 5_000,
