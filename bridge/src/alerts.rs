@@ -170,7 +170,11 @@ pub struct AlertEngine {
     sync_failures: HashMap<DeviceId, u32>,
     /// When each threshold condition started holding (device time).
     holding_since: HashMap<(DeviceId, String), Millis>,
-    windows: HashMap<(DeviceId, String), Window>,
+    /// Per device, per metric name.
+    windows: HashMap<DeviceId, HashMap<String, Window>>,
+    /// How many alerts are active per device: the hot path asks this (a borrowed lookup, no
+    /// allocation) before building the keys and messages a clear needs.
+    active_count: HashMap<DeviceId, u32>,
 }
 
 impl AlertEngine {
@@ -182,6 +186,7 @@ impl AlertEngine {
             sync_failures: HashMap::new(),
             holding_since: HashMap::new(),
             windows: HashMap::new(),
+            active_count: HashMap::new(),
         }
     }
 
@@ -189,7 +194,10 @@ impl AlertEngine {
     /// detection and the one-active-alert rule continue across restarts.
     pub fn restore(&mut self, active: Vec<Alert>, last_seen: Vec<(DeviceId, Millis)>) {
         for a in active.into_iter().filter(|a| a.state.is_active()) {
-            self.active.insert((a.device.clone(), a.rule.clone()), a);
+            let key = (a.device.clone(), a.rule.clone());
+            if self.active.insert(key, a.clone()).is_none() {
+                *self.active_count.entry(a.device).or_default() += 1;
+            }
         }
         for (device, at) in last_seen {
             let seen = self.last_seen.entry(device).or_insert(at);
@@ -228,6 +236,7 @@ impl AlertEngine {
             cleared_at: None,
         };
         self.active.insert(key, alert.clone());
+        *self.active_count.entry(device.clone()).or_default() += 1;
         if rule == OFFLINE {
             out.push(Notice::Presence {
                 device: device.clone(),
@@ -238,19 +247,34 @@ impl AlertEngine {
         out.push(Notice::Alert(alert));
     }
 
+    /// True when the device has any active alert; cheap, for the hot path.
+    fn has_active(&self, device: &DeviceId) -> bool {
+        self.active_count.contains_key(device)
+    }
+
+    /// Clears the active alert of `rule` on `device`, if any; the message is built only then.
     fn clear(
         &mut self,
         device: &DeviceId,
         rule: &str,
-        message: String,
+        message: impl FnOnce() -> String,
         value: Option<f64>,
         at: Millis,
         out: &mut Vec<Notice>,
     ) {
+        if !self.has_active(device) {
+            return;
+        }
         if let Some(mut alert) = self.active.remove(&(device.clone(), rule.to_string())) {
+            match self.active_count.get_mut(device) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.active_count.remove(device);
+                }
+            }
             alert.state = AlertState::Cleared;
             alert.cleared_at = Some(at);
-            alert.message = message;
+            alert.message = message();
             if value.is_some() {
                 alert.value = value;
             }
@@ -267,24 +291,26 @@ impl AlertEngine {
 
     /// The device was heard from at server time `at`.
     fn heard(&mut self, device: &DeviceId, at: Millis, out: &mut Vec<Notice>) {
-        let first = !self.last_seen.contains_key(device);
-        let seen = self.last_seen.entry(device.clone()).or_insert(at);
-        *seen = (*seen).max(at);
-        if first
-            && !self
-                .active
-                .contains_key(&(device.clone(), OFFLINE.to_string()))
-        {
-            out.push(Notice::Presence {
-                device: device.clone(),
-                online: true,
-                at,
-            });
+        match self.last_seen.get_mut(device) {
+            Some(seen) => *seen = (*seen).max(at),
+            None => {
+                self.last_seen.insert(device.clone(), at);
+                if !self
+                    .active
+                    .contains_key(&(device.clone(), OFFLINE.to_string()))
+                {
+                    out.push(Notice::Presence {
+                        device: device.clone(),
+                        online: true,
+                        at,
+                    });
+                }
+            }
         }
         self.clear(
             device,
             OFFLINE,
-            format!("{device} is online again"),
+            || format!("{device} is online again"),
             None,
             at,
             out,
@@ -333,7 +359,7 @@ impl AlertEngine {
                     self.clear(
                         &e.device,
                         SYNC_FAILURES,
-                        format!("{}: sync succeeded", e.device),
+                        || format!("{}: sync succeeded", e.device),
                         Some(0.0),
                         at,
                         &mut out,
@@ -371,12 +397,16 @@ impl AlertEngine {
                     out,
                 );
             } else if b > self.rules.battery_clear {
-                let message = format!("{device}: battery back at {b}%");
+                let message = || format!("{device}: battery back at {b}%");
                 self.clear(device, BATTERY_LOW, message, Some(b), at, out);
             }
         }
-        for t in self.rules.thresholds.clone() {
-            let Some(v) = t.metric.of(r) else { continue };
+        for i in 0..self.rules.thresholds.len() {
+            // Cloned only for a reading that carries the rule's metric.
+            let Some(v) = self.rules.thresholds[i].metric.of(r) else {
+                continue;
+            };
+            let t = self.rules.thresholds[i].clone();
             let key = (device.clone(), t.name.clone());
             if t.holds(v) {
                 let since = *self.holding_since.entry(key).or_insert(r.ts);
@@ -397,23 +427,26 @@ impl AlertEngine {
                 }
             } else {
                 self.holding_since.remove(&key);
-                let message = format!("{device}: {} back at {v}", t.label);
+                let message = || format!("{device}: {} back at {v}", t.label);
                 self.clear(device, &t.name, message, Some(v), at, out);
             }
         }
         if self.rules.anomaly_z > 0.0 {
             let values = r
                 .battery
-                .map(|b| ("battery".to_string(), b))
+                .map(|b| ("battery", b))
                 .into_iter()
-                .chain(r.rssi.map(|x| ("rssi".to_string(), f64::from(x))))
-                .chain(r.metrics.iter().map(|(k, v)| (k.clone(), *v)));
+                .chain(r.rssi.map(|x| ("rssi", f64::from(x))))
+                .chain(r.metrics.iter().map(|(k, v)| (k.as_str(), *v)));
             for (name, v) in values {
-                let rule = format!("{ANOMALY_PREFIX}{name}");
-                let window = self
-                    .windows
-                    .entry((device.clone(), name.clone()))
-                    .or_default();
+                let windows = match self.windows.get_mut(device) {
+                    Some(w) => w,
+                    None => self.windows.entry(device.clone()).or_default(),
+                };
+                let window = match windows.get_mut(name) {
+                    Some(w) => w,
+                    None => windows.entry(name.to_string()).or_default(),
+                };
                 let z = window
                     .stats(self.rules.anomaly_min)
                     .filter(|(_, sd)| *sd > 0.0)
@@ -428,6 +461,7 @@ impl AlertEngine {
                 }
                 match z {
                     Some((z, mean)) if anomalous => {
+                        let rule = format!("{ANOMALY_PREFIX}{name}");
                         let message = format!("{device}: {name} is {v}, {z:.1} standard deviations from its recent mean {mean:.2}");
                         self.raise(
                             device,
@@ -442,14 +476,12 @@ impl AlertEngine {
                             out,
                         );
                     }
-                    _ => self.clear(
-                        device,
-                        &rule,
-                        format!("{device}: {name} back to normal at {v}"),
-                        Some(v),
-                        at,
-                        out,
-                    ),
+                    _ if self.has_active(device) => {
+                        let rule = format!("{ANOMALY_PREFIX}{name}");
+                        let message = || format!("{device}: {name} back to normal at {v}");
+                        self.clear(device, &rule, message, Some(v), at, out);
+                    }
+                    _ => {}
                 }
             }
         }
