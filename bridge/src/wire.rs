@@ -200,11 +200,21 @@ fn number(field: &str, v: &Value<'_>) -> Result<f64, Rejection> {
     }
 }
 
-fn name_ok(field: &str, name: &str) -> Result<(), Rejection> {
+/// The path of a field: the key itself for a single reading (borrowed, no allocation on the hot
+/// path), `[i].key` in the batch form.
+fn path<'n>(prefix: &str, name: &'n str) -> std::borrow::Cow<'n, str> {
+    if prefix.is_empty() {
+        std::borrow::Cow::Borrowed(name)
+    } else {
+        std::borrow::Cow::Owned(format!("{prefix}{name}"))
+    }
+}
+
+/// Checks a metric or attribute name; the error is the message, without the field.
+fn name_ok(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(reject(
-            field,
-            format!("names must be 1 to {MAX_NAME_LEN} printable characters"),
+        return Err(format!(
+            "names must be 1 to {MAX_NAME_LEN} printable characters"
         ));
     }
     Ok(())
@@ -313,7 +323,7 @@ impl Ctx<'_> {
     }
 
     fn reading(&self, v: &Value<'_>, prefix: &str) -> Result<Reading, Rejection> {
-        let at = |name: &str| format!("{prefix}{name}");
+        let at = |name: &str| path(prefix, name).into_owned();
         let fields = entries(prefix.trim_end_matches('.'), v).map_err(|mut e| {
             if e.field.as_deref() == Some("") {
                 e.field = None;
@@ -334,7 +344,7 @@ impl Ctx<'_> {
         };
         let mut ts = None;
         for (name, value) in fields {
-            let field = at(name);
+            let field = path(prefix, name);
             match name {
                 "ts" => ts = Some(self.timestamp(&field, value)?),
                 "seq" => r.seq = self.seq(&field, value)?,
@@ -363,14 +373,16 @@ impl Ctx<'_> {
                 },
                 "metrics" => {
                     for (metric, mv) in entries(&field, value)? {
-                        let mfield = format!("{field}.{metric}");
-                        name_ok(&mfield, metric)?;
-                        r.metrics.insert(metric.to_string(), number(&mfield, mv)?);
+                        // The path of the value is only built for a rejection.
+                        let path = || format!("{field}.{metric}");
+                        name_ok(metric).map_err(|m| reject(path(), m))?;
+                        let n = number(&field, mv).map_err(|e| reject(path(), e.message))?;
+                        r.metrics.insert(metric.to_string(), n);
                     }
                 }
                 _ => {
                     // Unknown keys are kept: numbers as metrics, other scalars as attributes.
-                    name_ok(&field, name)?;
+                    name_ok(name).map_err(|m| reject(field.as_ref(), m))?;
                     match value {
                         Value::Nil => {}
                         Value::Integer(_) | Value::F32(_) | Value::F64(_) => {
@@ -421,14 +433,15 @@ impl Ctx<'_> {
                 }
                 "attrs" => {
                     for (attr_name, av) in entries("attrs", value)? {
-                        let field = format!("attrs.{attr_name}");
-                        name_ok(&field, attr_name)?;
-                        attrs.insert(attr_name.to_string(), attr(&field, av)?);
+                        let path = || format!("attrs.{attr_name}");
+                        name_ok(attr_name).map_err(|m| reject(path(), m))?;
+                        let a = attr(attr_name, av).map_err(|e| reject(path(), e.message))?;
+                        attrs.insert(attr_name.to_string(), a);
                     }
                 }
                 _ => {
                     // Unknown top-level keys are kept as attributes (explicit `attrs` win).
-                    name_ok(name, name)?;
+                    name_ok(name).map_err(|m| reject(name, m))?;
                     if !matches!(value, Value::Nil) {
                         let a = attr(name, value)?;
                         attrs.entry(name.to_string()).or_insert(a);
