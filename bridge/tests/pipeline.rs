@@ -59,6 +59,18 @@ impl Storage for Recording {
     async fn alerts(&self, q: &AlertQuery) -> Result<Page<Alert>> {
         self.inner.alerts(q).await
     }
+    async fn put_upload(&self, upload: &Upload) -> Result<()> {
+        self.inner.put_upload(upload).await
+    }
+    async fn upload(&self, id: &str) -> Result<Option<Upload>> {
+        self.inner.upload(id).await
+    }
+    async fn uploads(&self, q: &UploadQuery) -> Result<Page<Upload>> {
+        self.inner.uploads(q).await
+    }
+    async fn expired_uploads(&self, before: Millis, limit: usize) -> Result<Vec<Upload>> {
+        self.inner.expired_uploads(before, limit).await
+    }
     async fn health(&self) -> Result<()> {
         self.inner.health().await
     }

@@ -16,9 +16,11 @@ use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILUR
 use messina_storage::{
     Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Cursor, DeadLetter,
     DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery, Millis, Order, Page,
-    PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange,
+    PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange, UploadQuery,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
 use serde::Serialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub low_battery_percent: f64,
     /// `None` when alerts are disabled.
     pub alerts: Option<Arc<AlertService>>,
+    /// `None` when uploads are disabled.
+    pub uploads: Option<Arc<UploadService>>,
 }
 
 /// The whole HTTP API as a router, testable without a socket.
@@ -49,6 +53,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/alerts/{id}", get(one_alert))
         .route("/alerts/{id}/ack", post(ack_alert))
         .route("/anomalies", get(anomalies))
+        .route(
+            "/devices/{id}/uploads",
+            get(list_uploads).post(request_upload),
+        )
+        .route(
+            "/devices/{id}/uploads/{upload}/complete",
+            post(complete_upload),
+        )
+        .route("/uploads/{upload}", get(one_upload))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -115,6 +128,39 @@ impl From<StorageError> for ApiError {
                     parameter: None,
                 }
             }
+        }
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let (title, parameter) = match &e {
+            UploadError::Invalid { field, .. } => {
+                ("Invalid upload request", Some(field.to_string()))
+            }
+            UploadError::NotFound(_) => ("Not found", None),
+            UploadError::Conflict(_) => ("Upload not ready", None),
+            UploadError::Rejected(_) => ("Upload rejected", None),
+            UploadError::Unavailable(_) => {
+                tracing::warn!(error = %e, "upload request failed");
+                ("Object storage unavailable", None)
+            }
+            UploadError::Fatal(_) => {
+                tracing::error!(error = %e, "upload request failed");
+                return ApiError {
+                    status,
+                    title: "Internal error",
+                    detail: "the upload request failed; see the server log".into(),
+                    parameter: None,
+                };
+            }
+        };
+        ApiError {
+            status,
+            title,
+            detail: e.to_string(),
+            parameter,
         }
     }
 }
@@ -638,6 +684,85 @@ async fn ack_alert(
     }
 }
 
+fn uploads_service(state: &AppState) -> ApiResult<&Arc<UploadService>> {
+    state
+        .uploads
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("uploads are disabled (`uploads.enabled = false`)"))
+}
+
+/// Asks for a presigned upload URL on behalf of a device.
+async fn request_upload(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    Params::new(params, &[])?;
+    let device = device_id(id)?;
+    let service = uploads_service(&state)?;
+    let request = UploadRequest::parse(&body)?;
+    let ticket = service
+        .request(&device, request, crate::mqtt::now_millis())
+        .await?;
+    Ok((StatusCode::CREATED, Json(ticket.json())))
+}
+
+/// Checks an uploaded object and records its metadata.
+async fn complete_upload(
+    State(state): State<Arc<AppState>>,
+    Path((id, upload)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let device = device_id(id)?;
+    let service = uploads_service(&state)?;
+    let now = crate::mqtt::now_millis();
+    let done = service.complete(&device, &upload, now).await?;
+    Ok(Json(with_download(service, &done, now).await))
+}
+
+async fn with_download(service: &UploadService, u: &messina_storage::Upload, now: Millis) -> Value {
+    let mut v = upload_json(u);
+    if let Some((url, expires)) = service.download_url(u, now).await {
+        v["download_url"] = Value::String(url);
+        v["download_expires_at"] = Value::String(rfc3339(expires));
+    }
+    v
+}
+
+async fn list_uploads(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(params, &["limit", "cursor"])?;
+    let query = UploadQuery {
+        device: device_id(id)?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(
+        state.storage.uploads(&query).await?,
+        upload_json,
+    )))
+}
+
+/// One upload with its metadata and, once completed, a short-lived download URL.
+async fn one_upload(
+    State(state): State<Arc<AppState>>,
+    Path(upload): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let service = uploads_service(&state)?;
+    match state.storage.upload(&upload).await? {
+        Some(u) => Ok(Json(
+            with_download(service, &u, crate::mqtt::now_millis()).await,
+        )),
+        None => Err(ApiError::not_found(format!("no upload `{upload}`"))),
+    }
+}
+
 /// Devices with repeated failed syncs (an active `sync_failures` alert).
 async fn failing(
     State(state): State<Arc<AppState>>,
@@ -749,6 +874,7 @@ mod tests {
             max_page_size: 1000,
             low_battery_percent: 20.0,
             alerts: None,
+            uploads: None,
         })
     }
 

@@ -3,8 +3,10 @@
 //! around [`serve`].
 
 pub mod http;
+pub mod inspect;
 pub mod mqtt;
 pub mod simulate;
+pub mod uploads;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -73,6 +75,18 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     ] {
         metrics::describe_counter!(name, help);
     }
+    metrics::describe_counter!(
+        "messina_uploads_requested_total",
+        "Upload URLs handed out, by kind."
+    );
+    metrics::describe_counter!(
+        "messina_uploads_finished_total",
+        "Uploads completed, rejected or expired, by kind and state."
+    );
+    metrics::describe_counter!(
+        "messina_upload_requests_dropped_total",
+        "Upload requests over MQTT dropped because the upload worker was busy."
+    );
     metrics::describe_histogram!(names::BATCH_ROWS, "Rows per batch written to storage.");
     metrics::describe_histogram!(
         names::WRITE_SECONDS,
@@ -162,7 +176,9 @@ pub async fn serve(
     // Alert transitions go from the alert service to the publisher over a bounded channel; the
     // publisher ends when the service (its last sender) is dropped at shutdown.
     let (notices_tx, notices_rx) = tokio::sync::mpsc::channel(4096);
-    let publisher = broker.spawn_publisher(notices_rx);
+    // Replies to devices (upload URLs) share the publisher link, on their own bounded channel.
+    let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(1024);
+    let publisher = broker.spawn_publisher(notices_rx, replies_rx);
     let alerts = if config.alerts.enabled {
         let rules = messina_bridge::alerts::Rules::from_config(&config.alerts);
         let service = AlertService::start(rules, Arc::clone(&storage), notices_tx)
@@ -186,13 +202,28 @@ pub async fn serve(
             }
         })
     });
+    let (uploads, embedded_s3) = start_uploads(&config, &storage, &shutdown).await?;
+    let sweep = uploads
+        .clone()
+        .map(|service| service.spawn_sweep(shutdown.clone()));
     let (bridge, bridge_task) = messina_bridge::spawn(
         Arc::clone(&storage),
         messina_bridge::Settings::from_config(&config.bridge),
         alerts.clone(),
         shutdown.clone(),
     );
-    let ingest = broker.spawn_ingest(bridge, alerts.clone(), shutdown.clone());
+    let (upload_jobs, upload_worker) = match &uploads {
+        Some(service) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(mqtt::UPLOAD_QUEUE);
+            let worker = mqtt::spawn_upload_worker(Arc::clone(service), rx, replies_tx);
+            (Some(tx), Some(worker))
+        }
+        None => {
+            drop(replies_tx);
+            (None, None)
+        }
+    };
+    let ingest = broker.spawn_ingest(bridge, alerts.clone(), upload_jobs, shutdown.clone());
     let meters = broker.spawn_meters(shutdown.clone());
     let upkeep = metrics.clone().map(|handle| {
         let shutdown = shutdown.clone();
@@ -214,6 +245,7 @@ pub async fn serve(
         max_page_size: config.http.max_page_size,
         low_battery_percent: f64::from(config.http.low_battery_percent),
         alerts: alerts.clone(),
+        uploads: uploads.clone(),
     });
     drop(alerts);
     let http = tokio::spawn(
@@ -226,6 +258,7 @@ pub async fn serve(
         mqtt_v5 = %config.mqtt.listen_v5,
         http = %config.http.listen,
         storage = ?config.storage.backend,
+        s3 = embedded_s3.as_ref().map(|s| s.endpoint.as_str()).unwrap_or(config.uploads.endpoint.as_str()),
         "messina is serving"
     );
 
@@ -233,6 +266,10 @@ pub async fn serve(
     tracing::info!("shutting down: draining the bridge");
     // The ingest task ends first and drops the last bridge handle; the bridge then drains its queue.
     let _ = ingest.await;
+    // The ingest task held the only job sender; the worker answers what it has and ends.
+    if let Some(worker) = upload_worker {
+        let _ = tokio::time::timeout(HTTP_DRAIN_TIMEOUT, worker).await;
+    }
     match tokio::time::timeout(DRAIN_TIMEOUT, bridge_task).await {
         Ok(_) => {}
         Err(_) => tracing::error!("the bridge did not drain within {DRAIN_TIMEOUT:?}"),
@@ -244,6 +281,12 @@ pub async fn serve(
         tracing::warn!("HTTP requests still running after {HTTP_DRAIN_TIMEOUT:?}; closing anyway");
     }
     let _ = meters.await;
+    if let Some(sweep) = sweep {
+        let _ = sweep.await;
+    }
+    if let Some(s3) = embedded_s3 {
+        let _ = s3.task.await;
+    }
     if let Some(ticker) = ticker {
         let _ = ticker.await;
     }
@@ -255,4 +298,44 @@ pub async fn serve(
     storage.close().await.context("closing storage")?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Starts the upload service, and the embedded S3 endpoint when no external one is configured.
+async fn start_uploads(
+    config: &Config,
+    storage: &Arc<dyn Storage>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(
+    Option<Arc<uploads::UploadService>>,
+    Option<uploads::EmbeddedS3>,
+)> {
+    let u = &config.uploads;
+    if !u.enabled {
+        return Ok((None, None));
+    }
+    let (store, embedded) = if u.endpoint.is_empty() {
+        let dir = if u.s3_path.is_empty() {
+            config.storage.embedded.path.join("objects")
+        } else {
+            std::path::PathBuf::from(&u.s3_path)
+        };
+        let s3 = uploads::EmbeddedS3::start(&dir, u.s3_listen, &u.bucket, shutdown.clone())
+            .await
+            .context("starting the embedded S3 endpoint")?;
+        tracing::info!(endpoint = %s3.endpoint, dir = %dir.display(), "embedded S3 endpoint is serving");
+        (s3.store(u), Some(s3))
+    } else {
+        let secret = config.s3_secret_key()?.unwrap_or_default();
+        let store = uploads::ObjectStore::new(
+            &u.endpoint,
+            &u.region,
+            &u.bucket,
+            &u.access_key_id,
+            &secret,
+            u.path_style,
+        );
+        (store, None)
+    };
+    let service = uploads::UploadService::new(store, Arc::clone(storage), u);
+    Ok((Some(Arc::new(service)), embedded))
 }

@@ -13,19 +13,30 @@ use messina_bridge::alerts::{AlertService, Notice};
 use messina_bridge::{BridgeHandle, Inbound};
 use messina_storage::DeviceId;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, ServerSettings};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
 use tokio_util::sync::CancellationToken;
 
 /// Topic filters the ingest link consumes: device data for the bridge, device wills (presence) and
-/// fleet managers' acknowledgements for the alert service.
-pub const INGEST_FILTERS: [&str; 4] = [
+/// fleet managers' acknowledgements for the alert service, devices' upload requests and
+/// completions for the upload service.
+pub const INGEST_FILTERS: [&str; 6] = [
     "devices/+/telemetry",
     "devices/+/events",
     "devices/+/presence",
     "alerts/+/+/ack",
+    "devices/+/uploads/request",
+    "devices/+/uploads/done",
 ];
+
+/// Upload requests waiting for the upload worker; past this the ingest link answers "busy" rather
+/// than wait, so telemetry never queues behind object storage.
+pub const UPLOAD_QUEUE: usize = 256;
+/// Upload requests handled at once (each may wait on object storage).
+const UPLOAD_WORKERS: usize = 16;
 
 /// Client ids of Messina's local links; each counts as one connection in the router.
 const BRIDGE_CLIENT_ID: &str = "messina-bridge";
@@ -136,6 +147,7 @@ impl EmbeddedBroker {
         &mut self,
         bridge: BridgeHandle,
         alerts: Option<Arc<AlertService>>,
+        uploads: Option<mpsc::Sender<UploadJob>>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let (link_tx, mut link_rx) = self.link.take().expect("ingest started once");
@@ -155,6 +167,25 @@ impl EmbeddedBroker {
                             payload: forward.publish.payload,
                             received_at: now_millis(),
                         };
+                        if let Some(job) = UploadJob::parse(&inbound, forward.properties) {
+                            match &uploads {
+                                Some(uploads) => {
+                                    if uploads.try_send(job).is_err() {
+                                        metrics::counter!("messina_upload_requests_dropped_total")
+                                            .increment(1);
+                                        tracing::warn!(
+                                            topic = %inbound.topic,
+                                            "upload worker busy; request dropped (the device retries)"
+                                        );
+                                    }
+                                }
+                                None => tracing::info!(
+                                    topic = %inbound.topic,
+                                    "upload request ignored: uploads are disabled"
+                                ),
+                            }
+                            continue;
+                        }
                         if let Some(control) = Control::parse(&inbound.topic, &inbound.payload) {
                             if let Some(alerts) = &alerts {
                                 control.apply(alerts, inbound.received_at).await;
@@ -183,16 +214,34 @@ impl EmbeddedBroker {
         })
     }
 
-    /// Publishes alert transitions and presence, retained, until the notice channel closes.
+    /// Publishes alert transitions and presence (retained) and replies to devices (not
+    /// retained), until both channels close.
     pub fn spawn_publisher(
         &mut self,
         mut notices: mpsc::Receiver<Notice>,
+        mut replies: mpsc::Receiver<Reply>,
     ) -> tokio::task::JoinHandle<()> {
         let (mut link_tx, link_rx) = self.publisher.take().expect("publisher started once");
         tokio::spawn(async move {
             // The receiving half must stay open, or the router drops the link.
             let _link_rx = link_rx;
-            while let Some(notice) = notices.recv().await {
+            let (mut notices_open, mut replies_open) = (true, true);
+            while notices_open || replies_open {
+                let notice = tokio::select! {
+                    n = notices.recv(), if notices_open => match n {
+                        Some(n) => n,
+                        None => { notices_open = false; continue; }
+                    },
+                    r = replies.recv(), if replies_open => {
+                        let Some(reply) = r else { replies_open = false; continue; };
+                        let publish = Publish::new(bytes::Bytes::from(reply.topic), bytes::Bytes::from(reply.payload), false);
+                        if let Err(e) = link_tx.send(Packet::Publish(publish, reply.properties)).await {
+                            tracing::error!(error = %e, "publisher link closed; replies are no longer published");
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 let (topic, payload) = match &notice {
                     Notice::Alert(a) => (
                         format!("alerts/{}/{}", a.device, a.rule),
@@ -299,6 +348,159 @@ impl Control {
             }
             Control::Own => {}
         }
+    }
+}
+
+/// A device's upload request or completion, taken off the ingest link for the upload worker.
+#[derive(Debug)]
+pub struct UploadJob {
+    device: DeviceId,
+    done: bool,
+    payload: bytes::Bytes,
+    /// MQTT 5 Response Topic and Correlation Data of the request, when given.
+    response_topic: Option<String>,
+    correlation: Option<bytes::Bytes>,
+}
+
+impl UploadJob {
+    fn parse(inbound: &Inbound, properties: Option<PublishProperties>) -> Option<UploadJob> {
+        let parts: Vec<&str> = inbound.topic.split('/').collect();
+        let (id, done) = match parts.as_slice() {
+            ["devices", id, "uploads", "request"] => (*id, false),
+            ["devices", id, "uploads", "done"] => (*id, true),
+            _ => return None,
+        };
+        // A topic with an invalid id goes to the bridge, which keeps it as a dead letter.
+        let device = DeviceId::new(id).ok()?;
+        let (response_topic, correlation) = properties
+            .map(|p| (p.response_topic, p.correlation_data))
+            .unwrap_or_default();
+        Some(UploadJob {
+            device,
+            done,
+            payload: inbound.payload.clone(),
+            response_topic,
+            correlation,
+        })
+    }
+
+    /// Where the reply goes: the request's Response Topic when it stays under the device's own
+    /// `devices/{id}/` (a device must not make Messina publish elsewhere), else
+    /// `devices/{id}/uploads/response`.
+    fn reply_topic(&self) -> String {
+        let own = format!("devices/{}/", self.device);
+        match &self.response_topic {
+            Some(t) if t.starts_with(&own) && !t.contains(['+', '#']) => t.clone(),
+            _ => format!("{own}uploads/response"),
+        }
+    }
+}
+
+/// A message from Messina to one device, not retained.
+#[derive(Debug)]
+pub struct Reply {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub properties: Option<PublishProperties>,
+}
+
+/// Answers upload jobs, at most `UPLOAD_WORKERS` at once, until the job channel closes; each
+/// answer goes to the publisher as a reply.
+pub fn spawn_upload_worker(
+    service: Arc<UploadService>,
+    mut jobs: mpsc::Receiver<UploadJob>,
+    replies: mpsc::Sender<Reply>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(UPLOAD_WORKERS));
+        let mut running = tokio::task::JoinSet::new();
+        while let Some(job) = jobs.recv().await {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break;
+            };
+            let (service, replies) = (Arc::clone(&service), replies.clone());
+            running.spawn(async move {
+                let reply = answer(&service, &job).await;
+                let _permit = permit;
+                let _ = replies.send(reply).await;
+            });
+            // Reap finished answers so the set stays as small as the work in flight.
+            while running.try_join_next().is_some() {}
+        }
+        while running.join_next().await.is_some() {}
+    })
+}
+
+async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
+    let now = now_millis();
+    let result = if job.done {
+        let id = upload_id_of(&job.payload);
+        match id {
+            Ok(id) => service.complete(&job.device, &id, now).await.map(|u| {
+                let mut v = upload_json(&u);
+                v["status"] = 200.into();
+                v
+            }),
+            Err(e) => Err(e),
+        }
+    } else {
+        match UploadRequest::parse(&job.payload) {
+            Ok(request) => service.request(&job.device, request, now).await.map(|t| {
+                let mut v = t.json();
+                v["status"] = 201.into();
+                v
+            }),
+            Err(e) => Err(e),
+        }
+    };
+    let body = result.unwrap_or_else(|e| {
+        if matches!(e, UploadError::Unavailable(_) | UploadError::Fatal(_)) {
+            tracing::warn!(error = %e, device = %job.device, "upload request over MQTT failed");
+        }
+        let mut v = serde_json::json!({"status": e.status(), "detail": e.to_string()});
+        if let UploadError::Invalid { field, .. } = &e {
+            v["parameter"] = (*field).into();
+        }
+        v
+    });
+    let mut body = body;
+    body["request"] = if job.done { "done" } else { "request" }.into();
+    Reply {
+        topic: job.reply_topic(),
+        payload: body.to_string().into_bytes(),
+        // Properties only answer a request that had them (MQTT 5): rumqttd's 3.1.1 writer cannot
+        // encode a PUBLISH with properties and drops the subscriber's connection instead.
+        properties: (job.correlation.is_some() || job.response_topic.is_some()).then(|| {
+            PublishProperties {
+                correlation_data: job.correlation.clone(),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            }
+        }),
+    }
+}
+
+/// The upload id a `done` message names: `{"upload_id": "..."}` (JSON or MessagePack) or the bare
+/// id as text.
+fn upload_id_of(payload: &[u8]) -> Result<String, UploadError> {
+    #[derive(serde::Deserialize)]
+    struct Done {
+        upload_id: String,
+    }
+    let parsed = if payload.first() == Some(&b'{') {
+        serde_json::from_slice::<Done>(payload).ok()
+    } else {
+        rmp_serde::from_slice::<Done>(payload).ok()
+    };
+    if let Some(d) = parsed {
+        return Ok(d.upload_id);
+    }
+    match std::str::from_utf8(payload) {
+        Ok(s) if !s.trim().is_empty() && !s.contains(['{', ' ']) => Ok(s.trim().to_string()),
+        _ => Err(UploadError::Invalid {
+            field: "upload_id",
+            detail: "the body must be {\"upload_id\": \"...\"} or the bare upload id".into(),
+        }),
     }
 }
 

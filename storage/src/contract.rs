@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::model::{Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, Event, Reading};
+use crate::model::{
+    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, Event, Reading, Upload, UploadState,
+};
 use crate::query::{
     AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange,
+    PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::{Storage, StorageError};
 
@@ -32,7 +34,7 @@ macro_rules! contract_suite {
             latest_is_never_overwritten_by_an_older_reading, empty_batch_and_unknown_device,
             data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
             events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
-            alerts_upsert_by_id_filter_and_page);
+            alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire);
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
         $(
@@ -599,4 +601,113 @@ pub async fn alerts_upsert_by_id_filter_and_page(h: &dyn Harness) {
     })
     .await;
     assert_eq!(ids(paged), vec![c.id.clone(), b.id.clone(), a.id.clone()]);
+}
+
+fn upload(device: &str, offset_s: i64, kind: &str) -> Upload {
+    let created_at = T0 + offset_s * 1000;
+    let id = Upload::id_for(&dev(device), created_at, &format!("n{offset_s}"));
+    Upload {
+        object_key: format!("devices/{device}/{kind}/{id}"),
+        id,
+        device: dev(device),
+        kind: kind.into(),
+        content_type: "image/png".into(),
+        size: 1234,
+        sha256: None,
+        state: UploadState::Pending,
+        created_at,
+        expires_at: created_at + 300_000,
+        finished_at: None,
+        attrs: BTreeMap::from([("button_id".to_string(), AttrValue::Int(2))]),
+        meta: BTreeMap::new(),
+        error: None,
+    }
+}
+
+pub async fn uploads_upsert_by_id_list_per_device_and_expire(h: &dyn Harness) {
+    let s = h.open().await;
+    let a = upload("d1", 10, "photo");
+    let b = upload("d2", 20, "audio");
+    // A day later, so nothing depends on day partitions.
+    let c = upload("d1", 86_400 + 30, "log");
+    for u in [&a, &b, &c] {
+        s.put_upload(u).await.unwrap();
+    }
+    let mut done = a.clone();
+    done.state = UploadState::Completed;
+    done.finished_at = Some(T0 + 15_000);
+    done.sha256 = Some("ab".repeat(32));
+    done.meta = BTreeMap::from([
+        ("width".to_string(), AttrValue::Int(640)),
+        ("height".to_string(), AttrValue::Int(480)),
+        ("format".to_string(), AttrValue::Text("png".into())),
+        ("ratio".to_string(), AttrValue::Float(1.5)),
+    ]);
+    s.put_upload(&done).await.unwrap();
+
+    assert_eq!(
+        s.upload(&a.id).await.unwrap(),
+        Some(done.clone()),
+        "a state change replaces the upload"
+    );
+    assert_eq!(s.upload(&b.id).await.unwrap(), Some(b.clone()));
+    assert_eq!(s.upload("not-an-upload-id").await.unwrap(), None);
+    assert_eq!(
+        s.upload(&Upload::id_for(&dev("d9"), T0, "x"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let ids = |page: Vec<Upload>| page.into_iter().map(|u| u.id).collect::<Vec<_>>();
+    let list = |device: &str, limit: usize| UploadQuery {
+        device: dev(device),
+        page: PageRequest::first(limit),
+    };
+    assert_eq!(
+        ids(s.uploads(&list("d1", 10)).await.unwrap().items),
+        vec![c.id.clone(), a.id.clone()],
+        "newest requested first, only the device's own"
+    );
+    assert!(s.uploads(&list("d9", 10)).await.unwrap().items.is_empty());
+    let paged = all_pages(1, |page| {
+        let s = Arc::clone(&s);
+        async move {
+            s.uploads(&UploadQuery {
+                device: dev("d1"),
+                page,
+            })
+            .await
+        }
+    })
+    .await;
+    assert_eq!(ids(paged), vec![c.id.clone(), a.id.clone()]);
+
+    // Only pending uploads whose URL expired before the given time, soonest expired first.
+    let expired = |before: i64, limit: usize| {
+        let s = Arc::clone(&s);
+        async move { ids(s.expired_uploads(before, limit).await.unwrap()) }
+    };
+    assert_eq!(expired(T0, 10).await, Vec::<String>::new());
+    assert_eq!(
+        expired(c.expires_at + 1, 10).await,
+        vec![b.id.clone(), c.id.clone()]
+    );
+    assert_eq!(expired(c.expires_at, 10).await, vec![b.id.clone()]);
+    assert_eq!(expired(c.expires_at + 1, 1).await, vec![b.id.clone()]);
+    let mut gone = b.clone();
+    gone.state = UploadState::Expired;
+    gone.finished_at = Some(b.expires_at + 1);
+    s.put_upload(&gone).await.unwrap();
+    assert_eq!(expired(c.expires_at + 1, 10).await, vec![c.id.clone()]);
+    assert_eq!(s.upload(&b.id).await.unwrap(), Some(gone));
+
+    s.close().await.unwrap();
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(
+        s.upload(&a.id).await.unwrap(),
+        Some(done),
+        "uploads survive a reopen"
+    );
 }

@@ -7,6 +7,8 @@
 //! - `device_latest`: `device` → `DeviceState`
 //! - `dead_letters`: `received_at id` → `DeadLetter`
 //! - `alerts`: `raised_at id` → `Alert`
+//! - `uploads`: `device 0x00 created_at id` → `Upload`
+//! - `uploads_pending`: `expires_at id` → empty, the pending uploads the expiry sweep looks at
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
@@ -21,10 +23,12 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::model::{Alert, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading};
+use crate::model::{
+    Alert, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading, Upload, UploadState,
+};
 use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
-    Page, PageRequest, TelemetryQuery, TimeRange,
+    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::{Result, Storage, StorageError};
 
@@ -60,6 +64,8 @@ struct Inner {
     latest: Keyspace,
     dead_letters: Keyspace,
     alerts: Keyspace,
+    uploads: Keyspace,
+    uploads_pending: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -72,6 +78,13 @@ const CURSOR_EVENTS: u8 = b'E';
 const CURSOR_DEAD: u8 = b'D';
 const CURSOR_FLEET: u8 = b'F';
 const CURSOR_ALERTS: u8 = b'A';
+const CURSOR_UPLOADS: u8 = b'U';
+
+fn upload_key(device: &DeviceId, created_at: Millis, id: &str) -> Vec<u8> {
+    let mut key = with_time(&device_prefix(device), created_at);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
 
 fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
     let mut key = time_key(raised_at).to_vec();
@@ -262,6 +275,8 @@ impl EmbeddedStorage {
             latest: ks("device_latest")?,
             dead_letters: ks("dead_letters")?,
             alerts: ks("alerts")?,
+            uploads: ks("uploads")?,
+            uploads_pending: ks("uploads_pending")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -488,6 +503,86 @@ impl Storage for EmbeddedStorage {
                 CURSOR_ALERTS,
                 |a| q.accepts(a),
             )
+        })
+        .await
+    }
+
+    async fn put_upload(&self, upload: &Upload) -> Result<()> {
+        let upload = upload.clone();
+        self.blocking(move |inner| {
+            let mut wb = inner
+                .db
+                .batch()
+                .durability(inner.fsync.then_some(PersistMode::SyncData));
+            let key = upload_key(&upload.device, upload.created_at, &upload.id);
+            wb.insert(&inner.uploads, key, encode(&upload)?);
+            // The pending index holds only uploads the sweep may still have to expire.
+            let pending = alert_key(upload.expires_at, &upload.id);
+            if upload.state == UploadState::Pending {
+                wb.insert(&inner.uploads_pending, pending, []);
+            } else {
+                wb.remove(&inner.uploads_pending, pending);
+            }
+            wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<Upload>> {
+        let Some((device, created_at)) = Upload::parse_id(id) else {
+            return Ok(None);
+        };
+        let key = upload_key(&device, created_at, id);
+        self.blocking(move |inner| match inner.uploads.get(key).map_err(io)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn uploads(&self, query: &UploadQuery) -> Result<Page<Upload>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            device_scan(
+                &inner.uploads,
+                CURSOR_UPLOADS,
+                &q.device,
+                &TimeRange::default(),
+                Order::NewestFirst,
+                &q.page,
+                |_: &Upload| true,
+            )
+        })
+        .await
+    }
+
+    async fn expired_uploads(&self, before: Millis, limit: usize) -> Result<Vec<Upload>> {
+        self.blocking(move |inner| {
+            let mut found = Vec::new();
+            let range = ..time_key(before).to_vec();
+            for guard in inner.uploads_pending.range::<Vec<u8>, _>(range).take(limit) {
+                let key = guard.key().map_err(io)?;
+                let id = std::str::from_utf8(&key[8..])
+                    .map_err(|e| StorageError::Fatal(format!("pending upload key: {e}")))?;
+                let Some((device, created_at)) = Upload::parse_id(id) else {
+                    return Err(StorageError::Fatal(format!(
+                        "pending upload key holds {id:?}, not an upload id"
+                    )));
+                };
+                match inner
+                    .uploads
+                    .get(upload_key(&device, created_at, id))
+                    .map_err(io)?
+                {
+                    Some(bytes) => found.push(decode(&bytes)?),
+                    None => {
+                        return Err(StorageError::Fatal(format!(
+                            "pending upload {id} has no upload row"
+                        )))
+                    }
+                }
+            }
+            Ok(found)
         })
         .await
     }

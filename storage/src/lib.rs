@@ -13,11 +13,11 @@ use async_trait::async_trait;
 pub use embedded::EmbeddedStorage;
 pub use model::{
     Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, InvalidDeviceId,
-    Millis, Reading, Stamped,
+    Millis, Reading, Stamped, Upload, UploadState,
 };
 pub use query::{
     AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage,
-    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
+    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 pub use scylla::ScyllaStorage;
 
@@ -78,6 +78,20 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Alerts, newest raised first.
     async fn alerts(&self, query: &AlertQuery) -> Result<Page<Alert>>;
+
+    /// Stores an upload, replacing the stored upload with the same id (each state change is
+    /// written this way).
+    async fn put_upload(&self, upload: &Upload) -> Result<()>;
+
+    /// One upload by id; `None` when there is no such upload (or the id is not an upload id).
+    async fn upload(&self, id: &str) -> Result<Option<Upload>>;
+
+    /// A device's uploads, newest requested first.
+    async fn uploads(&self, query: &UploadQuery) -> Result<Page<Upload>>;
+
+    /// Up to `limit` pending uploads whose URL expired before `before`, soonest expired first:
+    /// what the expiry sweep marks expired.
+    async fn expired_uploads(&self, before: Millis, limit: usize) -> Result<Vec<Upload>>;
 
     /// `Ok` when the backend can serve reads and writes now.
     async fn health(&self) -> Result<()>;

@@ -277,6 +277,92 @@ impl Alert {
     }
 }
 
+/// Where a device upload is: a URL was handed out (pending), the object was checked and its
+/// metadata recorded (completed), the object failed the checks (rejected), or the URL expired
+/// before the device said it was done (expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadState {
+    Pending,
+    Completed,
+    Rejected,
+    Expired,
+}
+
+impl UploadState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Pending => "pending",
+            UploadState::Completed => "completed",
+            UploadState::Rejected => "rejected",
+            UploadState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => UploadState::Pending,
+            "completed" => UploadState::Completed,
+            "rejected" => UploadState::Rejected,
+            "expired" => UploadState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// A blob a device uploads straight to object storage (an audio clip, a photo, a log), with what
+/// it declared when it asked for the URL and what the server found in the object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    /// `{device}~{created_at}~{nonce}`, see [`Upload::id_for`].
+    pub id: String,
+    pub device: DeviceId,
+    /// `audio`, `photo` or `log`.
+    pub kind: String,
+    /// The declared content type, signed into the upload URL.
+    pub content_type: String,
+    /// The declared size in bytes, signed into the upload URL.
+    pub size: u64,
+    /// The declared SHA-256 of the body, lowercase hex, when the device gave one.
+    pub sha256: Option<String>,
+    /// The object's key in the bucket.
+    pub object_key: String,
+    pub state: UploadState,
+    pub created_at: Millis,
+    /// When the upload URL stops working.
+    pub expires_at: Millis,
+    /// When the upload was completed, rejected or expired.
+    pub finished_at: Option<Millis>,
+    /// Metadata the device sent with its request (e.g. `duration_s`, `button_id`).
+    pub attrs: BTreeMap<String, AttrValue>,
+    /// Metadata the server extracted from the object (e.g. `width`, `height`, `duration_s`).
+    pub meta: BTreeMap<String, AttrValue>,
+    /// Why the upload was rejected.
+    pub error: Option<String>,
+}
+
+impl Upload {
+    /// The id of an upload of `device` requested at `created_at`; `nonce` makes it unguessable.
+    /// Device ids cannot contain `~`, so the id can be split back into its parts.
+    pub fn id_for(device: &DeviceId, created_at: Millis, nonce: &str) -> String {
+        format!("{device}~{created_at}~{nonce}")
+    }
+
+    /// The device and request time an id names, if it is an upload id at all.
+    pub fn parse_id(id: &str) -> Option<(DeviceId, Millis)> {
+        let mut parts = id.split('~');
+        let (Some(device), Some(at), Some(nonce), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        if nonce.is_empty() || !nonce.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return None;
+        }
+        Some((DeviceId::new(device).ok()?, at.parse().ok()?))
+    }
+}
+
 /// Everything the bridge writes in one go. Backends write a batch atomically where they can, and
 /// always idempotently, so a batch retried after a failure never duplicates rows.
 #[derive(Debug, Clone, Default, PartialEq)]

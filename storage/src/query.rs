@@ -177,3 +177,10 @@ impl AlertQuery {
             && self.range.contains(a.raised_at)
     }
 }
+
+/// Uploads of one device, newest requested first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadQuery {
+    pub device: DeviceId,
+    pub page: PageRequest,
+}

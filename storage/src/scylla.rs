@@ -26,11 +26,11 @@ use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 use crate::backoff::Backoff;
 use crate::model::{
     Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading,
-    Stamped,
+    Stamped, Upload, UploadState,
 };
 use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
-    Page, PageRequest, TelemetryQuery, TimeRange,
+    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::{Result, Storage, StorageError};
 
@@ -113,6 +113,12 @@ struct Statements {
     insert_alert: PreparedStatement,
     alert: PreparedStatement,
     alerts: PreparedStatement,
+    insert_upload: PreparedStatement,
+    upload: PreparedStatement,
+    uploads: PreparedStatement,
+    insert_pending_upload: PreparedStatement,
+    delete_pending_upload: PreparedStatement,
+    expired_uploads: PreparedStatement,
 }
 
 struct Inner {
@@ -434,6 +440,50 @@ type AlertValues = (
     Option<CqlTimestamp>,
 );
 
+const UPLOAD_COLUMNS: &str = "device_id, created_at, id, kind, content_type, size, sha256, object_key, state, expires_at, finished_at, attrs, meta, error";
+
+type UploadRow = (
+    String,
+    CqlTimestamp,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    String,
+    String,
+    CqlTimestamp,
+    Option<CqlTimestamp>,
+    Option<BTreeMap<String, String>>,
+    Option<BTreeMap<String, String>>,
+    Option<String>,
+);
+
+fn upload_from_row(r: UploadRow) -> Result<Upload> {
+    let state = UploadState::parse(&r.8)
+        .ok_or_else(|| StorageError::Fatal(format!("stored upload state {:?} is unknown", r.8)))?;
+    Ok(Upload {
+        device: device(r.0)?,
+        created_at: r.1 .0,
+        id: r.2,
+        kind: r.3,
+        content_type: r.4,
+        size: u64::try_from(r.5)
+            .map_err(|_| StorageError::Fatal(format!("stored upload size {} is negative", r.5)))?,
+        sha256: r.6,
+        object_key: r.7,
+        state,
+        expires_at: r.9 .0,
+        finished_at: r.10.map(|t| t.0),
+        attrs: attrs_from_cql(r.11)?,
+        meta: attrs_from_cql(r.12)?,
+        error: r.13,
+    })
+}
+
+/// The pending-uploads index has one partition; see `schema.cql`.
+const PENDING_SHARD: i32 = 0;
+
 /// One request of a batch write: an unlogged batch inside one partition, or a single statement.
 enum Job {
     Batch {
@@ -684,6 +734,27 @@ impl Statements {
             .await?,
             alerts: prepare(format!(
                 "SELECT raised_at, id, {ALERT_DATA_COLUMNS} FROM {ks}.alerts WHERE day = ? AND raised_at >= ? AND raised_at < ?"
+            ))
+            .await?,
+            insert_upload: prepare(format!(
+                "INSERT INTO {ks}.uploads ({UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            upload: prepare(format!(
+                "SELECT {UPLOAD_COLUMNS} FROM {ks}.uploads WHERE device_id = ? AND created_at = ? AND id = ?"
+            ))
+            .await?,
+            uploads: prepare(format!("SELECT {UPLOAD_COLUMNS} FROM {ks}.uploads WHERE device_id = ?")).await?,
+            insert_pending_upload: prepare(format!(
+                "INSERT INTO {ks}.uploads_pending (shard, expires_at, id) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            delete_pending_upload: prepare(format!(
+                "DELETE FROM {ks}.uploads_pending WHERE shard = ? AND expires_at = ? AND id = ?"
+            ))
+            .await?,
+            expired_uploads: prepare(format!(
+                "SELECT id FROM {ks}.uploads_pending WHERE shard = ? AND expires_at < ? LIMIT ?"
             ))
             .await?,
         })
@@ -1415,6 +1486,119 @@ impl Storage for ScyllaStorage {
             .await
     }
 
+    async fn put_upload(&self, u: &Upload) -> Result<()> {
+        self.check_open()?;
+        let session = &self.inner.session;
+        let st = &self.inner.st;
+        let size = i64::try_from(u.size).map_err(|_| {
+            StorageError::InvalidRequest(format!("upload size {} is too large", u.size))
+        })?;
+        let values = (
+            u.device.as_str(),
+            ts(u.created_at),
+            u.id.as_str(),
+            u.kind.as_str(),
+            u.content_type.as_str(),
+            size,
+            u.sha256.as_deref(),
+            u.object_key.as_str(),
+            u.state.as_str(),
+            ts(u.expires_at),
+            u.finished_at.map(ts),
+            attrs_to_cql(&u.attrs),
+            attrs_to_cql(&u.meta),
+            u.error.as_deref(),
+        );
+        session
+            .execute_unpaged(&st.insert_upload, values)
+            .await
+            .map_err(|e| classify(st.insert_upload.get_statement(), e))?;
+        // The row is written before the index changes, so a failure in between leaves at worst
+        // an index entry the sweep finds already finished (and deletes) or a pending row the
+        // next put indexes again.
+        let pending = if u.state == UploadState::Pending {
+            &st.insert_pending_upload
+        } else {
+            &st.delete_pending_upload
+        };
+        session
+            .execute_unpaged(pending, (PENDING_SHARD, ts(u.expires_at), u.id.as_str()))
+            .await
+            .map_err(|e| classify(pending.get_statement(), e))?;
+        Ok(())
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<Upload>> {
+        self.check_open()?;
+        let Some((device, created_at)) = Upload::parse_id(id) else {
+            return Ok(None);
+        };
+        let st = &self.inner.st.upload;
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, (device.as_str(), ts(created_at), id))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("uploads: {e}")))?;
+        rows.maybe_first_row::<UploadRow>()
+            .map_err(|e| StorageError::Fatal(format!("uploads: {e}")))?
+            .map(upload_from_row)
+            .transpose()
+    }
+
+    async fn uploads(&self, q: &UploadQuery) -> Result<Page<Upload>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let id = fingerprint(&[b"uploads", q.device.as_str().as_bytes()]);
+        let device = q.device.as_str();
+        // One partition per device: page through it as a single "day".
+        inner
+            .page_days(
+                id,
+                vec![0],
+                &inner.st.uploads,
+                |_| (device,),
+                &q.page,
+                upload_from_row,
+                |_| true,
+            )
+            .await
+    }
+
+    async fn expired_uploads(&self, before: Millis, limit: usize) -> Result<Vec<Upload>> {
+        self.check_open()?;
+        let st = &self.inner.st.expired_uploads;
+        let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        let ids: Vec<(String,)> = self
+            .inner
+            .session
+            .execute_unpaged(st, (PENDING_SHARD, ts(before), limit))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?
+            .rows::<(String,)>()
+            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?;
+        let mut found = Vec::with_capacity(ids.len());
+        for (id,) in ids {
+            match self.upload(&id).await? {
+                Some(u) if u.state == UploadState::Pending => found.push(u),
+                // Finished, but the index entry outlived a failed delete: remove it now.
+                Some(u) => self.put_upload(&u).await?,
+                None => {
+                    return Err(StorageError::Fatal(format!(
+                        "pending upload {id} has no upload row"
+                    )))
+                }
+            }
+        }
+        Ok(found)
+    }
+
     async fn health(&self) -> Result<()> {
         self.check_open()?;
         let cql = "SELECT release_version FROM system.local";
@@ -1472,7 +1656,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 8);
+        assert_eq!(statements.len(), 10);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));

@@ -8,9 +8,11 @@ fn main() {
         eprintln!("usage: rumqttd-host PORT_V311 PORT_V5");
         std::process::exit(2);
     };
-    let mut mqtt = messina_config::MqttConfig::default();
-    mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], v4));
-    mqtt.listen_v5 = std::net::SocketAddr::from(([127, 0, 0, 1], v5));
+    let mqtt = messina_config::MqttConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], v4)),
+        listen_v5: std::net::SocketAddr::from(([127, 0, 0, 1], v5)),
+        ..Default::default()
+    };
     let config = match messina_broker::mqtt::rumqttd_config(&mqtt) {
         Ok(c) => c,
         Err(e) => {
