@@ -72,6 +72,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             "messina_mqtt_failed_publishes_total",
             "PUBLISH packets the embedded broker failed to route.",
         ),
+        (
+            "messina_broker_dropped_total",
+            "Messages the broker acknowledged but dropped from its commit log before the bridge read them, by filter.",
+        ),
     ] {
         metrics::describe_counter!(name, help);
     }

@@ -154,6 +154,7 @@ impl EmbeddedBroker {
         tokio::spawn(async move {
             // The sending half must live as long as the link, or the router drops the connection.
             let _link_tx = link_tx;
+            let mut gaps = CommitLogGaps::default();
             loop {
                 let next = tokio::select! {
                     biased;
@@ -162,6 +163,7 @@ impl EmbeddedBroker {
                 };
                 match next {
                     Ok(Some(Notification::Forward(forward))) => {
+                        gaps.observe(&forward.publish.topic, forward.cursor);
                         let inbound = Inbound {
                             topic: String::from_utf8_lossy(&forward.publish.topic).into_owned(),
                             payload: forward.publish.payload,
@@ -291,6 +293,50 @@ impl EmbeddedBroker {
             }
         })
     }
+}
+
+/// Detects messages rumqttd dropped from a filter's commit log before the bridge read them: the
+/// log's offsets are consecutive per filter, so a jump between two forwards of one filter is the
+/// number of messages lost (acknowledged to their publishers, never stored). This happens when the
+/// bridge falls behind by more than `mqtt.commit_log_segments` × `mqtt.commit_log_segment_mib`.
+#[derive(Default)]
+struct CommitLogGaps {
+    last: HashMap<&'static str, u64>,
+}
+
+impl CommitLogGaps {
+    /// Records a forward's position; returns how many messages of its filter were skipped.
+    fn observe(&mut self, topic: &[u8], cursor: Option<(u64, u64)>) -> u64 {
+        let Some((_, offset)) = cursor else { return 0 };
+        let Some(filter) = filter_of(topic) else {
+            return 0;
+        };
+        if let Some(previous) = self.last.insert(filter, offset) {
+            if offset > previous + 1 {
+                let lost = offset - previous - 1;
+                metrics::counter!("messina_broker_dropped_total", "filter" => filter)
+                    .increment(lost);
+                tracing::error!(
+                    filter,
+                    lost,
+                    "the broker dropped messages the bridge had not read yet (acknowledged, not stored); \
+                     the bridge is behind: raise mqtt.commit_log_segments or reduce the load"
+                );
+                return lost;
+            }
+        }
+        0
+    }
+}
+
+/// Which of the ingest filters a topic came through.
+fn filter_of(topic: &[u8]) -> Option<&'static str> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let parts: Vec<&str> = topic.split('/').collect();
+    INGEST_FILTERS.into_iter().find(|f| {
+        let f: Vec<&str> = f.split('/').collect();
+        f.len() == parts.len() && f.iter().zip(&parts).all(|(a, b)| *a == "+" || a == b)
+    })
 }
 
 /// Marks presence messages Messina publishes, so its own ingest link ignores them; any other
@@ -509,4 +555,46 @@ pub fn now_millis() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_map_to_their_ingest_filter() {
+        assert_eq!(
+            filter_of(b"devices/d1/telemetry"),
+            Some("devices/+/telemetry")
+        );
+        assert_eq!(
+            filter_of(b"devices/d1/uploads/done"),
+            Some("devices/+/uploads/done")
+        );
+        assert_eq!(
+            filter_of(b"alerts/d1/battery_low/ack"),
+            Some("alerts/+/+/ack")
+        );
+        assert_eq!(filter_of(b"devices/d1/other"), None);
+    }
+
+    #[test]
+    fn offset_jumps_per_filter_are_counted_as_drops() {
+        let mut gaps = CommitLogGaps::default();
+        let seen = [
+            (&b"devices/a/telemetry"[..], (0, 10)),
+            (b"devices/b/events", (0, 3)),
+            (b"devices/a/telemetry", (0, 11)),
+            // 100 telemetry messages were dropped; the events filter has its own offsets.
+            (b"devices/c/telemetry", (1, 112)),
+            (b"devices/b/events", (0, 4)),
+            (b"devices/c/telemetry", (1, 113)),
+        ];
+        let lost: Vec<u64> = seen
+            .iter()
+            .map(|(t, c)| gaps.observe(t, Some(*c)))
+            .collect();
+        assert_eq!(lost, vec![0, 0, 0, 100, 0, 0]);
+        assert_eq!(gaps.observe(b"devices/c/telemetry", None), 0);
+    }
 }
