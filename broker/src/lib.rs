@@ -108,6 +108,30 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Runs `f` every `period` (the first time at once; late ticks are delayed, not bunched) until
+/// `shutdown`. The one periodic-task loop of the process: alert ticks, metrics upkeep, the upload
+/// expiry sweep.
+pub(crate) fn spawn_every<F, Fut>(
+    period: Duration,
+    shutdown: CancellationToken,
+    mut f: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => f().await,
+            }
+        }
+    })
+}
+
 /// Opens the configured storage backend.
 pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     match config.storage.backend {
@@ -195,15 +219,9 @@ pub async fn serve(
         None
     };
     let ticker = alerts.clone().map(|service| {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => service.tick(mqtt::now_millis()).await,
-                }
-            }
+        spawn_every(Duration::from_secs(1), shutdown.clone(), move || {
+            let service = Arc::clone(&service);
+            async move { service.tick(mqtt::now_millis()).await }
         })
     });
     let (uploads, embedded_s3) = start_uploads(&config, &storage, &shutdown).await?;
@@ -230,15 +248,9 @@ pub async fn serve(
     let ingest = broker.spawn_ingest(bridge, alerts.clone(), upload_jobs, shutdown.clone());
     let meters = broker.spawn_meters(shutdown.clone());
     let upkeep = metrics.clone().map(|handle| {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => handle.run_upkeep(),
-                }
-            }
+        spawn_every(Duration::from_secs(5), shutdown.clone(), move || {
+            handle.run_upkeep();
+            std::future::ready(())
         })
     });
     let state = Arc::new(http::AppState {

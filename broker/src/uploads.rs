@@ -569,15 +569,11 @@ impl UploadService {
         self: Arc<Self>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(self.sweep_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                if let Err(e) = self.sweep(crate::mqtt::now_millis()).await {
+        let period = self.sweep_interval;
+        crate::spawn_every(period, shutdown, move || {
+            let service = Arc::clone(&self);
+            async move {
+                if let Err(e) = service.sweep(crate::mqtt::now_millis()).await {
                     tracing::warn!(error = %e, "upload expiry sweep failed; retrying next round");
                 }
             }

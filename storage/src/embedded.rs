@@ -247,6 +247,25 @@ fn device_scan<T: DeserializeOwned>(
     scan(keyspace, bounds, order, page.limit, tag, keep)
 }
 
+/// One page of a fleet-wide keyspace keyed by time (dead letters, alerts), newest first.
+fn newest_scan<T: DeserializeOwned>(
+    keyspace: &Keyspace,
+    tag: u8,
+    range: &TimeRange,
+    page: &PageRequest,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Page<T>> {
+    let order = Order::NewestFirst;
+    let bounds = resume(
+        time_bounds(&[], range),
+        tag,
+        &[],
+        order,
+        page.cursor.as_ref(),
+    )?;
+    scan(keyspace, bounds, order, page.limit, tag, keep)
+}
+
 impl EmbeddedStorage {
     /// Opens (creating when missing) the store in `options.path`.
     pub fn open(options: &EmbeddedOptions) -> Result<Self> {
@@ -302,13 +321,16 @@ impl EmbeddedStorage {
 }
 
 impl Inner {
+    /// A write batch that is fsynced on commit when `fsync` is configured.
+    fn batch(&self) -> fjall::OwnedWriteBatch {
+        self.db
+            .batch()
+            .durability(self.fsync.then_some(PersistMode::SyncData))
+    }
+
     fn write_batch(&self, batch: &Batch) -> Result<()> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wb = self.db.batch().durability(if self.fsync {
-            Some(PersistMode::SyncData)
-        } else {
-            None
-        });
+        let mut wb = self.batch();
         let mut states: HashMap<&DeviceId, DeviceState> = HashMap::new();
         for r in &batch.readings {
             wb.insert(&self.telemetry, row_key(&r.device, r.ts, r.seq), encode(r)?);
@@ -434,20 +456,11 @@ impl Storage for EmbeddedStorage {
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Page<DeadLetter>> {
         let q = query.clone();
         self.blocking(move |inner| {
-            let bounds = time_bounds(&[], &q.range);
-            let bounds = resume(
-                bounds,
-                CURSOR_DEAD,
-                &[],
-                Order::NewestFirst,
-                q.page.cursor.as_ref(),
-            )?;
-            scan(
+            newest_scan(
                 &inner.dead_letters,
-                bounds,
-                Order::NewestFirst,
-                q.page.limit,
                 CURSOR_DEAD,
+                &q.range,
+                &q.page,
                 |d: &DeadLetter| q.accepts(d),
             )
         })
@@ -460,10 +473,7 @@ impl Storage for EmbeddedStorage {
         }
         let alerts = alerts.to_vec();
         self.blocking(move |inner| {
-            let mut wb = inner
-                .db
-                .batch()
-                .durability(inner.fsync.then_some(PersistMode::SyncData));
+            let mut wb = inner.batch();
             for a in &alerts {
                 wb.insert(&inner.alerts, alert_key(a.raised_at, &a.id), encode(a)?);
             }
@@ -487,22 +497,9 @@ impl Storage for EmbeddedStorage {
     async fn alerts(&self, query: &AlertQuery) -> Result<Page<Alert>> {
         let q = query.clone();
         self.blocking(move |inner| {
-            let bounds = time_bounds(&[], &q.range);
-            let bounds = resume(
-                bounds,
-                CURSOR_ALERTS,
-                &[],
-                Order::NewestFirst,
-                q.page.cursor.as_ref(),
-            )?;
-            scan(
-                &inner.alerts,
-                bounds,
-                Order::NewestFirst,
-                q.page.limit,
-                CURSOR_ALERTS,
-                |a| q.accepts(a),
-            )
+            newest_scan(&inner.alerts, CURSOR_ALERTS, &q.range, &q.page, |a| {
+                q.accepts(a)
+            })
         })
         .await
     }
@@ -510,10 +507,7 @@ impl Storage for EmbeddedStorage {
     async fn put_upload(&self, upload: &Upload) -> Result<()> {
         let upload = upload.clone();
         self.blocking(move |inner| {
-            let mut wb = inner
-                .db
-                .batch()
-                .durability(inner.fsync.then_some(PersistMode::SyncData));
+            let mut wb = inner.batch();
             let key = upload_key(&upload.device, upload.created_at, &upload.id);
             wb.insert(&inner.uploads, key, encode(&upload)?);
             // The pending index holds only uploads the sweep may still have to expire.
