@@ -17,7 +17,8 @@ pub mod names {
     pub const BATCH_ROWS: &str = "messina_batch_rows";
     pub const WRITE_SECONDS: &str = "messina_write_seconds";
     pub const WRITE_ERRORS: &str = "messina_write_errors_total";
-    pub const ROWS_LOST: &str = "messina_rows_lost_total";
+    pub const ROWS_DEFERRED: &str = "messina_rows_deferred_total";
+    pub const REFUSED: &str = "messina_messages_refused_total";
     pub const QUEUE_DEPTH: &str = "messina_bridge_queue_depth";
     pub const ALERTS_RAISED: &str = "messina_alerts_raised_total";
     pub const ALERTS_CLEARED: &str = "messina_alerts_cleared_total";
@@ -62,11 +63,21 @@ pub fn written(batch: &Batch, took: Duration) {
 pub fn write_failed(error: &StorageError, rows: usize, giving_up: bool) {
     metrics::counter!(names::WRITE_ERRORS).increment(1);
     if giving_up {
-        tracing::error!(%error, rows, "storage write failed; giving up on this batch");
-        metrics::counter!(names::ROWS_LOST).increment(rows as u64);
+        tracing::warn!(
+            %error,
+            rows,
+            "storage write failed at shutdown; the rows stay in the ingest log for the next start"
+        );
+        metrics::counter!(names::ROWS_DEFERRED).increment(rows as u64);
     } else {
         tracing::warn!(%error, rows, "storage write failed; retrying");
     }
+}
+
+/// Storage refused one message for good (not an outage); it is kept as a dead letter instead.
+pub fn refused(topic: &str, error: &StorageError) {
+    tracing::warn!(topic, %error, "storage refused a message; stored as a dead letter");
+    metrics::counter!(names::REFUSED).increment(1);
 }
 
 pub fn queue_depth(depth: usize) {

@@ -15,11 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 const NOW: i64 = 1_760_000_000_000;
 
-/// Delegates to the embedded backend, records batch sizes and fails the first `fail` writes.
+/// Delegates to the embedded backend, records batch sizes, fails the first `fail` writes, and
+/// refuses for good (not an outage) any batch holding a reading of device `poison`.
 struct Recording {
     inner: EmbeddedStorage,
     batches: Mutex<Vec<usize>>,
     fail: AtomicUsize,
+    /// Fails every write while set (an outage that outlasts shutdown).
+    down: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -31,6 +34,14 @@ impl Storage for Recording {
             .is_ok()
         {
             return Err(StorageError::Unavailable("injected outage".into()));
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StorageError::Unavailable("storage is down".into()));
+        }
+        if batch.readings.iter().any(|r| r.device.as_str() == "poison") {
+            return Err(StorageError::InvalidRequest(
+                "value out of range for column".into(),
+            ));
         }
         self.batches.lock().unwrap().push(batch.len());
         self.inner.write_batch(batch).await
@@ -82,6 +93,9 @@ impl Storage for Recording {
 struct Fixture {
     _dir: tempfile::TempDir,
     storage: Arc<Recording>,
+    /// Every position the bridge reported stored, in order.
+    stored_through: Arc<Mutex<Vec<u64>>>,
+    shutdown: CancellationToken,
     handle: Option<BridgeHandle>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -93,6 +107,7 @@ fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
         inner,
         batches: Mutex::new(Vec::new()),
         fail: AtomicUsize::new(fail),
+        down: Default::default(),
     });
     let settings = Settings {
         batch_max_rows: rows,
@@ -101,17 +116,40 @@ fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
         retry_max_delay: Duration::from_millis(20),
         ..Settings::default()
     };
-    let (handle, task) = spawn(storage.clone(), settings, None, CancellationToken::new());
+    let stored_through = Arc::new(Mutex::new(Vec::new()));
+    let on_stored = {
+        let stored_through = Arc::clone(&stored_through);
+        Arc::new(move |p| stored_through.lock().unwrap().push(p))
+    };
+    let shutdown = CancellationToken::new();
+    let (handle, task) = spawn(storage.clone(), settings, None, on_stored, shutdown.clone());
     Fixture {
         _dir: dir,
         storage,
+        stored_through,
+        shutdown,
         handle: Some(handle),
         task,
     }
 }
 
-fn telemetry(device: &str, i: i64) -> Inbound {
+/// A message at log position `1000 + 10 * i` (ten bytes long), so tests can name positions.
+fn at(i: i64, topic: &str, payload: Bytes, received_at: i64) -> Inbound {
+    let pos = 1000 + 10 * i as u64;
     Inbound {
+        pos,
+        end: pos + 10,
+        topic: topic.into(),
+        payload,
+        received_at,
+    }
+}
+
+fn telemetry(device: &str, i: i64) -> Inbound {
+    let pos = 1000 + 10 * i as u64;
+    Inbound {
+        pos,
+        end: pos + 10,
         topic: format!("devices/{device}/telemetry"),
         payload: Bytes::from(rmp_serde::to_vec(&json!({"ts": NOW + i, "battery": 50})).unwrap()),
         received_at: NOW + 10_000,
@@ -196,19 +234,21 @@ async fn retries_while_storage_fails_and_loses_nothing() {
 async fn bad_messages_become_dead_letters_beside_good_ones() {
     let mut f = fixture(100, 10, 0);
     f.send(telemetry("d1", 1)).await;
-    f.send(Inbound {
-        topic: "devices/d1/telemetry".into(),
-        payload: Bytes::from_static(&[0x81, 0xa2, b't']),
-        received_at: NOW,
-    })
+    f.send(at(
+        2,
+        "devices/d1/telemetry",
+        Bytes::from_static(&[0x81, 0xa2, b't']),
+        NOW,
+    ))
     .await;
-    f.send(Inbound {
-        topic: "devices/bad id/events".into(),
-        payload: Bytes::from_static(b"{}"),
-        received_at: NOW + 1,
-    })
+    f.send(at(
+        3,
+        "devices/bad id/events",
+        Bytes::from_static(b"{}"),
+        NOW + 1,
+    ))
     .await;
-    f.send(telemetry("d1", 2)).await;
+    f.send(telemetry("d1", 4)).await;
     f.close().await;
     assert_eq!(f.stored("d1").await, 2);
     let dead = f
@@ -236,4 +276,70 @@ async fn bad_messages_become_dead_letters_beside_good_ones() {
         "{}",
         dead[1].reason
     );
+    // Dead-letter ids are log positions, so a replay overwrites instead of duplicating.
+    assert_eq!((dead[0].id, dead[1].id), (1030, 1020));
+}
+
+#[tokio::test]
+async fn stored_positions_advance_in_order_over_passed_records() {
+    let mut f = fixture(2, 10, 0);
+    let handle = f.handle.clone().unwrap();
+    f.send(telemetry("d1", 0)).await;
+    // A will or an upload request handled elsewhere: only its end is reported.
+    handle.pass(1020).await.unwrap();
+    f.send(telemetry("d1", 2)).await;
+    f.send(telemetry("d1", 3)).await;
+    handle.pass(1050).await.unwrap();
+    drop(handle);
+    f.close().await;
+    assert_eq!(f.stored("d1").await, 3);
+    let through = f.stored_through.lock().unwrap().clone();
+    assert!(through.windows(2).all(|w| w[0] < w[1]), "{through:?}");
+    assert_eq!(through.last(), Some(&1050), "{through:?}");
+}
+
+#[tokio::test]
+async fn a_refused_batch_is_split_and_only_the_message_at_fault_becomes_a_dead_letter() {
+    let mut f = fixture(100, 10, 0);
+    for i in 0..9 {
+        let device = if i == 5 { "poison" } else { "d1" };
+        f.send(telemetry(device, i)).await;
+    }
+    f.close().await;
+    assert_eq!(f.stored("d1").await, 8, "every other message is stored");
+    let dead = f
+        .storage
+        .dead_letters(&DeadLetterQuery {
+            device: None,
+            range: TimeRange::default(),
+            page: PageRequest::first(10),
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].id, 1050);
+    assert_eq!(dead[0].topic, "devices/poison/telemetry");
+    assert!(
+        dead[0].reason.contains("storage refused") && dead[0].reason.contains("out of range"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(*f.stored_through.lock().unwrap(), vec![1090]);
+}
+
+#[tokio::test]
+async fn a_batch_given_up_at_shutdown_is_not_reported_stored() {
+    let mut f = fixture(2, 10, 0);
+    f.send(telemetry("d1", 0)).await;
+    f.send(telemetry("d1", 1)).await;
+    f.wait_stored("d1", 2).await;
+    f.storage.down.store(true, Ordering::SeqCst);
+    f.send(telemetry("d1", 2)).await;
+    f.send(telemetry("d1", 3)).await;
+    f.send(telemetry("d1", 4)).await;
+    f.shutdown.cancel();
+    f.close().await;
+    // Only the first batch is stored; the log keeps the rest for the next start.
+    assert_eq!(*f.stored_through.lock().unwrap(), vec![1020]);
 }

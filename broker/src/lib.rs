@@ -3,6 +3,7 @@
 //! around [`serve`].
 
 pub mod http;
+pub mod ingest;
 pub mod inspect;
 pub mod mqtt;
 pub mod simulate;
@@ -37,6 +38,12 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .set_buckets_for_metric(
+            Matcher::Full("messina_log_fsync_seconds".into()),
+            &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full(names::BATCH_ROWS.into()),
             &[
                 1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0,
@@ -61,8 +68,12 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             "Failed storage writes (each is retried or given up).",
         ),
         (
-            names::ROWS_LOST,
-            "Rows given up after storage kept failing during shutdown.",
+            names::ROWS_DEFERRED,
+            "Rows not stored at shutdown because storage kept failing; they stay in the ingest log and are written at the next start.",
+        ),
+        (
+            names::REFUSED,
+            "Messages storage refused for good (not an outage), stored as dead letters with the reason.",
         ),
         (
             "messina_mqtt_publishes_total",
@@ -91,6 +102,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "messina_upload_requests_dropped_total",
         "Upload requests over MQTT dropped because the upload worker was busy."
     );
+    messina_log::describe();
     metrics::describe_histogram!(names::BATCH_ROWS, "Rows per batch written to storage.");
     metrics::describe_histogram!(
         names::WRITE_SECONDS,
@@ -191,6 +203,7 @@ pub async fn serve(
         );
     }
     let storage = open_storage(&config).await?;
+    let (log, recovered) = open_log(&config)?;
     let mut broker = mqtt::EmbeddedBroker::start(&config.mqtt)?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -228,10 +241,20 @@ pub async fn serve(
     let sweep = uploads
         .clone()
         .map(|service| service.spawn_sweep(shutdown.clone()));
+    // The bridge tells, in log order, how far storage has caught up; that is the log's checkpoint.
+    let on_stored: messina_bridge::pipeline::OnStored = {
+        let log = log.clone();
+        Arc::new(move |through| {
+            if let Err(e) = log.checkpoint(through) {
+                tracing::error!(error = %e, "cannot record the ingest log checkpoint; check the disk");
+            }
+        })
+    };
     let (bridge, bridge_task) = messina_bridge::spawn(
         Arc::clone(&storage),
         messina_bridge::Settings::from_config(&config.bridge),
         alerts.clone(),
+        on_stored,
         shutdown.clone(),
     );
     let (upload_jobs, upload_worker) = match &uploads {
@@ -245,7 +268,17 @@ pub async fn serve(
             (None, None)
         }
     };
-    let ingest = broker.spawn_ingest(bridge, alerts.clone(), upload_jobs, shutdown.clone());
+    let consumer = ingest::spawn_consumer(
+        &log,
+        recovered.checkpoint,
+        recovered.end,
+        ingest::Dispatch {
+            bridge,
+            alerts: alerts.clone(),
+            uploads: upload_jobs,
+        },
+    );
+    let appender = broker.spawn_appender(log.clone(), shutdown.clone());
     let meters = broker.spawn_meters(shutdown.clone());
     let upkeep = metrics.clone().map(|handle| {
         spawn_every(Duration::from_secs(5), shutdown.clone(), move || {
@@ -279,10 +312,13 @@ pub async fn serve(
     );
 
     shutdown.cancelled().await;
-    tracing::info!("shutting down: draining the bridge");
-    // The ingest task ends first and drops the last bridge handle; the bridge then drains its queue.
-    let _ = ingest.await;
-    // The ingest task held the only job sender; the worker answers what it has and ends.
+    tracing::info!("shutting down: draining the ingest log into storage");
+    // Nothing more is appended once the appender ends; closing the log syncs what it holds, the
+    // consumer reads it to the end and drops the last bridge handle, and the bridge then drains.
+    let _ = appender.await;
+    log.close();
+    let _ = consumer.await;
+    // The consumer held the only job sender; the worker answers what it has and ends.
     if let Some(worker) = upload_worker {
         let _ = tokio::time::timeout(HTTP_DRAIN_TIMEOUT, worker).await;
     }
@@ -311,9 +347,60 @@ pub async fn serve(
     if let Some(upkeep) = upkeep {
         let _ = upkeep.await;
     }
+    // The bridge's last stored position is the final checkpoint: persist it, so the next start
+    // replays nothing that is already stored.
+    log.closed().await;
+    log.persist_checkpoint()
+        .context("writing the ingest log checkpoint")?;
+    let unstored = log.used_bytes();
     storage.close().await.context("closing storage")?;
-    tracing::info!("stopped cleanly");
+    if unstored > 0 {
+        tracing::warn!(
+            bytes = unstored,
+            "stopped; part of the ingest log is not stored yet and is written at the next start"
+        );
+    } else {
+        tracing::info!("stopped cleanly");
+    }
     Ok(())
+}
+
+/// Opens (recovering when needed) the ingest log.
+fn open_log(config: &Config) -> anyhow::Result<(messina_log::Log, messina_log::Recovered)> {
+    let c = &config.ingest_log;
+    let dir = config.ingest_log_dir();
+    let options = messina_log::Options {
+        dir: dir.clone(),
+        segment_bytes: c.segment_mib << 20,
+        max_bytes: c.max_mib << 20,
+        max_batch_bytes: (c.max_batch_kib << 10) as usize,
+        memory_bytes: (c.memory_mib << 20) as usize,
+        durability: match c.durability {
+            messina_config::Durability::Fsync => messina_log::Durability::Fsync,
+            messina_config::Durability::OsBuffer => {
+                tracing::warn!(
+                    "ingest_log.durability = \"os-buffer\": messages are acknowledged before \
+                     they are on disk; a power loss or kernel crash loses acknowledged messages"
+                );
+                messina_log::Durability::OsBuffer
+            }
+        },
+    };
+    let (log, recovered) = messina_log::Log::open(options).with_context(|| {
+        format!(
+            "opening the ingest log in {} (`ingest_log.path`)",
+            dir.display()
+        )
+    })?;
+    tracing::info!(
+        dir = %dir.display(),
+        segments = recovered.segments,
+        replay_records = recovered.replay_records,
+        truncated_bytes = recovered.truncated_bytes,
+        corrupt_bytes = recovered.corrupt_bytes,
+        "ingest log opened"
+    );
+    Ok((log, recovered))
 }
 
 /// Starts the upload service, and the embedded S3 endpoint when no external one is configured.

@@ -9,14 +9,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use std::sync::Arc;
 
 use anyhow::Context;
-use messina_bridge::alerts::{AlertService, Notice};
-use messina_bridge::{BridgeHandle, Inbound};
-use messina_storage::DeviceId;
+use messina_bridge::alerts::Notice;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, ServerSettings};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::ingest::{Meta, UploadJob, KIND_PUBLISH, PRESENCE_SOURCE};
 use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
 use tokio_util::sync::CancellationToken;
 
@@ -141,20 +140,20 @@ impl EmbeddedBroker {
         })
     }
 
-    /// Moves device messages from the broker to the bridge until `shutdown`. Waiting on the bridge
-    /// queue holds back the link, so a slow bridge is never outrun inside this process.
-    pub fn spawn_ingest(
+    /// Appends every device message the broker delivers to the ingest log until `shutdown`. An
+    /// append waits while the log is full, which holds back the link: the broker's commit log
+    /// absorbs the rest (rumqttd has acknowledged it already; the device edge replaces this).
+    pub fn spawn_appender(
         &mut self,
-        bridge: BridgeHandle,
-        alerts: Option<Arc<AlertService>>,
-        uploads: Option<mpsc::Sender<UploadJob>>,
+        log: messina_log::Log,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let (link_tx, mut link_rx) = self.link.take().expect("ingest started once");
+        let (link_tx, mut link_rx) = self.link.take().expect("appender started once");
         tokio::spawn(async move {
             // The sending half must live as long as the link, or the router drops the connection.
             let _link_tx = link_tx;
             let mut gaps = CommitLogGaps::default();
+            let mut meta = Vec::new();
             loop {
                 let next = tokio::select! {
                     biased;
@@ -164,38 +163,30 @@ impl EmbeddedBroker {
                 match next {
                     Ok(Some(Notification::Forward(forward))) => {
                         gaps.observe(&forward.publish.topic, forward.cursor);
-                        let inbound = Inbound {
-                            topic: String::from_utf8_lossy(&forward.publish.topic).into_owned(),
-                            payload: forward.publish.payload,
+                        meta.clear();
+                        if let Some(p) = forward.properties {
+                            Meta {
+                                response_topic: p.response_topic,
+                                correlation: p.correlation_data,
+                            }
+                            .encode(&mut meta);
+                        }
+                        let record = messina_log::Record {
+                            kind: KIND_PUBLISH,
+                            flags: 0,
                             received_at: now_millis(),
+                            topic: &forward.publish.topic,
+                            meta: &meta,
+                            payload: &forward.publish.payload,
                         };
-                        if let Some(job) = UploadJob::parse(&inbound, forward.properties) {
-                            match &uploads {
-                                Some(uploads) => {
-                                    if uploads.try_send(job).is_err() {
-                                        metrics::counter!("messina_upload_requests_dropped_total")
-                                            .increment(1);
-                                        tracing::warn!(
-                                            topic = %inbound.topic,
-                                            "upload worker busy; request dropped (the device retries)"
-                                        );
-                                    }
-                                }
-                                None => tracing::info!(
-                                    topic = %inbound.topic,
-                                    "upload request ignored: uploads are disabled"
+                        if let Err(e) = log.append(record).await {
+                            match e {
+                                messina_log::LogError::Closed => {}
+                                e => tracing::error!(
+                                    error = %e,
+                                    "cannot append to the ingest log; device messages are no                                      longer accepted: check the disk of `ingest_log.path`"
                                 ),
                             }
-                            continue;
-                        }
-                        if let Some(control) = Control::parse(&inbound.topic, &inbound.payload) {
-                            if let Some(alerts) = &alerts {
-                                control.apply(alerts, inbound.received_at).await;
-                            }
-                            continue;
-                        }
-                        if bridge.send(inbound).await.is_err() {
-                            tracing::error!("bridge stopped; no longer consuming device messages");
                             break;
                         }
                     }
@@ -337,109 +328,6 @@ fn filter_of(topic: &[u8]) -> Option<&'static str> {
         let f: Vec<&str> = f.split('/').collect();
         f.len() == parts.len() && f.iter().zip(&parts).all(|(a, b)| *a == "+" || a == b)
     })
-}
-
-/// Marks presence messages Messina publishes, so its own ingest link ignores them; any other
-/// message on `devices/{id}/presence` is a device's will.
-pub const PRESENCE_SOURCE: &str = "messina";
-
-/// A message for the alert service rather than the bridge.
-enum Control {
-    /// A device's will message on `devices/{id}/presence`: its connection was lost.
-    Will(DeviceId),
-    /// `alerts/{device}/{rule}/ack`, the payload naming who acknowledges.
-    Ack(DeviceId, String, String),
-    /// Messina's own presence message, come back on the ingest subscription.
-    Own,
-}
-
-impl Control {
-    fn parse(topic: &str, payload: &[u8]) -> Option<Control> {
-        let parts: Vec<&str> = topic.split('/').collect();
-        match parts.as_slice() {
-            ["devices", id, "presence"] => {
-                let ours = serde_json::from_slice::<serde_json::Value>(payload)
-                    .is_ok_and(|v| v["source"] == PRESENCE_SOURCE);
-                if ours {
-                    return Some(Control::Own);
-                }
-                Some(Control::Will(DeviceId::new(*id).ok()?))
-            }
-            ["alerts", id, rule, "ack"] => {
-                let by = String::from_utf8_lossy(payload)
-                    .trim()
-                    .chars()
-                    .take(128)
-                    .collect::<String>();
-                let by = if by.is_empty() {
-                    "mqtt".to_string()
-                } else {
-                    by
-                };
-                Some(Control::Ack(DeviceId::new(*id).ok()?, rule.to_string(), by))
-            }
-            // Anything else, including these topics with an invalid device id, goes to the bridge,
-            // which stores what it cannot use as a dead letter with the reason.
-            _ => None,
-        }
-    }
-
-    async fn apply(self, alerts: &AlertService, at: i64) {
-        match self {
-            Control::Will(device) => alerts.connection_lost(&device, at).await,
-            Control::Ack(device, rule, by) => {
-                if let Err(e) = alerts.ack_rule(&device, &rule, &by, at).await {
-                    tracing::info!(error = %e, "acknowledgement over MQTT ignored");
-                }
-            }
-            Control::Own => {}
-        }
-    }
-}
-
-/// A device's upload request or completion, taken off the ingest link for the upload worker.
-#[derive(Debug)]
-pub struct UploadJob {
-    device: DeviceId,
-    done: bool,
-    payload: bytes::Bytes,
-    /// MQTT 5 Response Topic and Correlation Data of the request, when given.
-    response_topic: Option<String>,
-    correlation: Option<bytes::Bytes>,
-}
-
-impl UploadJob {
-    fn parse(inbound: &Inbound, properties: Option<PublishProperties>) -> Option<UploadJob> {
-        let parts: Vec<&str> = inbound.topic.split('/').collect();
-        let (id, done) = match parts.as_slice() {
-            ["devices", id, "uploads", "request"] => (*id, false),
-            ["devices", id, "uploads", "done"] => (*id, true),
-            _ => return None,
-        };
-        // A topic with an invalid id goes to the bridge, which keeps it as a dead letter.
-        let device = DeviceId::new(id).ok()?;
-        let (response_topic, correlation) = properties
-            .map(|p| (p.response_topic, p.correlation_data))
-            .unwrap_or_default();
-        Some(UploadJob {
-            device,
-            done,
-            payload: inbound.payload.clone(),
-            response_topic,
-            correlation,
-        })
-    }
-
-    /// Where the reply goes: the request's Response Topic when it stays under the device's own
-    /// `devices/{id}/` (a device must not make Messina publish elsewhere), else
-    /// `devices/{id}/uploads/response`.
-    fn reply_topic(&self) -> String {
-        let own = format!("devices/{}/", self.device);
-        match &self.response_topic {
-            Some(t) if t.starts_with(&own) && !t.contains(['+', '#']) => t.clone(),
-            _ => format!("{own}uploads/response"),
-        }
-    }
 }
 
 /// A message from Messina to one device, not retained.

@@ -305,6 +305,46 @@ section! {
     }
 }
 
+/// When an appended message counts as durable (and its PUBACK may be sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// After `fdatasync` of the log file: survives a crash of the process, of the kernel and a
+    /// power loss.
+    Fsync,
+    /// UNSAFE, for benchmarks only: after the write reached the kernel's page cache. A kernel
+    /// crash or a power loss loses messages that were already acknowledged.
+    OsBuffer,
+}
+
+section! {
+    /// The ingest log: every device message is appended here, checksummed and fsynced; the bridge
+    /// writes it to storage from here and replays it after a crash. (The embedded rumqttd still
+    /// sends the PUBACK before the append; Messina's own device edge will acknowledge only what
+    /// the log holds.)
+    pub struct IngestLogConfig at "ingest_log" {
+        /// Directory of the log's segment files and checkpoint; created when missing. Empty means
+        /// `log` inside `storage.embedded.path`. Put it on a local disk: every append waits for an
+        /// fdatasync here.
+        pub path: String = String::new(),
+        /// "fsync" (the default: a message counts as durable once it is on disk) or "os-buffer"
+        /// (UNSAFE: durable once written to the page cache; a power loss or kernel crash loses
+        /// what was already counted durable; for benchmarks only).
+        pub durability: Durability = Durability::Fsync,
+        /// Size of one segment file in MiB; whole segments are deleted once stored.
+        pub segment_mib: u64 = 64,
+        /// Most MiB the log holds that are not yet stored. When it is full (storage is down or
+        /// slower than the devices), the broker stops reading from device connections until the
+        /// bridge catches up: publishers are slowed, nothing is dropped.
+        pub max_mib: u64 = 1_024,
+        /// Most KiB written by one write and fdatasync (group commit).
+        pub max_batch_kib: u64 = 4_096,
+        /// MiB of recently written log kept in memory, so a bridge that keeps up never reads the
+        /// files; a bridge that lags reads them instead.
+        pub memory_mib: u64 = 64,
+    }
+}
+
 section! {
     /// The bridge between the broker and storage: decoding, validation and batching.
     pub struct BridgeConfig at "bridge" {
@@ -463,6 +503,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub storage: StorageConfig,
+    pub ingest_log: IngestLogConfig,
     pub bridge: BridgeConfig,
     pub alerts: AlertsConfig,
     pub uploads: UploadsConfig,
@@ -470,6 +511,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The ingest log's directory: `ingest_log.path`, or `log` inside `storage.embedded.path`.
+    pub fn ingest_log_dir(&self) -> PathBuf {
+        if self.ingest_log.path.is_empty() {
+            self.storage.embedded.path.join("log")
+        } else {
+            PathBuf::from(&self.ingest_log.path)
+        }
+    }
+
     /// Loads defaults, then `file` (when given), then `MESSINA__...` environment variables, and
     /// validates the result. Every problem is returned at once.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
@@ -534,6 +584,7 @@ impl Config {
             mqtt: MqttConfig::extract(&figment, &mut errors),
             http: HttpConfig::extract(&figment, &mut errors),
             storage: StorageConfig::extract(&figment, &mut errors),
+            ingest_log: IngestLogConfig::extract(&figment, &mut errors),
             bridge: BridgeConfig::extract(&figment, &mut errors),
             alerts: AlertsConfig::extract(&figment, &mut errors),
             uploads: UploadsConfig::extract(&figment, &mut errors),
@@ -553,6 +604,7 @@ impl Config {
         MqttConfig::known_keys(keys);
         HttpConfig::known_keys(keys);
         StorageConfig::known_keys(keys);
+        IngestLogConfig::known_keys(keys);
         BridgeConfig::known_keys(keys);
         AlertsConfig::known_keys(keys);
         UploadsConfig::known_keys(keys);
@@ -606,6 +658,30 @@ impl Config {
             (2..=1024).contains(&m.commit_log_segments),
             "mqtt.commit_log_segments",
             format!("must be between 2 and 1024, got {}", m.commit_log_segments),
+        );
+        let l = &self.ingest_log;
+        check(
+            (1..=1024).contains(&l.segment_mib),
+            "ingest_log.segment_mib",
+            format!("must be between 1 and 1024, got {}", l.segment_mib),
+        );
+        check(
+            l.max_mib >= 2 * l.segment_mib.max(1) && l.max_mib <= 1 << 20,
+            "ingest_log.max_mib",
+            format!(
+                "must be at least twice `ingest_log.segment_mib` ({}) and at most 1048576, got {}",
+                l.segment_mib, l.max_mib
+            ),
+        );
+        check(
+            (64..=65_536).contains(&l.max_batch_kib),
+            "ingest_log.max_batch_kib",
+            format!("must be between 64 and 65536, got {}", l.max_batch_kib),
+        );
+        check(
+            l.memory_mib <= 4096,
+            "ingest_log.memory_mib",
+            format!("must be at most 4096, got {}", l.memory_mib),
         );
         let h = &self.http;
         check(
@@ -937,6 +1013,7 @@ impl Config {
         self.mqtt.document(&mut out);
         self.http.document(&mut out);
         self.storage.document(&mut out);
+        self.ingest_log.document(&mut out);
         self.bridge.document(&mut out);
         self.alerts.document(&mut out);
         self.uploads.document(&mut out);

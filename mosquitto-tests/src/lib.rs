@@ -205,6 +205,13 @@ impl Server {
         }
     }
 
+    /// Kills the process with SIGKILL (no shutdown at all) and waits for it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait after SIGKILL");
+    }
+
     /// Starts the same configuration again (same ports and data).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "terminate first");
