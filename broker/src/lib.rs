@@ -2,6 +2,7 @@
 //! side-port from one `Config`, and shuts them down in order. `messina serve` is a thin wrapper
 //! around [`serve`].
 
+pub mod edge;
 pub mod http;
 pub mod ingest;
 pub mod inspect;
