@@ -181,6 +181,19 @@ impl Fixture {
             .len()
     }
 
+    /// Every dead letter stored, newest first.
+    async fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.storage
+            .dead_letters(&DeadLetterQuery {
+                device: None,
+                range: TimeRange::default(),
+                page: PageRequest::first(10),
+            })
+            .await
+            .unwrap()
+            .items
+    }
+
     async fn wait_stored(&self, device: &str, n: usize) {
         for _ in 0..500 {
             if self.stored(device).await == n {
@@ -251,16 +264,7 @@ async fn bad_messages_become_dead_letters_beside_good_ones() {
     f.send(telemetry("d1", 4)).await;
     f.close().await;
     assert_eq!(f.stored("d1").await, 2);
-    let dead = f
-        .storage
-        .dead_letters(&DeadLetterQuery {
-            device: None,
-            range: TimeRange::default(),
-            page: PageRequest::first(10),
-        })
-        .await
-        .unwrap()
-        .items;
+    let dead = f.dead_letters().await;
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].topic, "devices/bad id/events");
     assert_eq!(dead[0].device, None);
@@ -307,16 +311,7 @@ async fn a_refused_batch_is_split_and_only_the_message_at_fault_becomes_a_dead_l
     }
     f.close().await;
     assert_eq!(f.stored("d1").await, 8, "every other message is stored");
-    let dead = f
-        .storage
-        .dead_letters(&DeadLetterQuery {
-            device: None,
-            range: TimeRange::default(),
-            page: PageRequest::first(10),
-        })
-        .await
-        .unwrap()
-        .items;
+    let dead = f.dead_letters().await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].id, 1050);
     assert_eq!(dead[0].topic, "devices/poison/telemetry");

@@ -104,13 +104,7 @@ fn write(
         if boundary < start + chunk.len() as u64 {
             // A roll: the old segment is complete; sync it before the new one takes writes, and
             // make the new file's name durable (segment::create syncs the directory).
-            if sync {
-                active
-                    .file
-                    .sync_data()
-                    .map_err(|e| LogError::io("syncing a segment", e))?;
-                syncs += 1;
-            }
+            syncs += sync_if(sync, active)?;
             let file = segment::create(dir, boundary)
                 .map_err(|e| LogError::io("creating a segment", e))?;
             *active = Active {
@@ -123,13 +117,7 @@ fn write(
             metrics::gauge!(names::SEGMENTS).set(s.bases.len() as f64);
         }
     }
-    if sync {
-        active
-            .file
-            .sync_data()
-            .map_err(|e| LogError::io("syncing a segment", e))?;
-        syncs += 1;
-    }
+    syncs += sync_if(sync, active)?;
     metrics::histogram!(names::FSYNC_SECONDS).record(crate::elapsed_since(began));
     let end = start + chunk.len() as u64;
     {
@@ -151,6 +139,18 @@ fn write(
     shared.durable.send_replace(end);
     shared.data.notify_waiters();
     Ok(())
+}
+
+/// fdatasync of the active segment in `Fsync` mode; returns how many syncs it made.
+fn sync_if(sync: bool, active: &Active) -> Result<u64, LogError> {
+    if !sync {
+        return Ok(0);
+    }
+    active
+        .file
+        .sync_data()
+        .map_err(|e| LogError::io("syncing a segment", e))?;
+    Ok(1)
 }
 
 /// A disk failure: nothing past the last good watermark is ever reported durable; everyone
