@@ -12,6 +12,7 @@ use crate::{names, Entry, LogError, Shared};
 /// How much one file read takes at most (a larger record is read whole).
 const READ_CHUNK: usize = 1 << 20;
 
+/// Reads committed records in position order; see [`crate::Log::reader`].
 pub struct Reader {
     shared: Arc<Shared>,
     pos: u64,
@@ -30,6 +31,8 @@ impl Reader {
     /// Waits for at least one committed record and returns up to `max` of them; `Ok(None)` once
     /// the log is closed and read to its end.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Entry>>, LogError> {
+        // A batch of zero could never make progress; the caller gets at least one record.
+        let max = max.max(1);
         loop {
             let waker = Arc::clone(&self.shared);
             let notified = waker.data.notified();
@@ -64,6 +67,7 @@ impl Reader {
                         .map_err(|e| LogError::io("reading the log", std::io::Error::other(e)))??;
                 self.pos = next;
                 metrics::counter!(names::REPLAYED).increment(entries.len() as u64);
+                self.shared.lock().stats.records_replayed += entries.len() as u64;
                 if !entries.is_empty() {
                     return Ok(Some(entries));
                 }
@@ -78,21 +82,35 @@ impl Reader {
 
     /// Records from the in-memory chunks, or None when the position is no longer in memory.
     fn read_memory(&mut self, durable: u64, max: usize) -> Option<Vec<Entry>> {
-        let s = self.shared.lock();
-        let first = s.memory.front()?.0;
-        if self.pos < first {
-            return None;
-        }
+        // Only the lookup happens under the log's lock (appenders share it); the chunks are
+        // reference-counted, so decoding and checking CRCs happens after it is released.
+        let chunks: Vec<(u64, Bytes)> = {
+            let s = self.shared.lock();
+            let pos = self.pos;
+            let i = s
+                .memory
+                .partition_point(|(start, chunk)| start + chunk.len() as u64 <= pos);
+            match s.memory.get(i) {
+                Some((start, _)) if *start <= pos => {}
+                _ => return None,
+            }
+            let mut taken = 0usize;
+            let mut expect = s.memory[i].0;
+            let mut out = Vec::new();
+            for (start, chunk) in s.memory.range(i..) {
+                // Chunks are contiguous; a gap would mean a bug, and the files can answer.
+                if *start != expect || taken >= READ_CHUNK {
+                    break;
+                }
+                expect = start + chunk.len() as u64;
+                taken += chunk.len();
+                out.push((*start, chunk.clone()));
+            }
+            out
+        };
         let mut out = Vec::new();
-        for (start, chunk) in s.memory.iter() {
+        for (start, chunk) in &chunks {
             let chunk_end = start + chunk.len() as u64;
-            if chunk_end <= self.pos {
-                continue;
-            }
-            if *start > self.pos {
-                // A gap (should not happen: chunks are contiguous); let the files answer.
-                break;
-            }
             while self.pos < chunk_end && self.pos < durable && out.len() < max {
                 match record::decode(chunk, (self.pos - start) as usize, *start) {
                     Ok(entry) => {
@@ -102,7 +120,7 @@ impl Reader {
                     Err(_) => return if out.is_empty() { None } else { Some(out) },
                 }
             }
-            if out.len() >= max {
+            if out.len() >= max || self.pos >= durable {
                 break;
             }
         }
@@ -124,6 +142,10 @@ fn read_files(
     let Some(&base) = bases.get(idx) else {
         return Ok((pos, Vec::new()));
     };
+    if pos < base {
+        // The segment was deleted after the caller looked (a checkpoint passed it).
+        return Ok((base, Vec::new()));
+    }
     let next_base = bases.get(idx + 1).copied();
     let limit = next_base.unwrap_or(durable).min(durable);
     if pos >= limit {
@@ -131,7 +153,16 @@ fn read_files(
         return Ok((next_base.map_or(pos, |n| n.max(pos)), Vec::new()));
     }
     let path = segment::path(&shared.options.dir, base);
-    let file = std::fs::File::open(&path).map_err(|e| LogError::io("opening a segment", e))?;
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        // Deleted under us because a checkpoint passed it: the caller moves on to what is left.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && !shared.lock().bases.contains(&base) =>
+        {
+            return Ok((pos, Vec::new()));
+        }
+        Err(e) => return Err(LogError::io("opening a segment", e)),
+    };
     let want = ((limit - pos) as usize).min(READ_CHUNK);
     let mut buf = segment::read_at(&file, pos - base, want)
         .map_err(|e| LogError::io("reading a segment", e))?;
@@ -166,6 +197,8 @@ fn read_files(
                     metrics::counter!(names::CORRUPT_BYTES).increment(lost);
                     return Ok((next, out));
                 }
+                // Hand out the good records first; the next call starts at the bad one.
+                None if !out.is_empty() => return Ok((pos, out)),
                 None => {
                     return Err(LogError::Corrupt {
                         pos,

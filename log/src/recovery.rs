@@ -62,7 +62,7 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
             vec![start],
         ));
     }
-    let mut cp = match stored {
+    let cp = match stored {
         Stored::At(p) => p.max(bases[0]),
         _ => bases[0],
     };
@@ -76,10 +76,20 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
     for (i, &base) in bases.iter().enumerate() {
         let data = std::fs::read(segment::path(dir, base))
             .map_err(|e| LogError::io("reading a segment", e))?;
-        let (valid, records, bad) = scan(&data, base, cp);
+        // A sealed segment holds exactly the positions up to the next segment's base: bytes past
+        // that are not records, and a file that ends early lost records it once had.
+        let expected = match bases.get(i + 1) {
+            Some(next) => next - base,
+            None => data.len() as u64,
+        };
+        let data = &data[..(expected.min(data.len() as u64)) as usize];
+        let (valid, records, mut bad) = scan(data, base, cp);
         found.replay_records += records;
+        if bad.is_none() && valid < expected {
+            bad = Some(Bad::Incomplete { needed: expected });
+        }
         if let Some(bad) = bad {
-            let cut = data.len() as u64 - valid;
+            let cut = expected - valid;
             if i == last {
                 if !matches!(bad, Bad::Empty) || data[valid as usize..].iter().any(|b| *b != 0) {
                     tracing::warn!(
@@ -109,7 +119,34 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
     }
     let last_base = bases[last];
     found.end = last_base + active_len;
-    cp = cp.min(found.end);
+    if cp > found.end {
+        // The consumer stored records the files no longer hold (lost with the page cache under
+        // OsBuffer, or removed by hand). Going back below the checkpoint would hand out
+        // positions the consumer already used as ids, so the log continues at the checkpoint in
+        // a new segment, and the old ones, wholly below it, go.
+        tracing::warn!(
+            checkpoint = cp,
+            end = found.end,
+            "the ingest log ends below its checkpoint; continuing at the checkpoint"
+        );
+        let file = segment::create(dir, cp).map_err(|e| LogError::io("creating a segment", e))?;
+        for base in bases.drain(..) {
+            segment::remove(dir, base).map_err(|e| LogError::io("deleting a stored segment", e))?;
+        }
+        segment::sync_dir(dir).map_err(|e| LogError::io("syncing the log directory", e))?;
+        found.checkpoint = cp;
+        found.end = cp;
+        found.segments = 1;
+        return Ok((
+            found,
+            Active {
+                base: cp,
+                file,
+                len: 0,
+            },
+            vec![cp],
+        ));
+    }
     found.checkpoint = cp;
     found.segments = bases.len();
     let file =

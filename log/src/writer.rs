@@ -14,6 +14,8 @@ use crate::{names, Durability, LogError, Shared};
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 pub(crate) fn run(shared: Arc<Shared>, mut active: Active) {
+    // However the loop ends, even by a panic, everyone waiting must hear that the writer is gone.
+    let _finish = Finish(&shared);
     let mut last_checkpoint = Instant::now();
     loop {
         let (chunk, start, rolls, closing) = {
@@ -27,11 +29,13 @@ pub(crate) fn run(shared: Arc<Shared>, mut active: Active) {
                 } else {
                     Duration::from_secs(1)
                 };
+                s.writer_waiting = true;
                 s = shared
                     .work
                     .wait_timeout(s, wait)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                s.writer_waiting = false;
             }
             let take = s.pending.len().min(shared.options.max_batch_bytes.max(1));
             // Take whole records only: walk the frames up to the batch limit.
@@ -70,9 +74,24 @@ pub(crate) fn run(shared: Arc<Shared>, mut active: Active) {
             break;
         }
     }
-    shared.finished.send_replace(true);
-    shared.data.notify_waiters();
-    shared.space.notify_waiters();
+}
+
+/// Marks the writer finished and wakes readers, appenders and `closed()` when dropped.
+struct Finish<'a>(&'a Shared);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        if std::thread::panicking() {
+            tracing::error!("the ingest log writer thread panicked; no more messages are accepted");
+            let mut s = shared.lock();
+            s.failed = Some("the writer thread panicked".into());
+            s.closed = true;
+        }
+        shared.finished.send_replace(true);
+        shared.data.notify_waiters();
+        shared.space.notify_waiters();
+    }
 }
 
 /// Writes `chunk` (which starts at position `start`), creating the segments that start at
@@ -86,7 +105,6 @@ fn write(
 ) -> Result<(), LogError> {
     let dir = &shared.options.dir;
     let sync = shared.options.durability == Durability::Fsync;
-    let began = Instant::now();
     let mut at = start;
     let mut syncs = 0;
     for boundary in rolls
@@ -118,7 +136,6 @@ fn write(
         }
     }
     syncs += sync_if(sync, active)?;
-    metrics::histogram!(names::FSYNC_SECONDS).record(crate::elapsed_since(began));
     let end = start + chunk.len() as u64;
     {
         let mut s = shared.lock();
@@ -146,10 +163,12 @@ fn sync_if(sync: bool, active: &Active) -> Result<u64, LogError> {
     if !sync {
         return Ok(0);
     }
+    let began = Instant::now();
     active
         .file
         .sync_data()
         .map_err(|e| LogError::io("syncing a segment", e))?;
+    metrics::histogram!(names::FSYNC_SECONDS).record(crate::elapsed_since(began));
     Ok(1)
 }
 

@@ -274,6 +274,11 @@ async fn a_lagging_reader_reads_the_files() {
     let got = read_all(&log, rec.checkpoint, end).await;
     assert_eq!(got.len(), 500);
     check(&got, 0);
+    assert!(
+        log.stats().records_replayed > 400,
+        "{} records came from the files",
+        log.stats().records_replayed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,4 +366,213 @@ async fn a_closed_log_is_read_to_its_end_and_os_buffer_works() {
         log.append(record(b"t", b"p")).await,
         Err(LogError::Closed)
     ));
+}
+
+#[tokio::test]
+async fn any_size_and_empty_fields_round_trip_from_memory_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments, so the 2 MiB record gets a segment of its own, and is larger than one
+    // file read of the reader (1 MiB).
+    let o = options(dir.path());
+    let big = vec![0xA5u8; 2 << 20];
+    let mid = vec![3u8; 300 << 10];
+    let cases: Vec<(&[u8], &[u8], &[u8])> = vec![
+        (b"", b"", b""),
+        (b"t", b"", b""),
+        (b"", b"meta", b""),
+        (b"", b"", b"p"),
+        (b"a/b/c", b"m", &mid),
+        (b"big", b"", &big),
+        (b"after", b"x", b"y"),
+    ];
+    let (log, rec) = Log::open(o.clone()).unwrap();
+    let mut ends = Vec::new();
+    for (i, (topic, meta, payload)) in cases.iter().enumerate() {
+        let r = Record {
+            kind: i as u8,
+            flags: 0xF0 | i as u8,
+            received_at: -(i as i64),
+            topic,
+            meta,
+            payload,
+        };
+        ends.push(log.append(r).await.unwrap());
+    }
+    let end = *ends.last().unwrap();
+    timeout(BOUND, log.wait_durable(end))
+        .await
+        .unwrap()
+        .unwrap();
+    let verify = |got: &[Entry]| {
+        assert_eq!(got.len(), cases.len());
+        let mut pos = rec.checkpoint;
+        for (i, (e, (topic, meta, payload))) in got.iter().zip(&cases).enumerate() {
+            assert_eq!((e.pos, e.end), (pos, ends[i]), "record {i}");
+            assert_eq!(
+                (e.kind, e.flags, e.received_at),
+                (i as u8, 0xF0 | i as u8, -(i as i64))
+            );
+            assert_eq!(&e.topic[..], *topic);
+            assert_eq!(&e.meta[..], *meta);
+            assert_eq!(&e.payload[..], *payload);
+            pos = e.end;
+        }
+    };
+    verify(&read_all(&log, rec.checkpoint, end).await);
+    // A batch of zero still makes progress.
+    let mut r = log.reader(rec.checkpoint);
+    let one = timeout(BOUND, r.next_batch(0))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert!(
+        messina_seg(dir.path()).len() >= 2,
+        "the big record rolled the segment"
+    );
+    log.close();
+    log.closed().await;
+    drop(log);
+    let (log, rec2) = Log::open(o).unwrap();
+    assert_eq!((rec2.checkpoint, rec2.end), (rec.checkpoint, end));
+    assert_eq!(rec2.replay_records, cases.len() as u64);
+    verify(&read_all(&log, rec.checkpoint, end).await);
+    assert_eq!(log.stats().records_replayed, cases.len() as u64);
+}
+
+#[tokio::test]
+async fn garbage_after_the_data_and_a_damaged_last_record_are_torn_tails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, rec) = Log::open(options(dir.path())).unwrap();
+    let end = append_n(&log, 0, 30).await;
+    log.close();
+    log.closed().await;
+    drop(log);
+    let seg = messina_seg(dir.path()).pop().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, b"\x17\x00\x00\x00garbage that is not a record").unwrap();
+    drop(f);
+    let (log, rec2) = Log::open(options(dir.path())).unwrap();
+    assert_eq!(rec2.truncated_bytes, 32);
+    assert_eq!(rec2.end, end);
+    check(&read_all(&log, rec.checkpoint, end).await, 0);
+    log.close();
+    log.closed().await;
+    drop(log);
+
+    // One flipped byte in the last record of the last segment: that record is cut off.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (log, rec3) = Log::open(options(dir.path())).unwrap();
+    assert!(rec3.truncated_bytes > 0);
+    assert_eq!(rec3.corrupt_bytes, 0);
+    let got = read_all(&log, rec.checkpoint, rec3.end).await;
+    assert_eq!(got.len(), 29);
+    check(&got, 0);
+    assert_eq!(got.last().unwrap().end, rec3.end);
+    // Appending continues where the valid data ends, and survives another restart.
+    let end2 = append_n(&log, 29, 3).await;
+    log.close();
+    log.closed().await;
+    drop(log);
+    let (log, rec4) = Log::open(options(dir.path())).unwrap();
+    assert_eq!((rec4.end, rec4.truncated_bytes), (end2, 0));
+    check(&read_all(&log, rec.checkpoint, end2).await, 0);
+}
+
+#[tokio::test]
+async fn closing_persists_the_checkpoint_and_deletes_stored_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path());
+    o.segment_bytes = 4096;
+    let (log, rec) = Log::open(o.clone()).unwrap();
+    let end = append_n(&log, 0, 300).await;
+    let all = read_all(&log, rec.checkpoint, end).await;
+    let before = messina_seg(dir.path()).len();
+    log.checkpoint(all[249].end).unwrap();
+    // A lower checkpoint afterwards is ignored.
+    log.checkpoint(all[10].end).unwrap();
+    assert_eq!(log.checkpointed(), all[249].end);
+    assert_eq!(log.used_bytes(), end - all[249].end);
+    log.close();
+    log.closed().await;
+    assert!(messina_seg(dir.path()).len() < before / 2);
+    drop(log);
+    let (log, rec2) = Log::open(o).unwrap();
+    assert_eq!((rec2.checkpoint, rec2.replay_records), (all[249].end, 50));
+    check(&read_all(&log, rec2.checkpoint, end).await, 250);
+}
+
+#[tokio::test]
+async fn a_log_that_lost_data_below_its_checkpoint_continues_at_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, rec) = Log::open(options(dir.path())).unwrap();
+    let end = append_n(&log, 0, 20).await;
+    log.checkpoint(end).unwrap();
+    log.close();
+    log.closed().await;
+    drop(log);
+    // What OsBuffer mode can leave after a power loss: the checkpoint survived, the data not.
+    for seg in messina_seg(dir.path()) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(seg)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+    let (log, rec2) = Log::open(options(dir.path())).unwrap();
+    assert!(end > rec.checkpoint);
+    assert_eq!((rec2.checkpoint, rec2.end), (end, end));
+    let p = payload(0);
+    let next = log.append(record(b"t/0", &p)).await.unwrap();
+    timeout(BOUND, log.wait_durable(next))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = read_all(&log, end, next).await;
+    assert_eq!(
+        (got.len(), got[0].pos),
+        (1, end),
+        "positions are never reused"
+    );
+}
+
+#[tokio::test]
+async fn a_short_sealed_segment_and_a_damaged_checkpoint_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path());
+    o.segment_bytes = 4096;
+    let (log, rec) = Log::open(o.clone()).unwrap();
+    let end = append_n(&log, 0, 200).await;
+    let all = read_all(&log, rec.checkpoint, end).await;
+    log.checkpoint(all[4].end).unwrap();
+    log.close();
+    log.closed().await;
+    drop(log);
+    // A sealed segment lost its last 10 bytes, and the checkpoint file is garbage.
+    let segs = messina_seg(dir.path());
+    let len = std::fs::metadata(&segs[1]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segs[1])
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    std::fs::write(dir.path().join("checkpoint"), b"not a checkpoint").unwrap();
+    let (log, rec2) = Log::open(o).unwrap();
+    assert_eq!(
+        rec2.checkpoint, rec.checkpoint,
+        "replay from the oldest segment"
+    );
+    assert_eq!(rec2.end, end);
+    assert!(rec2.corrupt_bytes >= 10, "{}", rec2.corrupt_bytes);
+    assert_eq!(rec2.truncated_bytes, 0);
+    let got = read_all(&log, rec2.checkpoint, end).await;
+    assert!(got.len() < 200 && got.len() > 150, "{} records", got.len());
+    assert_eq!(got.last().unwrap().end, end);
+    assert_eq!(got.len() as u64, rec2.replay_records);
 }
