@@ -14,7 +14,6 @@ mod writer;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Notify};
@@ -517,8 +516,4 @@ pub(crate) fn fresh_start() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
-}
-
-pub(crate) fn elapsed_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64()
 }

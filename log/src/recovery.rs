@@ -46,21 +46,8 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
             Stored::At(p) => p,
             _ => crate::fresh_start(),
         };
-        let file =
-            segment::create(dir, start).map_err(|e| LogError::io("creating a segment", e))?;
         checkpoint::write(dir, start).map_err(|e| LogError::io("writing the checkpoint", e))?;
-        found.checkpoint = start;
-        found.end = start;
-        found.segments = 1;
-        return Ok((
-            found,
-            Active {
-                base: start,
-                file,
-                len: 0,
-            },
-            vec![start],
-        ));
+        return empty_at(dir, start, found);
     }
     let cp = match stored {
         Stored::At(p) => p.max(bases[0]),
@@ -129,23 +116,11 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
             end = found.end,
             "the ingest log ends below its checkpoint; continuing at the checkpoint"
         );
-        let file = segment::create(dir, cp).map_err(|e| LogError::io("creating a segment", e))?;
         for base in bases.drain(..) {
             segment::remove(dir, base).map_err(|e| LogError::io("deleting a stored segment", e))?;
         }
         segment::sync_dir(dir).map_err(|e| LogError::io("syncing the log directory", e))?;
-        found.checkpoint = cp;
-        found.end = cp;
-        found.segments = 1;
-        return Ok((
-            found,
-            Active {
-                base: cp,
-                file,
-                len: 0,
-            },
-            vec![cp],
-        ));
+        return empty_at(dir, cp, found);
     }
     found.checkpoint = cp;
     found.segments = bases.len();
@@ -159,6 +134,28 @@ pub(crate) fn recover(options: &Options) -> Result<(Recovered, Active, Vec<u64>)
             len: active_len,
         },
         bases,
+    ))
+}
+
+/// A log with one empty segment starting at `pos`, where both the consumer and the next append
+/// begin (a brand-new log, or one that continues at its checkpoint).
+fn empty_at(
+    dir: &Path,
+    pos: u64,
+    mut found: Recovered,
+) -> Result<(Recovered, Active, Vec<u64>), LogError> {
+    let file = segment::create(dir, pos).map_err(|e| LogError::io("creating a segment", e))?;
+    found.checkpoint = pos;
+    found.end = pos;
+    found.segments = 1;
+    Ok((
+        found,
+        Active {
+            base: pos,
+            file,
+            len: 0,
+        },
+        vec![pos],
     ))
 }
 
