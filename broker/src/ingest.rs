@@ -13,6 +13,26 @@ use messina_log::{Entry, Log, Reader};
 use messina_storage::DeviceId;
 use tokio::sync::mpsc;
 
+/// The topics whose messages go into the ingest log: device data for the bridge, device wills
+/// (presence) and fleet managers' acknowledgements for the alert service, devices' upload
+/// requests and completions for the upload service. Anything else is only routed.
+pub const INGEST_FILTERS: [&str; 6] = [
+    "devices/+/telemetry",
+    "devices/+/events",
+    "devices/+/presence",
+    "alerts/+/+/ack",
+    "devices/+/uploads/request",
+    "devices/+/uploads/done",
+];
+
+/// Whether a message on `topic` belongs in the ingest log.
+pub fn is_ingest_topic(topic: &str) -> bool {
+    (topic.starts_with("devices/") || topic.starts_with("alerts/"))
+        && INGEST_FILTERS
+            .iter()
+            .any(|f| crate::edge::router::matches(f, topic))
+}
+
 /// The record kind of a device PUBLISH (the only kind so far).
 pub const KIND_PUBLISH: u8 = 1;
 /// Records handed to the consumer's dispatch at once.
@@ -274,6 +294,29 @@ impl UploadJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_data_wills_acks_and_uploads_go_into_the_log() {
+        for t in [
+            "devices/d1/telemetry",
+            "devices/d1/events",
+            "devices/d1/presence",
+            "alerts/d1/battery_low/ack",
+            "devices/d1/uploads/request",
+            "devices/d1/uploads/done",
+        ] {
+            assert!(is_ingest_topic(t), "{t}");
+        }
+        for t in [
+            "devices/d1/other",
+            "devices/d1/uploads/response",
+            "alerts/d1/battery_low",
+            "conf/x",
+            "devices/d1/telemetry/x",
+        ] {
+            assert!(!is_ingest_topic(t), "{t}");
+        }
+    }
 
     #[test]
     fn meta_round_trips_and_is_empty_when_there_is_nothing() {

@@ -78,15 +78,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         ),
         (
             "messina_mqtt_publishes_total",
-            "PUBLISH packets the embedded broker routed.",
-        ),
-        (
-            "messina_mqtt_failed_publishes_total",
-            "PUBLISH packets the embedded broker failed to route.",
-        ),
-        (
-            "messina_broker_dropped_total",
-            "Messages the broker acknowledged but dropped from its commit log before the bridge read them, by filter.",
+            "PUBLISH packets the edge accepted, by QoS.",
         ),
     ] {
         metrics::describe_counter!(name, help);
@@ -114,10 +106,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         names::QUEUE_DEPTH,
         "Messages waiting between broker and bridge."
     );
-    metrics::describe_gauge!(
-        "messina_mqtt_connections",
-        "Connected MQTT clients (updated each second while messages flow)."
-    );
+    metrics::describe_gauge!("messina_mqtt_connections", "Open MQTT connections.");
     Ok(handle)
 }
 
@@ -205,7 +194,20 @@ pub async fn serve(
     }
     let storage = open_storage(&config).await?;
     let (log, recovered) = open_log(&config)?;
-    let mut broker = mqtt::EmbeddedBroker::start(&config.mqtt)?;
+    let router = edge::router::Router::start(mqtt::router_config(&config.mqtt))?;
+    let mut addresses = vec![("mqtt.listen", config.mqtt.listen)];
+    if config.mqtt.listen_v5 != config.mqtt.listen {
+        addresses.push(("mqtt.listen_v5", config.mqtt.listen_v5));
+    }
+    let edge = edge::Edge::start(
+        &addresses,
+        edge::Settings::from_config(&config.mqtt),
+        log.clone(),
+        std::sync::Arc::clone(&router),
+        edge::allow_all(),
+        shutdown.clone(),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| {
@@ -220,7 +222,7 @@ pub async fn serve(
     let (notices_tx, notices_rx) = tokio::sync::mpsc::channel(4096);
     // Replies to devices (upload URLs) share the publisher link, on their own bounded channel.
     let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(1024);
-    let publisher = broker.spawn_publisher(notices_rx, replies_rx);
+    let publisher = mqtt::spawn_publisher(router.feeder(), notices_rx, replies_rx);
     let alerts = if config.alerts.enabled {
         let rules = messina_bridge::alerts::Rules::from_config(&config.alerts);
         let service = AlertService::start(rules, Arc::clone(&storage), notices_tx)
@@ -279,8 +281,6 @@ pub async fn serve(
             uploads: upload_jobs,
         },
     );
-    let appender = broker.spawn_appender(log.clone(), shutdown.clone());
-    let meters = broker.spawn_meters(shutdown.clone());
     let upkeep = metrics.clone().map(|handle| {
         spawn_every(Duration::from_secs(5), shutdown.clone(), move || {
             handle.run_upkeep();
@@ -305,7 +305,7 @@ pub async fn serve(
     );
     tracing::info!(
         mqtt = %config.mqtt.listen,
-        mqtt_v5 = %config.mqtt.listen_v5,
+        mqtt_alias = %config.mqtt.listen_v5,
         http = %config.http.listen,
         storage = ?config.storage.backend,
         s3 = embedded_s3.as_ref().map(|s| s.endpoint.as_str()).unwrap_or(config.uploads.endpoint.as_str()),
@@ -314,9 +314,10 @@ pub async fn serve(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining the ingest log into storage");
-    // Nothing more is appended once the appender ends; closing the log syncs what it holds, the
-    // consumer reads it to the end and drops the last bridge handle, and the bridge then drains.
-    let _ = appender.await;
+    // The edge stops reading sockets and sends the acknowledgements the log allows; nothing more
+    // is appended once it has stopped. Closing the log syncs what it holds, the consumer reads
+    // it to the end and drops the last bridge handle, and the bridge then drains.
+    edge.stopped().await;
     log.close();
     let _ = consumer.await;
     // The consumer held the only job sender; the worker answers what it has and ends.
@@ -333,7 +334,6 @@ pub async fn serve(
     {
         tracing::warn!("HTTP requests still running after {HTTP_DRAIN_TIMEOUT:?}; closing anyway");
     }
-    let _ = meters.await;
     if let Some(sweep) = sweep {
         let _ = sweep.await;
     }

@@ -191,28 +191,43 @@ pub enum LogFormat {
 }
 
 section! {
-    /// MQTT listeners of the embedded broker. Devices publish to `devices/{id}/telemetry` and
-    /// `devices/{id}/events`; fleet managers subscribe to `alerts/#`.
+    /// The MQTT edge: Messina's own listener, serving MQTT 3.1.1 and 5 on one port, in front of
+    /// the embedded rumqttd router. Devices publish to `devices/{id}/telemetry` and
+    /// `devices/{id}/events`; fleet managers subscribe to `alerts/#`. A QoS 1 PUBACK (QoS 2
+    /// PUBREC) is sent only once the message is durable in the ingest log.
     pub struct MqttConfig at "mqtt" {
-        /// Address of the MQTT 3.1.1 listener.
+        /// Address of the MQTT listener (3.1.1 and 5; the version is in the CONNECT).
         pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1883)),
-        /// Address of the MQTT 5 listener.
+        /// A second address served exactly like `listen`, for clients configured for the former
+        /// separate MQTT 5 port.
         pub listen_v5: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1884)),
-        /// Most simultaneous client connections (devices plus subscribers) the broker accepts.
+        /// Most simultaneous client connections; past it a CONNECT is refused with "server busy"
+        /// (3.1.1: 0x03, 5: 0x89).
         pub max_connections: usize = 20_000,
-        /// Largest PUBLISH packet accepted, in bytes: the payload plus its topic and properties
-        /// (rumqttd checks the whole packet). A larger one closes the connection.
+        /// Largest PUBLISH payload accepted, in bytes. The largest packet is this plus 64 KiB for
+        /// topic and properties, announced to MQTT 5 clients as Maximum Packet Size; a larger
+        /// payload closes the connection (MQTT 5: DISCONNECT 0x95).
         pub max_payload_bytes: usize = 256 * 1024,
-        /// Most packets the broker reads from one connection in one go (rumqttd's
-        /// `max_inflight_count`). The number of unacknowledged QoS 1/2 messages in flight per
-        /// connection is fixed at 100 by rumqttd 0.20.
-        pub max_inflight: usize = 100,
+        /// Most unacknowledged QoS 1/2 messages per connection in each direction. Inbound it is
+        /// announced to MQTT 5 clients as Receive Maximum, and the socket is not read while that
+        /// many acknowledgements wait for the ingest log; outbound it caps the client's own
+        /// Receive Maximum.
+        pub max_inflight: usize = 1_024,
+        /// Outbound QoS 1/2 messages a session holds beyond those in flight (a slow or offline
+        /// subscriber); past it the router buffers for the session, up to `commit_log_*`.
+        pub max_queued_messages: usize = 1_000,
+        /// Longest a session outlives its connection, in seconds: caps the MQTT 5 Session Expiry
+        /// Interval and is the expiry of MQTT 3.1.1 sessions with clean session 0.
+        pub max_session_expiry_secs: u64 = 86_400,
+        /// Topic aliases an MQTT 5 client may set on its publishes (Topic Alias Maximum); 0
+        /// turns inbound aliases off.
+        pub topic_alias_maximum: u16 = 64,
         /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
         pub connect_timeout_ms: u16 = 5_000,
-        /// Size in MiB of one segment of the broker's in-memory commit log. Each subscription
-        /// filter (the bridge's two among them) has its own log of up to `commit_log_segments`
-        /// segments: this is how far the bridge may fall behind the broker before the oldest
-        /// messages are dropped, and what it costs in memory at most.
+        /// Size in MiB of one segment of the router's in-memory log. Each subscription filter has
+        /// its own log of up to `commit_log_segments` segments: how far a subscriber may fall
+        /// behind before the oldest messages for it are dropped, and what that costs in memory
+        /// at most. Device data never depends on it: the bridge reads the ingest log.
         pub commit_log_segment_mib: usize = 16,
         /// Segments kept per subscription filter; see `commit_log_segment_mib`.
         pub commit_log_segments: usize = 8,
@@ -319,9 +334,8 @@ pub enum Durability {
 
 section! {
     /// The ingest log: every device message is appended here, checksummed and fsynced; the bridge
-    /// writes it to storage from here and replays it after a crash. (The embedded rumqttd still
-    /// sends the PUBACK before the append; Messina's own device edge will acknowledge only what
-    /// the log holds.)
+    /// writes it to storage from here and replays it after a crash. The MQTT edge acknowledges a
+    /// message (QoS 1 PUBACK, QoS 2 PUBREC) only once it is durable here.
     pub struct IngestLogConfig at "ingest_log" {
         /// Directory of the log's segment files and checkpoint; created when missing. Empty means
         /// `log` inside `storage.embedded.path`. Put it on a local disk: every append waits for an
@@ -334,7 +348,7 @@ section! {
         /// Size of one segment file in MiB; whole segments are deleted once stored.
         pub segment_mib: u64 = 64,
         /// Most MiB the log holds that are not yet stored. When it is full (storage is down or
-        /// slower than the devices), the broker stops reading from device connections until the
+        /// slower than the devices), the edge stops reading from device connections until the
         /// bridge catches up: publishers are slowed, nothing is dropped.
         pub max_mib: u64 = 1_024,
         /// Most KiB written by one write and fdatasync (group commit).
@@ -352,8 +366,8 @@ section! {
         pub batch_max_rows: usize = 1_000,
         /// A batch is written at the latest this many milliseconds after its first row arrived.
         pub batch_max_delay_ms: u64 = 20,
-        /// Messages that may wait between the broker and the bridge; when full, the broker's
-        /// delivery to the bridge waits (backpressure) instead of dropping.
+        /// Messages that may wait between the ingest log consumer and the bridge; when full, the
+        /// consumer waits (the log keeps the rest; nothing is dropped).
         pub queue_capacity: usize = 16_384,
         /// Device timestamps more than this many seconds ahead of the server clock are rejected.
         pub max_future_skew_s: u64 = 86_400,
@@ -645,6 +659,19 @@ impl Config {
             (1..=65_535).contains(&m.max_inflight),
             "mqtt.max_inflight",
             format!("must be between 1 and 65535, got {}", m.max_inflight),
+        );
+        check(
+            m.max_queued_messages >= 1,
+            "mqtt.max_queued_messages",
+            "must be at least 1".into(),
+        );
+        check(
+            m.max_session_expiry_secs <= u64::from(u32::MAX),
+            "mqtt.max_session_expiry_secs",
+            format!(
+                "must be at most 4294967295 (the MQTT limit), got {}",
+                m.max_session_expiry_secs
+            ),
         );
         check(
             (1..=1024).contains(&m.commit_log_segment_mib),

@@ -4,9 +4,9 @@
 //!
 //! Every case names the spec statement it checks and runs once per protocol version it applies
 //! to; the suite prints a conformance table on every run and fails when a case outside
-//! `KNOWN_GAPS` fails (a regression) or a case inside it passes (the list went stale). The
-//! embedded broker is rumqttd 0.20, which misses parts of both specs; `KNOWN_GAPS` says where and
-//! why, citing rumqttd's source. See `mosquitto-tests/CONFORMANCE.md`.
+//! `KNOWN_GAPS` fails (a regression) or a case inside it passes (the list went stale). Clients
+//! talk to Messina's own edge (`broker/src/edge/`); every case passes today, so `KNOWN_GAPS` is
+//! empty. See `mosquitto-tests/CONFORMANCE.md`.
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -23,124 +23,10 @@ use messina_mosquitto_tests::{free_port, mp, now_ms, publish_v4, Server};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-/// The failures this suite expects today, each with its cause. A case listed here that passes
-/// fails the suite too, so the list stays honest: remove the entry when the gap closes.
-///
-/// Paths are under rumqttd 0.20.0's `src/`.
-const KNOWN_GAPS: &[(&str, &[&str], &str)] = &[
-    ("second-connect", BOTH,
-     "router/routing.rs Router::handle_device_payload: a CONNECT after the first falls into the \
-      `incoming => warn!(\"Unexpected packet received, ignoring\")` arm; the connection stays open"),
-    ("protocol-version", V311,
-     "protocol/v4/connect.rs read() fails with Error::InvalidProtocolLevel and \
-      server/broker.rs remote() drops the socket; no CONNACK 0x01 is written"),
-    ("reserved-connect-flag", BOTH,
-     "protocol/v4/connect.rs and protocol/v5/connect.rs read() never look at bit 0 of the \
-      Connect Flags"),
-    ("session-expiry-absent", V5,
-     "router/routing.rs Router::handle_disconnection saves every clean_session=false session in \
-      the Graveyard (router/graveyard.rs save_state) whatever its Session Expiry Interval; \
-      link/remote.rs RemoteLink::new reads the interval only to bound the Will Delay"),
-    ("session-expiry-elapsed", V5,
-     "as session-expiry-absent: Graveyard entries never expire, so a session outlives its \
-      Session Expiry Interval (and persistent sessions accumulate in memory)"),
-    ("keep-alive-zero", BOTH,
-     "link/remote.rs mqtt_connect() returns Error::ZeroKeepAlive for keep_alive == 0 (\"not \
-      good in distributed broker context\") and the socket is dropped without CONNACK"),
-    ("takeover", V5,
-     "router/routing.rs Router::handle_new_connection drops the old connection with \
-      handle_disconnection(id, None): no reason code, so no DISCONNECT 0x8E is written"),
-    ("qos-no-upgrade", BOTH,
-     "router/routing.rs forward_device_data sets `publish.qos = request.qos` (the subscription's \
-      QoS) for every forwarded message instead of min(published, granted)"),
-    ("qos2-duplicate", BOTH,
-     "router/logs.rs AckLog::pubrec records every QoS 2 PUBLISH, duplicates included, and \
-      AckLog::pubcomp pops the oldest record whatever the PUBREL's packet id; the PubRel arm of \
-      Router::handle_device_payload forwards what it pops, so the duplicate is delivered and \
-      the next message is held back"),
-    ("pubrel-unknown", BOTH,
-     "router/routing.rs Router::handle_device_payload, PubRel arm: AckLog::pubcomp returns None \
-      for an unknown packet id and the connection is dropped (the queued PUBCOMP with it)"),
-    ("retain-kept-by-non-retained", BOTH,
-     "router/routing.rs append_to_commitlog removes the retained message for any empty payload \
-      (`if publish.payload.is_empty()`), without looking at the RETAIN flag"),
-    ("resubscribe-retained", BOTH,
-     "router/routing.rs Router::prepare_filter creates a DataRequest (the only path that sends \
-      retained messages) only when `connection.subscriptions.insert` reports a new filter; a \
-      repeated SUBSCRIBE is otherwise ignored (\"TODO: figure out how we can update existing \
-      DataRequest\")"),
-    ("retain-handling-2", V5,
-     "router/routing.rs Router::prepare_filter sets `forward_retained = group.is_none()` and \
-      never reads Filter::retain_forward_rule, which protocol/v5/subscribe.rs parses"),
-    ("retain-as-published", V5,
-     "router/routing.rs append_to_commitlog clears `publish.retain` before appending to the \
-      commit log; Filter::preserve_retain is parsed but never read"),
-    ("will-disconnect-0x04", V5,
-     "router/routing.rs Router::handle_device_payload, Disconnect arm: removes the last will for \
-      every DISCONNECT, whatever its reason code"),
-    ("subscribe-dollar-sys", BOTH,
-     "router/routing.rs validate_subscription rejects filters starting with `$` (other than \
-      `$share`) and the Subscribe arm then drops the connection instead of answering SUBACK \
-      0x80"),
-    ("invalid-filter", BOTH,
-     "protocol/mod.rs valid_filter() exists but nothing calls it; the filter is granted"),
-    ("unsubscribe-unknown", BOTH,
-     "router/routing.rs Router::handle_device_payload, Unsubscribe arm: `continue`s past a \
-      filter that is not subscribed without queueing an UNSUBACK"),
-    ("unsubscribe-two", BOTH,
-     "router/routing.rs Router::handle_device_payload, Unsubscribe arm: queues one UNSUBACK \
-      (with one reason code) per filter instead of one for the packet"),
-    ("shared-two-filters", V5,
-     "router/routing.rs Router::prepare_filter keys shared_subscriptions by share name only, so \
-      $share/g/a and $share/g/b share one SharedGroup (router/shared_subs.rs): one member \
-      rotation and one cursor, which forward_device_data copies into both filters' requests"),
-    ("no-local", V5,
-     "Filter::nolocal is parsed by protocol/v5/subscribe.rs but never read by the router"),
-    ("topic-alias-outbound", V5,
-     "router/connection.rs BrokerAliases maps a *filter* to an alias and forward_device_data \
-      looks it up by request.filter, so every topic matching a wildcard filter is sent with \
-      the first topic's alias and an empty topic"),
-    ("client-max-packet-size", V5,
-     "ConnectProperties::max_packet_size is parsed (protocol/v5/connect.rs) but never used; \
-      link/remote.rs RemoteLink::new passes only the Topic Alias Maximum on"),
-    ("server-max-packet-size", V5,
-     "router/routing.rs Router::handle_new_connection builds ConnAckProperties with only \
-      topic_alias_max, although link/network.rs closes connections over max_payload_size"),
-    ("receive-maximum", V5,
-     "ConnectProperties::receive_maximum is parsed but never used; router/iobufs.rs limits \
-      in-flight messages with the constant MAX_INFLIGHT = 100"),
-    ("payload-at-limit", BOTH,
-     "protocol/v4/mod.rs and protocol/v5/mod.rs check() compare the whole Remaining Length \
-      (topic, packet id, properties and payload) with max_payload_size, and Messina's \
-      broker/src/mqtt.rs passes mqtt.max_payload_bytes as that limit"),
-    ("malformed-remaining-length", V5, NO_REASON_CODE),
-    ("reserved-packet-type", V5, NO_REASON_CODE),
-    ("invalid-utf8-topic", V5, NO_REASON_CODE),
-    ("publish-qos3", V5, NO_REASON_CODE),
-    ("packet-id-zero", V5, NO_REASON_CODE),
-    ("subscribe-empty", V5, NO_REASON_CODE),
-    ("oversized-packet", V5, NO_REASON_CODE),
-    ("topic-nul", BOTH,
-     "nothing checks topics for U+0000: protocol/v4/publish.rs and protocol/v5/publish.rs keep \
-      the topic as bytes and append_to_commitlog only checks it is UTF-8"),
-    ("publish-wildcard-topic", BOTH,
-     "protocol/mod.rs valid_topic() exists but nothing calls it: append_to_commitlog routes the \
-      topic, matches() pairs the literal `+` with the bridge's `devices/+/telemetry` filter, and \
-      Messina stores a dead letter"),
-    ("subscribe-reserved-flags", BOTH,
-     "protocol/v4/mod.rs and protocol/v5/mod.rs read_mut() never check the fixed-header flags of \
-      SUBSCRIBE (byte1 & 0x0F)"),
-];
-
-const BOTH: &[&str] = &["3.1.1", "5"];
-const V311: &[&str] = &["3.1.1"];
-const V5: &[&str] = &["5"];
-
-/// Why rumqttd closes an MQTT 5 connection without a reason code on any error found while
-/// decoding a packet.
-const NO_REASON_CODE: &str = "link/network.rs Network::read returns the protocol::Error and \
-    server/broker.rs remote() drops the socket; only errors the router finds \
-    (RouterError::Disconnect in router/routing.rs) are answered with a DISCONNECT";
+/// The failures this suite expects, each as (case, versions, cause). A case listed here that
+/// passes fails the suite too, so the list stays honest: remove the entry when the gap closes.
+/// None today.
+const KNOWN_GAPS: &[(&str, &[&str], &str)] = &[];
 
 /// What a case returns: `Err` carries "observed …, expected …".
 type Outcome = Result<(), String>;
@@ -191,7 +77,7 @@ const CASES: &[Case] = &[
         Some("MQTT-3.1.0-2"), Some("MQTT-3.1.0-2"), second_connect),
     case!("protocol-name", "a protocol name other than MQTT is refused",
         Some("MQTT-3.1.2-1"), Some("MQTT-3.1.2-1"), protocol_name),
-    case!("protocol-version", "a CONNECT of the other protocol version is refused (3.1.1: CONNACK 0x01)",
+    case!("protocol-version", "a CONNECT of a protocol level the server does not speak is refused (3.1.1: CONNACK 0x01, 5: 0x84)",
         Some("MQTT-3.1.2-2"), Some("MQTT-3.1.2-2"), protocol_version),
     case!("reserved-connect-flag", "CONNECT with the reserved flag set is refused",
         Some("MQTT-3.1.2-3"), Some("MQTT-3.1.2-3"), reserved_connect_flag),
@@ -468,7 +354,7 @@ async fn mqtt_conformance() {
 /// The conformance table as Markdown, with pass counts per version.
 fn render(rows: &[Row], took: Duration) -> String {
     let mut out = String::from(
-        "\nMQTT conformance of Messina (rumqttd 0.20)\n\n\
+        "\nMQTT conformance of Messina's edge\n\n\
          | case | behaviour | spec | MQTT | result | detail |\n|---|---|---|---|---|---|\n",
     );
     for row in rows {
@@ -792,14 +678,20 @@ async fn protocol_name(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn protocol_version(cx: &Cx, v: Version) -> Outcome {
-    // What a client of the other version sends when it picks the wrong port.
-    let other = match v {
-        Version::V311 => Version::V5,
-        Version::V5 => Version::V311,
+    // One port serves both versions, so the refused levels are those neither speaks: 3 (MQTT
+    // 3.1, refused with the 3.1.1 code 0x01) below, 6 (refused with the v5 code 0x84) above.
+    let (level, required) = match v {
+        Version::V311 => (3, 0x01),
+        Version::V5 => (6, 0x84),
     };
-    let connect = Connect::new(&cid(v, "protocol-version")).encode(other);
-    let required = (v == Version::V311).then_some(0x01);
-    refused_connect(cx, v, "protocol-version", connect, required).await
+    let mut connect = Connect::new(&cid(v, "protocol-version")).encode(v);
+    let at = connect
+        .windows(4)
+        .position(|w| w == b"MQTT")
+        .expect("the protocol name is in the CONNECT")
+        + 4;
+    connect[at] = level;
+    refused_connect(cx, v, "protocol-version", connect, Some(required)).await
 }
 
 async fn reserved_connect_flag(cx: &Cx, v: Version) -> Outcome {

@@ -1083,7 +1083,8 @@ impl EdgeCodec {
                 "first packet is not CONNECT (MQTT-3.1.0-1)",
             )));
         };
-        precheck(ptype, &src[header.len..total], version).map_err(|bad| self.violation(bad))?;
+        precheck(header.first_byte, &src[header.len..total], version)
+            .map_err(|bad| self.violation(bad))?;
         let frame = decode_with_rmqtt(version, src).map_err(|bad| self.violation(bad))?;
         validate_inbound(&frame, version).map_err(|bad| self.violation(bad))?;
         Ok(Some(frame))
@@ -1476,7 +1477,11 @@ fn check_connect_layout(body: &[u8], version: ProtocolVersion) -> Result<(), Bad
 
 /// Raw checks on a complete body that must run before `rmqtt-codec` sees it, because that crate
 /// would report them with a less precise error.
-fn precheck(ptype: u8, body: &[u8], version: ProtocolVersion) -> Result<(), Bad> {
+fn precheck(first_byte: u8, body: &[u8], version: ProtocolVersion) -> Result<(), Bad> {
+    let ptype = first_byte >> 4;
+    if version == ProtocolVersion::V5 {
+        zero_identifiers(first_byte, body)?;
+    }
     match ptype {
         PUBLISH if version == ProtocolVersion::V311 && body.starts_with(&[0, 0]) => Err((
             ReasonCode::MalformedPacket,
@@ -1525,6 +1530,68 @@ fn precheck(ptype: u8, body: &[u8], version: ProtocolVersion) -> Result<(), Bad>
         }
         _ => Ok(()),
     }
+}
+
+/// MQTT 5 gives a Topic Alias of 0 (MQTT-3.3.2-8: 0x94) and a Subscription Identifier of 0
+/// (3.8.2.1.2: a Protocol Error) their own reason codes, where `rmqtt-codec` reports both as
+/// malformed; this finds them before it does. Anything it cannot walk is left to `rmqtt-codec`.
+fn zero_identifiers(first_byte: u8, body: &[u8]) -> Result<(), Bad> {
+    let mut w = Walker::new(body);
+    let (wanted, bad) = match first_byte >> 4 {
+        PUBLISH => {
+            if w.skip_prefixed().is_none() {
+                return Ok(());
+            }
+            if (first_byte >> 1) & 0b11 != 0 && w.skip(2).is_none() {
+                return Ok(());
+            }
+            (
+                0x23u8,
+                (
+                    ReasonCode::TopicAliasInvalid,
+                    "Topic Alias 0 (MQTT-3.3.2-8)",
+                ),
+            )
+        }
+        SUBSCRIBE => {
+            if w.skip(2).is_none() {
+                return Ok(());
+            }
+            (
+                0x0B,
+                (
+                    ReasonCode::ProtocolError,
+                    "Subscription Identifier 0 (MQTT 5 section 3.8.2.1.2)",
+                ),
+            )
+        }
+        _ => return Ok(()),
+    };
+    let Some(len) = w.varint() else { return Ok(()) };
+    let Some(props) = body.get(w.pos..).and_then(|r| r.get(..len as usize)) else {
+        return Ok(());
+    };
+    let mut p = Walker::new(props);
+    while !p.done() {
+        let Some(id) = p.varint() else { return Ok(()) };
+        let value = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => p.u8().map(u32::from),
+            0x13 | 0x21 | 0x22 | 0x23 => p.u16().map(u32::from),
+            0x02 | 0x11 | 0x18 | 0x27 => p.skip(4).map(|_| 1),
+            0x0B => p.varint(),
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
+                p.skip_prefixed().map(|_| 1)
+            }
+            0x26 => p.skip_prefixed().and_then(|_| p.skip_prefixed()).map(|_| 1),
+            _ => return Ok(()),
+        };
+        match value {
+            None => return Ok(()),
+            Some(0) if id == u32::from(wanted) => return Err(bad),
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Lets `rmqtt-codec` parse one complete packet at the front of `src`. A fresh inner codec is
@@ -3702,7 +3769,11 @@ mod tests {
                 &[0x03, 0, 1, 0],
                 ReasonCode::MalformedPacket,
             ),
-            ("Topic Alias 0", &[0x23, 0, 0], ReasonCode::MalformedPacket),
+            (
+                "Topic Alias 0",
+                &[0x23, 0, 0],
+                ReasonCode::TopicAliasInvalid,
+            ),
         ];
         for (what, props, reason) in cases {
             let mut bytes = publish_bytes(V5, 0x30, b"t", props);
@@ -3720,6 +3791,14 @@ mod tests {
         let n = with_nul.len();
         with_nul[n - 1] = 0;
         assert!(server_decode(V5, &with_nul).is_ok());
+    }
+
+    #[test]
+    fn a_zero_subscription_identifier_is_a_protocol_error() {
+        // SUBSCRIBE, packet id 1, properties: Subscription Identifier 0, filter "a", QoS 1.
+        let bytes = [0x82, 8, 0, 1, 2, 0x0B, 0, 0, 1, b'a', 1];
+        let err = later_error(V5, &bytes);
+        assert_eq!(err.disconnect_reason(), ReasonCode::ProtocolError);
     }
 
     #[test]

@@ -1,5 +1,227 @@
-//! The device edge: Messina's own MQTT listener (3.1.1 and 5 on one port) that will face the
-//! devices in front of the rumqttd router, acknowledging a PUBLISH only once the ingest log holds
-//! it. So far this is its codec; the listener and the connection state machine come next.
+//! The device edge: Messina's own MQTT listener (3.1.1 and 5 on one port) in front of the rumqttd
+//! router. It owns every piece of MQTT session state and acknowledges a PUBLISH (PUBACK, PUBREC)
+//! only once the ingest log holds it durably; rumqttd only fans messages out to subscribers.
+//!
+//! - [`codec`]: the packet codec (rmqtt-codec behind a version-neutral model) and validation;
+//! - [`connection`]: one task per socket, the protocol state machine;
+//! - [`session`]: sessions that outlive connections, takeover, expiry, delayed wills;
+//! - [`router`]: the feeder and subscriber links to rumqttd, and the interest index.
 
 pub mod codec;
+pub mod connection;
+pub mod router;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use messina_log::{Log, LogError, Record};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ingest::{self, Meta, KIND_PUBLISH};
+use codec::{Connect, Publish, ReasonCode};
+use router::{Feed, Router, Tag};
+use session::Registry;
+
+/// Room in a packet besides the payload: fixed header, topic and properties. The largest packet
+/// accepted (and announced as Maximum Packet Size) is `mqtt.max_payload_bytes` plus this.
+pub const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// The limits a connection works within, from `[mqtt]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_connections: usize,
+    pub max_payload: usize,
+    pub connect_timeout: Duration,
+    /// Unacknowledged QoS 1/2 messages per connection each way (announced as Receive Maximum).
+    pub max_inflight: u16,
+    /// Outbound messages a session holds beyond those in flight before the router has to wait.
+    pub max_queued: usize,
+    /// The longest a session outlives its connection (caps what clients ask for).
+    pub max_session_expiry: Duration,
+    /// Inbound topic aliases a client may use (MQTT 5 Topic Alias Maximum).
+    pub topic_alias_max: u16,
+}
+
+impl Settings {
+    pub fn from_config(c: &messina_config::MqttConfig) -> Settings {
+        Settings {
+            max_connections: c.max_connections,
+            max_payload: c.max_payload_bytes,
+            connect_timeout: Duration::from_millis(u64::from(c.connect_timeout_ms)),
+            max_inflight: c.max_inflight.clamp(1, usize::from(u16::MAX)) as u16,
+            max_queued: c.max_queued_messages,
+            max_session_expiry: Duration::from_secs(c.max_session_expiry_secs),
+            topic_alias_max: c.topic_alias_maximum,
+        }
+    }
+
+    /// The largest packet accepted.
+    pub fn max_packet(&self) -> u32 {
+        u32::try_from(self.max_payload + PACKET_OVERHEAD).unwrap_or(u32::MAX)
+    }
+}
+
+/// Decides whether a CONNECT may proceed; `Err` carries the MQTT 5 reason code to refuse with
+/// (mapped to the 3.1.1 return code for 3.1.1 clients). The default admits everyone.
+pub type AuthHook = Arc<
+    dyn Fn(&Connect, SocketAddr) -> Pin<Box<dyn Future<Output = Result<(), ReasonCode>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Admits every client (the embedded default on a loopback listener).
+pub fn allow_all() -> AuthHook {
+    Arc::new(|_, _| Box::pin(std::future::ready(Ok(()))))
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub log: Log,
+    pub router: Arc<Router>,
+    pub sessions: Arc<Registry>,
+    pub auth: AuthHook,
+    pub shutdown: CancellationToken,
+    connections: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Accepts a message into Messina: device data goes into the ingest log (the returned
+    /// position is where it ends, for the acknowledgement to wait on), and anything a
+    /// subscription matches, or that is retained, goes to the router.
+    pub async fn accept(
+        &self,
+        publish: &Publish,
+        origin: u64,
+        wanted: bool,
+    ) -> Result<Option<u64>, LogError> {
+        let topic = &*publish.topic;
+        let now = crate::mqtt::now_millis();
+        let mut end = None;
+        if ingest::is_ingest_topic(topic) {
+            let mut meta = Vec::new();
+            Meta {
+                response_topic: publish
+                    .properties
+                    .response_topic
+                    .as_ref()
+                    .map(|t| t.to_string()),
+                correlation: publish.properties.correlation_data.clone(),
+            }
+            .encode(&mut meta);
+            let record = Record {
+                kind: KIND_PUBLISH,
+                flags: 0,
+                received_at: now,
+                topic: topic.as_bytes(),
+                meta: &meta,
+                payload: &publish.payload,
+            };
+            end = Some(self.log.append(record).await?);
+        }
+        if publish.retain || wanted {
+            self.router
+                .feed(Feed {
+                    topic: Bytes::copy_from_slice(topic.as_bytes()),
+                    payload: publish.payload.clone(),
+                    retain: publish.retain,
+                    properties: connection::to_router_properties(&publish.properties),
+                    tag: Tag {
+                        qos: publish.qos.as_u8(),
+                        retain: publish.retain,
+                        empty: false,
+                        origin,
+                        received_at: now,
+                        expiry: publish.properties.message_expiry_interval,
+                    },
+                })
+                .await;
+        }
+        Ok(end)
+    }
+}
+
+/// The running edge.
+pub struct Edge {
+    pub shared: Arc<Shared>,
+    tasks: TaskTracker,
+}
+
+impl Edge {
+    /// Binds every address (failing with a message that names the setting) and serves them until
+    /// `shutdown`.
+    pub async fn start(
+        addresses: &[(&str, SocketAddr)],
+        settings: Settings,
+        log: Log,
+        router: Arc<Router>,
+        auth: AuthHook,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Edge> {
+        let mut listeners = Vec::new();
+        for (key, addr) in addresses {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (`{key}`); is another broker running there?")
+            })?;
+            listeners.push(listener);
+        }
+        let shared = Arc::new(Shared {
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            log,
+            router,
+            sessions: Arc::new(Registry::default()),
+            auth,
+            shutdown: shutdown.clone(),
+        });
+        let tasks = TaskTracker::new();
+        for listener in listeners {
+            tasks.spawn(accept(listener, Arc::clone(&shared), tasks.clone()));
+        }
+        Ok(Edge { shared, tasks })
+    }
+
+    /// Waits, after `shutdown`, until every connection has sent the acknowledgements the log
+    /// allows and closed.
+    pub async fn stopped(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+    let connected = metrics::gauge!("messina_mqtt_connections");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting an MQTT connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let permit = Arc::clone(&shared.connections).try_acquire_owned().ok();
+        let shared = Arc::clone(&shared);
+        let connected = connected.clone();
+        tasks.spawn(async move {
+            connected.increment(1.0);
+            connection::run(shared, stream, peer, permit.is_some()).await;
+            connected.decrement(1.0);
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,343 @@
+//! The edge's glue to the rumqttd router, which stays the fan-out engine: topic matching, the
+//! retained store, shared groups and per-filter buffers for slow subscribers.
+//!
+//! The edge owns all MQTT session state, so the router only ever sees QoS 0 local links:
+//! - one **feeder** link, driven by its own OS thread (rumqttd's `LinkTx::send` blocks), through
+//!   which every message for subscribers enters the router: device publishes that some
+//!   subscription matches (the [`Interest`] index keeps the rest off the router), retained
+//!   messages, wills, and Messina's own alerts, presence and replies;
+//! - one **subscriber** link per session that subscribes, with an internal Subscription
+//!   Identifier per filter so the edge knows which of its subscriptions matched.
+//!
+//! What the router would lose (the publish QoS, RETAIN for Retain As Published, the publishing
+//! session for No Local, an empty non-retained payload, the time for Message Expiry) travels in a
+//! private user property, the [`Tag`], that the edge strips on the way out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use tokio::sync::mpsc;
+
+/// The user property key of the [`Tag`]; a NUL cannot appear in a client's property (the codec
+/// refuses U+0000), so no client can forge or collide with it.
+pub const TAG_KEY: &str = "\u{0}messina";
+
+/// Messages waiting for the feeder thread.
+const FEED_QUEUE: usize = 8192;
+
+/// What the router must not lose about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    /// The QoS it was published with (delivery is at min(this, granted)).
+    pub qos: u8,
+    /// Its RETAIN flag as published (for Retain As Published).
+    pub retain: bool,
+    /// The payload is really empty: the router would treat an empty payload as "delete the
+    /// retained message", so a non-retained empty message travels as one placeholder byte.
+    pub empty: bool,
+    /// The session that published it (0 for Messina itself), for No Local.
+    pub origin: u64,
+    /// When the edge received it, in Unix milliseconds (for Message Expiry).
+    pub received_at: i64,
+    /// Its Message Expiry Interval as published, in seconds.
+    pub expiry: Option<u32>,
+}
+
+impl Tag {
+    fn encode(&self) -> String {
+        let mut s = format!(
+            "q{}r{}e{}o{}t{}",
+            self.qos,
+            u8::from(self.retain),
+            u8::from(self.empty),
+            self.origin,
+            self.received_at
+        );
+        if let Some(x) = self.expiry {
+            s.push_str(&format!("x{x}"));
+        }
+        s
+    }
+
+    fn decode(s: &str) -> Option<Tag> {
+        let mut tag = Tag {
+            qos: 0,
+            retain: false,
+            empty: false,
+            origin: 0,
+            received_at: 0,
+            expiry: None,
+        };
+        let mut rest = s;
+        while let Some(key) = rest.chars().next() {
+            rest = &rest[1..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit() && c != '-')
+                .unwrap_or(rest.len());
+            let value = &rest[..end];
+            rest = &rest[end..];
+            match key {
+                'q' => tag.qos = value.parse().ok()?,
+                'r' => tag.retain = value == "1",
+                'e' => tag.empty = value == "1",
+                'o' => tag.origin = value.parse().ok()?,
+                't' => tag.received_at = value.parse().ok()?,
+                'x' => tag.expiry = Some(value.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some(tag)
+    }
+
+    /// Removes the tag from a forwarded message's user properties and returns it.
+    pub fn take(properties: &mut Option<PublishProperties>) -> Option<Tag> {
+        let p = properties.as_mut()?;
+        let at = p.user_properties.iter().position(|(k, _)| k == TAG_KEY)?;
+        let (_, v) = p.user_properties.remove(at);
+        Tag::decode(&v)
+    }
+}
+
+/// A message on its way into the router.
+pub struct Feed {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub retain: bool,
+    pub properties: PublishProperties,
+    pub tag: Tag,
+}
+
+impl Feed {
+    fn into_packet(mut self) -> Packet {
+        let mut tag = self.tag;
+        // An empty payload is "delete the retained message" to the router: right for a retained
+        // empty message, wrong for any other.
+        if self.payload.is_empty() && !self.retain {
+            tag.empty = true;
+            self.payload = Bytes::from_static(b"\0");
+        }
+        self.properties
+            .user_properties
+            .push((TAG_KEY.to_string(), tag.encode()));
+        let publish = Publish::new(self.topic, self.payload, self.retain);
+        Packet::Publish(publish, Some(self.properties))
+    }
+}
+
+/// Which topics some subscription matches, so that telemetry nobody subscribes to never
+/// reaches the router. Counts each filter (without a `$share/{group}/` prefix) by how many
+/// subscriptions hold it.
+#[derive(Default)]
+pub struct Interest {
+    filters: RwLock<HashMap<String, usize>>,
+    version: AtomicU64,
+}
+
+impl Interest {
+    pub fn add(&self, filter: &str) {
+        let mut f = self.filters.write().expect("interest lock");
+        *f.entry(filter.to_string()).or_default() += 1;
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn remove(&self, filter: &str) {
+        let mut f = self.filters.write().expect("interest lock");
+        if let Some(n) = f.get_mut(filter) {
+            *n -= 1;
+            if *n == 0 {
+                f.remove(filter);
+            }
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// A number that changes whenever the set of filters does (for callers that cache answers).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Whether any subscription matches `topic`.
+    pub fn wanted(&self, topic: &str) -> bool {
+        let f = self.filters.read().expect("interest lock");
+        f.keys().any(|filter| matches(filter, topic))
+    }
+}
+
+/// MQTT topic matching (MQTT 4.7): `+` one level, `#` the rest including the parent level, and
+/// a wildcard in the first level never matches a topic starting with `$` (MQTT-4.7.2-1).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match f {
+            "#" => return true,
+            "+" => {
+                if t.next().is_none() {
+                    return false;
+                }
+            }
+            level => {
+                if t.next() != Some(level) {
+                    return false;
+                }
+            }
+        }
+    }
+    t.next().is_none()
+}
+
+type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
+
+/// The router, its feeder and the interest index.
+pub struct Router {
+    make_link: Box<MakeLink>,
+    feed: mpsc::Sender<Feed>,
+    pub interest: Interest,
+    links: AtomicU64,
+    feeder: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Router {
+    /// Starts rumqttd's router (no listeners of its own) and the feeder thread.
+    pub fn start(config: rumqttd::RouterConfig) -> anyhow::Result<Arc<Router>> {
+        let router_tx = rumqttd::Router::new(0, config).spawn();
+        let make_link = Box::new(move |client_id: &str| {
+            // Dynamic filters: a message to a topic no filter matches yet (a retained message,
+            // say) must be accepted, not make the router drop the feeder.
+            let (tx, rx, _ack) = LinkBuilder::new(client_id, router_tx.clone())
+                .dynamic_filters(true)
+                .build()
+                .map_err(|e: LinkError| e.to_string())?;
+            Ok((tx, rx))
+        });
+        let (feed, mut feeds) = mpsc::channel::<Feed>(FEED_QUEUE);
+        let (mut feeder_tx, feeder_rx) = make_link("messina-feeder")
+            .map_err(|e| anyhow::anyhow!("connecting the feeder link to the router: {e}"))?;
+        let feeder = std::thread::Builder::new()
+            .name("messina-feeder".into())
+            .spawn(move || {
+                // The receiving half must stay open, or the router drops the link.
+                let _rx = feeder_rx;
+                while let Some(feed) = feeds.blocking_recv() {
+                    // `send` blocks on the router's bounded channel: this is why it has a thread.
+                    if let Err(e) = complete(feeder_tx.send(feed.into_packet())) {
+                        tracing::error!(error = %e, "the router dropped the feeder link; messages are no longer routed to subscribers");
+                        break;
+                    }
+                }
+            })?;
+        Ok(Arc::new(Router {
+            make_link,
+            feed,
+            interest: Interest::default(),
+            links: AtomicU64::new(0),
+            feeder: Mutex::new(Some(feeder)),
+        }))
+    }
+
+    /// Hands a message to the router; waits while the feeder is behind.
+    pub async fn feed(&self, feed: Feed) {
+        if self.feed.send(feed).await.is_err() {
+            tracing::debug!("feeder stopped; message not routed");
+        }
+    }
+
+    /// A new subscriber link (built on a blocking thread: rumqttd's `build` blocks).
+    pub async fn link(self: &Arc<Self>) -> anyhow::Result<(LinkTx, LinkRx)> {
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || (this.make_link)(&format!("messina-edge-{n}")))
+            .await?
+            .map_err(|e| anyhow::anyhow!("connecting a subscriber link to the router: {e}"))
+    }
+
+    /// A sender of feeds for tasks that publish on their own (Messina's alerts and replies).
+    pub fn feeder(&self) -> mpsc::Sender<Feed> {
+        self.feed.clone()
+    }
+
+    /// Waits for the feeder thread once every sender is gone.
+    pub fn join(&self) {
+        let handle = self.feeder.lock().expect("feeder lock").take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// `LinkTx::send` is `async` in name only (it never awaits), so polling it once completes it.
+pub(crate) fn complete<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_matching_follows_the_spec() {
+        assert!(matches("a/+/c", "a/b/c"));
+        assert!(!matches("a/+/c", "a/b/c/d"));
+        assert!(matches("a/#", "a"));
+        assert!(matches("a/#", "a/b/c"));
+        assert!(matches("#", "a/b"));
+        assert!(!matches("#", "$SYS/x"));
+        assert!(!matches("+/x", "$conf/x"));
+        assert!(matches("$conf/#", "$conf/x"));
+        assert!(matches("+", ""));
+        assert!(matches("a//c", "a//c"));
+        assert!(!matches("a/b", "a"));
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        let tag = Tag {
+            qos: 2,
+            retain: true,
+            empty: false,
+            origin: 77,
+            received_at: 1_700_000_000_123,
+            expiry: Some(60),
+        };
+        assert_eq!(Tag::decode(&tag.encode()), Some(tag));
+        let mut props = Some(PublishProperties {
+            user_properties: vec![
+                ("a".into(), "1".into()),
+                (
+                    TAG_KEY.into(),
+                    Tag {
+                        expiry: None,
+                        ..tag
+                    }
+                    .encode(),
+                ),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            Tag::take(&mut props),
+            Some(Tag {
+                expiry: None,
+                ..tag
+            })
+        );
+        assert_eq!(
+            props.unwrap().user_properties,
+            vec![("a".into(), "1".into())]
+        );
+    }
+}
