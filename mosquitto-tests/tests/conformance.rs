@@ -218,6 +218,8 @@ const CASES: &[Case] = &[
         Some("MQTT-3.8.3-3"), Some("MQTT-3.8.3-2"), subscribe_empty),
     case!("oversized-packet", "a PUBLISH over mqtt.max_payload_bytes closes the connection (5: 0x95)",
         Some("Messina mqtt.max_payload_bytes"), Some("3.2.2.3.6, MQTT-4.13.1-1"), oversized_packet),
+    case!("fuzzed-packets", "300 connections sending mutated packets neither crash the server nor disturb a bystander",
+        Some("MQTT-4.8.0-1, robustness"), Some("MQTT-4.13.1-1, robustness"), fuzzed_packets),
     case!("topic-alias-invalid", "Topic Alias 0 closes the connection with DISCONNECT 0x94",
         None, Some("MQTT-3.3.2-8, 3.3.2.3.4"), topic_alias_invalid),
     case!("topic-alias-unknown", "an empty topic with an unmapped Topic Alias closes the connection (0x82)",
@@ -1993,6 +1995,82 @@ async fn publish_wildcard_topic(cx: &Cx, v: Version) -> Outcome {
         &[0x90, 0x82, 0x81],
     )
     .await
+}
+
+/// A small deterministic generator (xorshift64*), so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Valid packets of every kind a client sends, mutated (bytes flipped, inserted, removed,
+/// truncated, lengths rewritten) and sent after a valid CONNECT, or instead of it, each on its
+/// own connection. Whatever the server makes of them, it must not crash or stall, and the
+/// bystander connected before must carry on. The seed is fixed, so a failure replays.
+async fn fuzzed_packets(cx: &Cx, v: Version) -> Outcome {
+    let by = Bystander::join(cx, v, "fuzzed-packets").await?;
+    let t = topic(v, "fuzzed-packets");
+    let seeds: Vec<Vec<u8>> = vec![
+        Connect::new(&cid(v, "fuzz")).encode(v),
+        Publish::new(&t, b"fuzz").qos(1).pkid(7).encode(v),
+        Publish::new(&t, b"fuzz")
+            .qos(2)
+            .pkid(8)
+            .retain(true)
+            .encode(v),
+        raw::subscribe(v, 0x82, 9, &[(&t, SubOpts::qos(2))], &Vec::new()),
+        raw::unsubscribe(v, 10, &[&t]),
+        ack(v, AckKind::PubRel, 8, 0),
+        ack(v, AckKind::PubAck, 3, 0),
+        raw::pingreq(),
+        raw::disconnect(v, 0),
+    ];
+    let mut rng = Rng(0x4d65_7373_696e_61 ^ u64::from(v.level()));
+    for i in 0..300 {
+        let mut bytes = seeds[rng.below(seeds.len())].clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len());
+            match rng.below(5) {
+                0 => bytes[at] ^= 1 << rng.below(8),
+                1 => bytes[at] = rng.next() as u8,
+                2 => bytes.insert(at, rng.next() as u8),
+                3 if bytes.len() > 2 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.truncate(at.max(1)),
+            }
+        }
+        // Most connections CONNECT properly first, so the packets after it are fuzzed too.
+        let mut sent = if i % 4 == 0 {
+            Vec::new()
+        } else {
+            Connect::new(&cid(v, &format!("fuzz-{i}"))).encode(v)
+        };
+        sent.extend_from_slice(&bytes);
+        let mut c = Client::open(cx.port(v), v).await?;
+        c.send(&sent).await.ok();
+        // Read whatever comes back for a moment, then drop the connection.
+        let _ = c.recv(Duration::from_millis(20)).await;
+    }
+    let log = cx.server.log_text();
+    check!(
+        !log.contains("panicked"),
+        "a task panicked: {}",
+        log.lines()
+            .find(|l| l.contains("panicked"))
+            .unwrap_or_default()
+    );
+    by.check(cx).await
 }
 
 async fn subscribe_reserved_flags(cx: &Cx, v: Version) -> Outcome {

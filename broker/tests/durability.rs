@@ -1,0 +1,250 @@
+//! A PUBACK is a promise: every message the edge acknowledged is stored exactly once, whether the
+//! server is killed with SIGKILL or stopped with SIGTERM in the middle of sustained QoS 1 load.
+//! Real sockets against the real binary; on the embedded store (read back over HTTP) and on a
+//! real Cassandra node (read back with plain CQL).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use messina_mosquitto_tests::raw::{self, AckKind, Client, Packet, Publish, Version};
+use messina_mosquitto_tests::{all_pages, mp, now_ms, wait_for, Server};
+use messina_storage::scylla::test_node;
+use serde_json::json;
+
+/// Publishers at once, each its own device.
+const PUBLISHERS: usize = 8;
+/// QoS 1 messages each publisher keeps unacknowledged.
+const WINDOW: usize = 64;
+/// How long the load runs before each stop.
+const LOAD: Duration = Duration::from_millis(1500);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill,
+    Terminate,
+}
+
+/// What the publishers saw: per device, the sequence numbers the server acknowledged.
+#[derive(Default)]
+struct Acked(Mutex<HashMap<String, BTreeSet<u64>>>);
+
+impl Acked {
+    fn total(&self) -> usize {
+        self.0.lock().unwrap().values().map(BTreeSet::len).sum()
+    }
+}
+
+/// Publishes QoS 1 readings `seq, seq+1, ...` as `device` until `stop`, or until the server goes
+/// away, recording each PUBACK; returns the next unused sequence number.
+async fn publish(
+    port: u16,
+    device: String,
+    mut seq: u64,
+    t0: i64,
+    acked: Arc<Acked>,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let Ok(mut c) = Client::start(port, Version::V311, &device).await else {
+        return seq;
+    };
+    let topic = format!("devices/{device}/telemetry");
+    let mut in_flight: HashMap<u16, u64> = HashMap::new();
+    loop {
+        while in_flight.len() < WINDOW && !stop.load(Ordering::Relaxed) {
+            let pkid = c.pkid();
+            let payload = mp(&json!({"ts": t0 + seq as i64, "seq": seq, "battery": 50}));
+            let packet = Publish::new(&topic, &payload).qos(1).pkid(pkid);
+            if c.send(&packet.encode(Version::V311)).await.is_err() {
+                return seq;
+            }
+            in_flight.insert(pkid, seq);
+            seq += 1;
+        }
+        if in_flight.is_empty() {
+            let _ = c.send(&raw::disconnect(Version::V311, 0)).await;
+            return seq;
+        }
+        match c.recv(Duration::from_secs(10)).await {
+            Ok(Packet::Ack {
+                kind: AckKind::PubAck,
+                pkid,
+                ..
+            }) => {
+                if let Some(s) = in_flight.remove(&pkid) {
+                    acked
+                        .0
+                        .lock()
+                        .unwrap()
+                        .entry(device.clone())
+                        .or_default()
+                        .insert(s);
+                }
+            }
+            Ok(_) => {}
+            // Killed or stopped: what is still in flight was never promised.
+            Err(_) => return seq,
+        }
+    }
+}
+
+/// Runs `rounds` rounds of load from `PUBLISHERS` devices, each ended by `how`, restarting the
+/// server after each; returns what was acknowledged.
+async fn load_and_stop(server: &mut Server, how: Stop, rounds: usize, t0: i64) -> Arc<Acked> {
+    let acked = Arc::new(Acked::default());
+    let mut next: Vec<u64> = vec![0; PUBLISHERS];
+    for round in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..PUBLISHERS)
+            .map(|i| {
+                tokio::spawn(publish(
+                    server.mqtt,
+                    format!("dur-{i}"),
+                    next[i],
+                    t0,
+                    Arc::clone(&acked),
+                    Arc::clone(&stop),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(LOAD).await;
+        let before = acked.total();
+        match how {
+            Stop::Kill => server.kill(),
+            Stop::Terminate => {
+                let status = tokio::task::block_in_place(|| server.terminate());
+                assert!(status.success(), "{}", server.log_text());
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for (i, t) in tasks.into_iter().enumerate() {
+            next[i] = t.await.unwrap();
+        }
+        assert!(
+            acked.total() > before || before > 0,
+            "round {round}: no load was acknowledged"
+        );
+        eprintln!(
+            "round {round} ({how:?}): {} acknowledged so far, {} sent",
+            acked.total(),
+            next.iter().sum::<u64>()
+        );
+        server.restart().await;
+    }
+    acked
+}
+
+/// Checks that every acknowledged sequence number is among `stored` and that `stored` holds
+/// each at most once.
+fn check_device(device: &str, acked: &BTreeSet<u64>, stored: &[u64]) {
+    let unique: BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        stored.len(),
+        "{device}: a message stored twice"
+    );
+    let missing: Vec<&u64> = acked.difference(&unique).collect();
+    assert!(
+        missing.is_empty(),
+        "{device}: {} acknowledged messages not stored, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+async fn embedded(how: Stop) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), "").await;
+    let t0 = now_ms() - 3_600_000;
+    let acked = load_and_stop(&mut server, how, 3, t0).await;
+    assert!(acked.total() > 0);
+    let acked = acked.0.lock().unwrap().clone();
+    for (device, seqs) in &acked {
+        let path = format!("/v1/devices/{device}/telemetry?order=oldest");
+        wait_for(&format!("{device}: every acknowledged reading"), || {
+            let (server, path, n) = (&server, path.clone(), seqs.len());
+            async move { all_pages(server, &path, 1000).await.len() >= n }
+        })
+        .await;
+        let stored: Vec<u64> = all_pages(&server, &path, 1000)
+            .await
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        check_device(device, seqs, &stored);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_message_survives_kill_9_under_load() {
+    embedded(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_message_survives_sigterm_under_load() {
+    embedded(Stop::Terminate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
+    if test_node::skipped() {
+        eprintln!("skipped by {}=1", test_node::SKIP_VAR);
+        return;
+    }
+    let analyst = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(test_node::nodes())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
+    let ks = format!("messina_durability_{}", std::process::id());
+    let nodes: Vec<String> = test_node::nodes()
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &format!(
+            "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{ks}\"\n",
+            nodes.join(", ")
+        ),
+    )
+    .await;
+    // Well inside one day, so one partition per device holds every reading.
+    let t0 = (now_ms() / 86_400_000 - 1) * 86_400_000 + 3_600_000;
+    let day = time::OffsetDateTime::from_unix_timestamp(t0 / 1000)
+        .unwrap()
+        .date();
+    let acked = load_and_stop(&mut server, Stop::Kill, 2, t0).await;
+    let acked = acked.0.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    for (device, seqs) in &acked {
+        let query = format!(
+            "SELECT seq FROM {ks}.telemetry WHERE device_id = '{device}' AND day = '{day}'"
+        );
+        let read = || async {
+            let mut pager = analyst
+                .query_iter(query.as_str(), ())
+                .await
+                .unwrap_or_else(|e| panic!("{query}: {e}"))
+                .rows_stream::<(i64,)>()
+                .unwrap();
+            let mut out = Vec::new();
+            while let Some(row) = futures::StreamExt::next(&mut pager).await {
+                out.push(row.unwrap().0 as u64);
+            }
+            out
+        };
+        wait_for(
+            &format!("{device}: every acknowledged reading in CQL"),
+            || async { read().await.len() >= seqs.len() },
+        )
+        .await;
+        check_device(device, seqs, &read().await);
+    }
+    drop(server);
+    let _ = analyst
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+        .await;
+}
