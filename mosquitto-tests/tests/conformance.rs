@@ -2035,7 +2035,7 @@ async fn fuzzed_packets(cx: &Cx, v: Version) -> Outcome {
         raw::pingreq(),
         raw::disconnect(v, 0),
     ];
-    let mut rng = Rng(0x4d65_7373_696e_61 ^ u64::from(v.level()));
+    let mut rng = Rng(0x004d_6573_7369_6e61 ^ u64::from(v.level()));
     for i in 0..300 {
         let mut bytes = seeds[rng.below(seeds.len())].clone();
         for _ in 0..1 + rng.below(4) {
