@@ -567,11 +567,21 @@ impl AlertEngine {
     }
 }
 
-/// The engine in a running process: transitions are stored, counted and handed to the broker.
+/// The engine in a running process: rules are evaluated in memory where the data arrives (the
+/// bridge's writer, the edge's wills, the ticker), and transitions go, in order, to a committer
+/// task of their own that stores them, counts them and hands them to the broker. Slow or failing
+/// alert storage therefore never holds up ingestion.
 pub struct AlertService {
     engine: Mutex<AlertEngine>,
-    storage: Arc<dyn Storage>,
-    notices: mpsc::Sender<Notice>,
+    commits: mpsc::UnboundedSender<Commit>,
+}
+
+/// Notices for the committer: transitions to store (`store`), or active alerts to publish again;
+/// `done` is told once they are stored (or given up).
+struct Commit {
+    notices: Vec<Notice>,
+    store: bool,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl AlertService {
@@ -621,10 +631,11 @@ impl AlertService {
         let mut engine = AlertEngine::new(rules);
         engine.restore(active, last_seen);
         meter::active_alerts(engine.active().count());
+        let (commits, queue) = mpsc::unbounded_channel();
+        tokio::spawn(committer(queue, storage, notices));
         Ok(Arc::new(AlertService {
             engine: Mutex::new(engine),
-            storage,
-            notices,
+            commits,
         }))
     }
 
@@ -632,50 +643,47 @@ impl AlertService {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores, counts and forwards transitions. Storing is retried a few times; a transition that
-    /// cannot be stored is still published, and logged.
-    async fn commit(&self, notices: Vec<Notice>) {
+    /// Hands transitions to the committer, in the order they happened.
+    fn commit(&self, notices: Vec<Notice>) {
         if notices.is_empty() {
             return;
         }
-        let alerts: Vec<Alert> = notices
-            .iter()
-            .filter_map(|n| match n {
-                Notice::Alert(a) => Some(a.clone()),
-                Notice::Presence { .. } => None,
-            })
-            .collect();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        for attempt in 1..=5 {
-            match self.storage.put_alerts(&alerts).await {
-                Ok(()) => break,
-                Err(e) if e.is_retryable() && attempt < 5 => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, alerts = alerts.len(), "could not store alert transitions");
-                    break;
-                }
-            }
-        }
-        for a in &alerts {
-            meter::alert_transition(a);
-        }
         meter::active_alerts(self.engine().active().count());
-        for notice in notices {
-            if self.notices.send(notice).await.is_err() {
-                tracing::warn!("alert publisher stopped; notice not published");
-            }
+        meter::alert_commits_pending(1.0);
+        let _ = self.commits.send(Commit {
+            notices,
+            store: true,
+            done: None,
+        });
+    }
+
+    /// Like [`commit`](Self::commit), and waits until the transitions are stored.
+    async fn commit_and_wait(&self, notices: Vec<Notice>) {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        meter::alert_commits_pending(1.0);
+        if self
+            .commits
+            .send(Commit {
+                notices,
+                store: true,
+                done: Some(done),
+            })
+            .is_ok()
+        {
+            let _ = stored.await;
         }
     }
 
     /// Publishes every active alert again (retained messages do not survive a broker restart).
-    pub async fn republish_active(&self) {
-        let active: Vec<Alert> = self.engine().active().cloned().collect();
-        for alert in active {
-            if self.notices.send(Notice::Alert(alert)).await.is_err() {
-                return;
-            }
+    pub fn republish_active(&self) {
+        let active: Vec<Notice> = self.engine().active().cloned().map(Notice::Alert).collect();
+        if !active.is_empty() {
+            meter::alert_commits_pending(1.0);
+            let _ = self.commits.send(Commit {
+                notices: active,
+                store: false,
+                done: None,
+            });
         }
     }
 
@@ -693,23 +701,24 @@ impl AlertService {
 
     pub async fn on_batch(&self, batch: &Batch) {
         let notices = self.engine().observe(batch);
-        self.commit(notices).await;
+        self.commit(notices);
     }
 
     pub async fn connection_lost(&self, device: &DeviceId, at: Millis) {
         let notices = self.engine().connection_lost(device, at);
-        self.commit(notices).await;
+        self.commit(notices);
     }
 
     pub async fn tick(&self, now: Millis) {
         let notices = self.engine().tick(now);
-        self.commit(notices).await;
+        self.commit(notices);
     }
 
-    /// Acknowledges an active alert by id, returning it as stored.
+    /// Acknowledges an active alert by id, returning it once stored.
     pub async fn ack(&self, id: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
         let alert = self.engine().ack(id, by, at)?;
-        self.commit(vec![Notice::Alert(alert.clone())]).await;
+        self.commit_and_wait(vec![Notice::Alert(alert.clone())])
+            .await;
         Ok(alert)
     }
 
@@ -726,5 +735,60 @@ impl AlertService {
             .active_id(device, rule)
             .ok_or_else(|| AckError::NotActive(format!("{device}/{rule}")))?;
         self.ack(&id, by, at).await
+    }
+}
+
+/// Stores, counts and forwards transitions in order until every [`AlertService`] is gone.
+/// Storing is retried a few times; a transition that cannot be stored is still published, and
+/// logged. The broker's publisher ends after this task, when `notices` closes.
+async fn committer(
+    mut queue: mpsc::UnboundedReceiver<Commit>,
+    storage: Arc<dyn Storage>,
+    notices: mpsc::Sender<Notice>,
+) {
+    while let Some(commit) = queue.recv().await {
+        meter::alert_commits_pending(-1.0);
+        let alerts: Vec<Alert> = commit
+            .notices
+            .iter()
+            .filter_map(|n| match n {
+                Notice::Alert(a) => Some(a.clone()),
+                Notice::Presence { .. } => None,
+            })
+            .collect();
+        // A republished alert is already stored; only transitions are written and counted.
+        if commit.store {
+            store(&*storage, &alerts).await;
+            for a in &alerts {
+                meter::alert_transition(a);
+            }
+        }
+        if let Some(done) = commit.done {
+            let _ = done.send(());
+        }
+        for notice in commit.notices {
+            if notices.send(notice).await.is_err() {
+                tracing::warn!("alert publisher stopped; notice not published");
+            }
+        }
+    }
+}
+
+async fn store(storage: &dyn Storage, alerts: &[Alert]) {
+    if alerts.is_empty() {
+        return;
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for attempt in 1..=5 {
+        match storage.put_alerts(alerts).await {
+            Ok(()) => return,
+            Err(e) if e.is_retryable() && attempt < 5 => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, alerts = alerts.len(), "could not store alert transitions; check storage");
+                return;
+            }
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod names {
     pub const ALERTS_CLEARED: &str = "messina_alerts_cleared_total";
     pub const ALERTS_ACKED: &str = "messina_alerts_acknowledged_total";
     pub const ALERTS_ACTIVE: &str = "messina_alerts_active";
+    pub const ALERT_COMMITS_PENDING: &str = "messina_alert_commits_pending";
 }
 
 fn label(kind: Option<Kind>) -> &'static str {
@@ -106,4 +107,10 @@ pub fn alert_transition(alert: &Alert) {
 
 pub fn active_alerts(n: usize) {
     metrics::gauge!(names::ALERTS_ACTIVE).set(n as f64);
+}
+
+/// Groups of alert transitions waiting for the alert committer (grows while alert storage is
+/// slow or down; ingestion does not wait for it).
+pub fn alert_commits_pending(delta: f64) {
+    metrics::gauge!(names::ALERT_COMMITS_PENDING).increment(delta);
 }

@@ -23,6 +23,8 @@ struct Recording {
     fail: AtomicUsize,
     /// Fails every write while set (an outage that outlasts shutdown).
     down: std::sync::atomic::AtomicBool,
+    /// Alert writes hang while set (alert storage that stopped answering).
+    alerts_stuck: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -62,6 +64,9 @@ impl Storage for Recording {
         self.inner.dead_letters(q).await
     }
     async fn put_alerts(&self, alerts: &[Alert]) -> Result<()> {
+        while self.alerts_stuck.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.inner.put_alerts(alerts).await
     }
     async fn alert(&self, id: &str) -> Result<Option<Alert>> {
@@ -101,6 +106,16 @@ struct Fixture {
 }
 
 fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
+    fixture_with(rows, delay_ms, fail, |_| None)
+}
+
+/// A fixture whose bridge evaluates alerts with the service `alerts` builds over its storage.
+fn fixture_with(
+    rows: usize,
+    delay_ms: u64,
+    fail: usize,
+    alerts: impl FnOnce(Arc<Recording>) -> Option<Arc<messina_bridge::alerts::AlertService>>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let inner = EmbeddedStorage::open(&EmbeddedOptions::new(dir.path())).unwrap();
     let storage = Arc::new(Recording {
@@ -108,6 +123,7 @@ fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
         batches: Mutex::new(Vec::new()),
         fail: AtomicUsize::new(fail),
         down: Default::default(),
+        alerts_stuck: Default::default(),
     });
     let settings = Settings {
         batch_max_rows: rows,
@@ -122,7 +138,14 @@ fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
         Arc::new(move |p| stored_through.lock().unwrap().push(p))
     };
     let shutdown = CancellationToken::new();
-    let (handle, task) = spawn(storage.clone(), settings, None, on_stored, shutdown.clone());
+    let alerts = alerts(Arc::clone(&storage));
+    let (handle, task) = spawn(
+        storage.clone(),
+        settings,
+        alerts,
+        on_stored,
+        shutdown.clone(),
+    );
     Fixture {
         _dir: dir,
         storage,
@@ -337,4 +360,63 @@ async fn a_batch_given_up_at_shutdown_is_not_reported_stored() {
     f.close().await;
     // Only the first batch is stored; the log keeps the rest for the next start.
     assert_eq!(*f.stored_through.lock().unwrap(), vec![1020]);
+}
+
+#[tokio::test]
+async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
+    let (notices_tx, mut notices) = tokio::sync::mpsc::channel(1024);
+    // The service starts (restoring state) before alert storage hangs.
+    let dir = tempfile::tempdir().unwrap();
+    let recording = Arc::new(Recording {
+        inner: EmbeddedStorage::open(&EmbeddedOptions::new(dir.path())).unwrap(),
+        batches: Mutex::new(Vec::new()),
+        fail: AtomicUsize::new(0),
+        down: Default::default(),
+        alerts_stuck: Default::default(),
+    });
+    let rules = messina_bridge::alerts::Rules::from_config(&Default::default());
+    let service = messina_bridge::alerts::AlertService::start(rules, recording.clone(), notices_tx)
+        .await
+        .unwrap();
+    recording.alerts_stuck.store(true, Ordering::SeqCst);
+    let mut f = fixture_with(10, 5, 0, |_| Some(Arc::clone(&service)));
+    // The fixture's own storage is a second one; the readings go there, the alert writes to
+    // the hanging one through the service.
+    for i in 0..40 {
+        let low = Inbound {
+            payload: Bytes::from(rmp_serde::to_vec(&json!({"ts": NOW + i, "battery": 5})).unwrap()),
+            ..telemetry(&format!("low-{i}"), i)
+        };
+        f.send(low).await;
+    }
+    for i in 0..40 {
+        f.wait_stored(&format!("low-{i}"), 1).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), notices.recv())
+            .await
+            .is_err(),
+        "an alert was published before it was stored"
+    );
+    // Alert storage answers again: every raised alert is stored, then published, in order.
+    recording.alerts_stuck.store(false, Ordering::SeqCst);
+    let mut raised = 0;
+    while raised < 40 {
+        let n = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+            .await
+            .expect("alerts published once stored")
+            .unwrap();
+        if let messina_bridge::alerts::Notice::Alert(a) = n {
+            assert_eq!(a.rule, "battery_low");
+            raised += 1;
+        }
+    }
+    let stored = recording
+        .alerts(&AlertQuery::all(100))
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(stored, 40);
+    f.close().await;
 }

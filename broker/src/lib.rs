@@ -107,6 +107,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "Messages waiting between broker and bridge."
     );
     metrics::describe_gauge!("messina_mqtt_connections", "Open MQTT connections.");
+    metrics::describe_gauge!(
+        names::ALERT_COMMITS_PENDING,
+        "Groups of alert transitions waiting to be stored and published (alert storage is off the ingest path)."
+    );
     Ok(handle)
 }
 
@@ -228,7 +232,7 @@ pub async fn serve(
         let service = AlertService::start(rules, Arc::clone(&storage), notices_tx)
             .await
             .context("restoring alert state from storage")?;
-        service.republish_active().await;
+        service.republish_active();
         Some(service)
     } else {
         drop(notices_tx);
