@@ -248,3 +248,77 @@ async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
         .await;
 }
+
+/// Publishers far faster than storage, with an ingest log of 2 MiB: the log fills, appends wait,
+/// so the edge stops reading the sockets and the publishers are slowed; every acknowledged
+/// message is stored once storage catches up, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_ingest_log_slows_publishers_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Storage made slow: one fsynced batch per 10 rows.
+    let server = Server::start(
+        &dir.path().join("data"),
+        "[ingest_log]\nsegment_mib = 1\nmax_mib = 2\n[bridge]\nbatch_max_rows = 10\n",
+    )
+    .await;
+    let t0 = now_ms() - 3_600_000;
+    let acked = Arc::new(Acked::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(publish(
+                server.mqtt,
+                format!("full-{i}"),
+                0,
+                t0,
+                Arc::clone(&acked),
+                Arc::clone(&stop),
+            ))
+        })
+        .collect();
+    wait_for("the ingest log to fill and hold back appends", || async {
+        server.counter("messina_log_append_waits_total").await > 0.0
+    })
+    .await;
+    // Held back, not refused: the connections stay open and acknowledgements keep coming as
+    // storage frees the log.
+    let during = acked.total();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.unwrap();
+    }
+    assert!(
+        acked.total() > during,
+        "acknowledgements stopped while the log was full"
+    );
+    let stored = server.counter("messina_rows_written_total").await;
+    eprintln!(
+        "{sent} sent, {} acknowledged, {stored} stored when the publishers stopped",
+        acked.total()
+    );
+    let acked = acked.0.lock().unwrap().clone();
+    for (device, seqs) in &acked {
+        let path = format!("/v1/devices/{device}/telemetry?order=oldest");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = all_pages(&server, &path, 1000).await.len();
+            if n >= seqs.len() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{device}: {n} of {} acknowledged readings stored after 60 s",
+                seqs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let stored: Vec<u64> = all_pages(&server, &path, 1000)
+            .await
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        check_device(device, seqs, &stored);
+    }
+}
