@@ -25,12 +25,26 @@ pub const INGEST_FILTERS: [&str; 6] = [
     "devices/+/uploads/done",
 ];
 
-/// Whether a message on `topic` belongs in the ingest log.
+/// Whether a message on `topic` belongs in the ingest log, i.e. matches one of
+/// [`INGEST_FILTERS`] (checked without splitting: this runs for every message).
 pub fn is_ingest_topic(topic: &str) -> bool {
-    (topic.starts_with("devices/") || topic.starts_with("alerts/"))
-        && INGEST_FILTERS
-            .iter()
-            .any(|f| crate::edge::router::matches(f, topic))
+    let one_level = |s: &str| !s.contains('/');
+    if let Some(rest) = topic.strip_prefix("devices/") {
+        let Some((_id, leaf)) = rest.split_once('/') else {
+            return false;
+        };
+        return matches!(
+            leaf,
+            "telemetry" | "events" | "presence" | "uploads/request" | "uploads/done"
+        );
+    }
+    if let Some(rest) = topic.strip_prefix("alerts/") {
+        return rest
+            .strip_suffix("/ack")
+            .and_then(|r| r.split_once('/'))
+            .is_some_and(|(device, rule)| one_level(device) && one_level(rule));
+    }
+    false
 }
 
 /// The record kind of a device PUBLISH (the only kind so far).
@@ -309,12 +323,30 @@ mod tests {
         }
         for t in [
             "devices/d1/other",
+            "alerts/d1/ack",
+            "alerts/d1/a/b/ack",
+            "devices//telemetry/x",
             "devices/d1/uploads/response",
             "alerts/d1/battery_low",
             "conf/x",
             "devices/d1/telemetry/x",
         ] {
             assert!(!is_ingest_topic(t), "{t}");
+        }
+        // The same answer as matching the filters one by one.
+        for t in [
+            "devices/a/telemetry",
+            "devices//telemetry",
+            "devices/a/uploads/done",
+            "alerts/a/b/ack",
+            "alerts//b/ack",
+            "alerts/a/b/c",
+            "devices/a",
+        ] {
+            let by_filters = INGEST_FILTERS
+                .iter()
+                .any(|f| crate::edge::router::matches(f, t));
+            assert_eq!(is_ingest_topic(t), by_filters, "{t}");
         }
     }
 

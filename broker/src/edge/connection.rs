@@ -187,6 +187,10 @@ impl Connection {
             (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
         let mut deadline = keep_alive.map(|k| Instant::now() + k);
         let mut link = self.session.link.take();
+        // Made once: a new `cancelled()` future per iteration would lock the token each time.
+        let token = self.shared.shutdown.clone();
+        let cancelled = token.cancelled();
+        tokio::pin!(cancelled);
         if let Err(end) = self.resume().await {
             self.session.link = link;
             return end;
@@ -209,7 +213,7 @@ impl Connection {
             };
             tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => break End::Shutdown,
+                _ = &mut cancelled => break End::Shutdown,
                 // The registry holds the sender as long as this connection owns the client id.
                 Some(kick) = kicks.recv() => break End::TakenOver(kick.reply),
                 changed = durable.changed(), if owed_pending => {
@@ -563,12 +567,7 @@ impl Connection {
                 return Err(());
             }
         };
-        let qos_label = match p.qos {
-            QoS::AtMostOnce => "0",
-            QoS::AtLeastOnce => "1",
-            QoS::ExactlyOnce => "2",
-        };
-        metrics::counter!("messina_mqtt_publishes_total", "qos" => qos_label).increment(1);
+        self.shared.publishes[usize::from(p.qos.as_u8())].increment(1);
         match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => self.owe(Frame::PubAck(Ack::new(id)), end),
             (QoS::ExactlyOnce, Some(id)) => {

@@ -92,6 +92,8 @@ pub struct Shared {
     pub auth: AuthHook,
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
+    /// `messina_mqtt_publishes_total` by QoS, looked up once.
+    pub publishes: [metrics::Counter; 3],
 }
 
 impl Shared {
@@ -182,6 +184,8 @@ impl Edge {
             sessions: Arc::new(Registry::default()),
             auth,
             shutdown: shutdown.clone(),
+            publishes: ["0", "1", "2"]
+                .map(|q| metrics::counter!("messina_mqtt_publishes_total", "qos" => q)),
         });
         let tasks = TaskTracker::new();
         for listener in listeners {
