@@ -3,20 +3,16 @@
 //! Real sockets against the real binary; on the embedded store (read back over HTTP) and on a
 //! real Cassandra node (read back with plain CQL).
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use messina_mosquitto_tests::raw::{self, AckKind, Client, Packet, Publish, Version};
-use messina_mosquitto_tests::{all_pages, mp, now_ms, wait_for, Server};
+use messina_mosquitto_tests::load::{check_device, publish, Acked};
+use messina_mosquitto_tests::{all_pages, now_ms, wait_for, Server};
 use messina_storage::scylla::test_node;
-use serde_json::json;
 
 /// Publishers at once, each its own device.
 const PUBLISHERS: usize = 8;
-/// QoS 1 messages each publisher keeps unacknowledged.
-const WINDOW: usize = 64;
 /// How long the load runs before each stop.
 const LOAD: Duration = Duration::from_millis(1500);
 
@@ -24,69 +20,6 @@ const LOAD: Duration = Duration::from_millis(1500);
 enum Stop {
     Kill,
     Terminate,
-}
-
-/// What the publishers saw: per device, the sequence numbers the server acknowledged.
-#[derive(Default)]
-struct Acked(Mutex<HashMap<String, BTreeSet<u64>>>);
-
-impl Acked {
-    fn total(&self) -> usize {
-        self.0.lock().unwrap().values().map(BTreeSet::len).sum()
-    }
-}
-
-/// Publishes QoS 1 readings `seq, seq+1, ...` as `device` until `stop`, or until the server goes
-/// away, recording each PUBACK; returns the next unused sequence number.
-async fn publish(
-    port: u16,
-    device: String,
-    mut seq: u64,
-    t0: i64,
-    acked: Arc<Acked>,
-    stop: Arc<AtomicBool>,
-) -> u64 {
-    let Ok(mut c) = Client::start(port, Version::V311, &device).await else {
-        return seq;
-    };
-    let topic = format!("devices/{device}/telemetry");
-    let mut in_flight: HashMap<u16, u64> = HashMap::new();
-    loop {
-        while in_flight.len() < WINDOW && !stop.load(Ordering::Relaxed) {
-            let pkid = c.pkid();
-            let payload = mp(&json!({"ts": t0 + seq as i64, "seq": seq, "battery": 50}));
-            let packet = Publish::new(&topic, &payload).qos(1).pkid(pkid);
-            if c.send(&packet.encode(Version::V311)).await.is_err() {
-                return seq;
-            }
-            in_flight.insert(pkid, seq);
-            seq += 1;
-        }
-        if in_flight.is_empty() {
-            let _ = c.send(&raw::disconnect(Version::V311, 0)).await;
-            return seq;
-        }
-        match c.recv(Duration::from_secs(10)).await {
-            Ok(Packet::Ack {
-                kind: AckKind::PubAck,
-                pkid,
-                ..
-            }) => {
-                if let Some(s) = in_flight.remove(&pkid) {
-                    acked
-                        .0
-                        .lock()
-                        .unwrap()
-                        .entry(device.clone())
-                        .or_default()
-                        .insert(s);
-                }
-            }
-            Ok(_) => {}
-            // Killed or stopped: what is still in flight was never promised.
-            Err(_) => return seq,
-        }
-    }
 }
 
 /// Runs `rounds` rounds of load from `PUBLISHERS` devices, each ended by `how`, restarting the
@@ -135,31 +68,13 @@ async fn load_and_stop(server: &mut Server, how: Stop, rounds: usize, t0: i64) -
     acked
 }
 
-/// Checks that every acknowledged sequence number is among `stored` and that `stored` holds
-/// each at most once.
-fn check_device(device: &str, acked: &BTreeSet<u64>, stored: &[u64]) {
-    let unique: BTreeSet<u64> = stored.iter().copied().collect();
-    assert_eq!(
-        unique.len(),
-        stored.len(),
-        "{device}: a message stored twice"
-    );
-    let missing: Vec<&u64> = acked.difference(&unique).collect();
-    assert!(
-        missing.is_empty(),
-        "{device}: {} acknowledged messages not stored, first {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-}
-
 async fn embedded(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("data"), "").await;
     let t0 = now_ms() - 3_600_000;
     let acked = load_and_stop(&mut server, how, 3, t0).await;
     assert!(acked.total() > 0);
-    let acked = acked.0.lock().unwrap().clone();
+    let acked = acked.snapshot();
     for (device, seqs) in &acked {
         let path = format!("/v1/devices/{device}/telemetry?order=oldest");
         wait_for(&format!("{device}: every acknowledged reading"), || {
@@ -217,7 +132,7 @@ async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
         .unwrap()
         .date();
     let acked = load_and_stop(&mut server, Stop::Kill, 2, t0).await;
-    let acked = acked.0.lock().unwrap().clone();
+    let acked = acked.snapshot();
     assert!(!acked.is_empty());
     for (device, seqs) in &acked {
         let query = format!(
@@ -298,7 +213,7 @@ async fn a_full_ingest_log_slows_publishers_and_loses_nothing() {
         "{sent} sent, {} acknowledged, {stored} stored when the publishers stopped",
         acked.total()
     );
-    let acked = acked.0.lock().unwrap().clone();
+    let acked = acked.snapshot();
     for (device, seqs) in &acked {
         let path = format!("/v1/devices/{device}/telemetry?order=oldest");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

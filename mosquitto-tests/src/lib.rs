@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod load;
 pub mod raw;
 
 /// The `messina` binary under test: `$MESSINA_BIN`, or the one cargo built beside the running test
@@ -203,6 +204,20 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Resident memory of the running process in MiB (VmRSS), if it runs.
+    pub fn rss_mib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kib / 1024)
     }
 
     /// Kills the process with SIGKILL (no shutdown at all) and waits for it.
