@@ -1,5 +1,8 @@
-//! The HTTP side-port: JSON queries under `/v1`, health, readiness and Prometheus metrics. Handlers
-//! read through the storage trait; every error is `application/problem+json` that names the problem.
+//! The HTTP side-port: JSON queries under `/v1`, device data posted over HTTP (`ingest`), health,
+//! readiness and Prometheus metrics. Handlers read through the storage trait; every error is
+//! `application/problem+json` that names the problem.
+
+pub mod ingest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -38,6 +41,10 @@ pub struct AppState {
     pub alerts: Option<Arc<AlertService>>,
     /// `None` when uploads are disabled.
     pub uploads: Option<Arc<UploadService>>,
+    /// `None` when the server takes no device data over HTTP (tests of the query API).
+    pub ingest: Option<ingest::Ingest>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
 }
 
 /// The whole HTTP API as a router, testable without a socket.
@@ -45,8 +52,11 @@ pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/devices", get(fleet))
         .route("/devices/{id}", get(device))
-        .route("/devices/{id}/telemetry", get(telemetry))
-        .route("/devices/{id}/events", get(events))
+        .route(
+            "/devices/{id}/telemetry",
+            get(telemetry).post(ingest::telemetry),
+        )
+        .route("/devices/{id}/events", get(events).post(ingest::events))
         .route("/dead-letters", get(dead_letters))
         .route("/devices/failing", get(failing))
         .route("/alerts", get(list_alerts))
@@ -66,7 +76,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
-        ));
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -875,6 +886,8 @@ mod tests {
             low_battery_percent: 20.0,
             alerts: None,
             uploads: None,
+            ingest: None,
+            max_body_bytes: 1 << 20,
         })
     }
 

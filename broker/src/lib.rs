@@ -300,6 +300,11 @@ pub async fn serve(
         low_battery_percent: f64::from(config.http.low_battery_percent),
         alerts: alerts.clone(),
         uploads: uploads.clone(),
+        ingest: Some(http::ingest::Ingest {
+            log: log.clone(),
+            limits: messina_bridge::Settings::from_config(&config.bridge).limits,
+        }),
+        max_body_bytes: config.http.max_body_kib << 10,
     });
     drop(alerts);
     let http = tokio::spawn(

@@ -235,7 +235,8 @@ section! {
 }
 
 section! {
-    /// The HTTP side-port: queries (`/v1/...`), `/healthz`, `/readyz` and Prometheus `/metrics`.
+    /// The HTTP side-port: queries and device data (`/v1/...`), `/healthz`, `/readyz` and
+    /// Prometheus `/metrics`.
     pub struct HttpConfig at "http" {
         /// Address of the HTTP listener.
         pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -252,6 +253,9 @@ section! {
         pub default_page_size: usize = 100,
         /// Battery percentage below which the fleet summary counts a device as low on battery.
         pub low_battery_percent: u8 = 20,
+        /// Largest request body in KiB (device data posted to `/v1/devices/{id}/telemetry` or
+        /// `/events`); a larger one is answered 413.
+        pub max_body_kib: usize = 1_024,
     }
 }
 
@@ -659,6 +663,14 @@ impl Config {
             (1..=65_535).contains(&m.max_inflight),
             "mqtt.max_inflight",
             format!("must be between 1 and 65535, got {}", m.max_inflight),
+        );
+        check(
+            (1..=262_144).contains(&self.http.max_body_kib),
+            "http.max_body_kib",
+            format!(
+                "must be between 1 and 262144 (256 MiB), got {}",
+                self.http.max_body_kib
+            ),
         );
         check(
             m.max_queued_messages >= 1,
