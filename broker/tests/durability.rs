@@ -46,7 +46,7 @@ async fn load_and_stop(server: &mut Server, how: Stop, rounds: usize, t0: i64) -
         match how {
             Stop::Kill => server.kill(),
             Stop::Terminate => {
-                let status = tokio::task::block_in_place(|| server.terminate());
+                let status = server.terminate().await;
                 assert!(status.success(), "{}", server.log_text());
             }
         }
@@ -102,17 +102,14 @@ async fn every_acknowledged_message_survives_sigterm_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
-    if test_node::skipped() {
-        eprintln!("skipped by {}=1", test_node::SKIP_VAR);
-        return;
-    }
     let analyst = scylla::client::session_builder::SessionBuilder::new()
         .known_nodes(test_node::nodes())
         .build()
         .await
         .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
-    let ks = format!("messina_durability_{}", std::process::id());
+    let ks = test_node::fresh_keyspace("durability").await;
     let nodes: Vec<String> = test_node::nodes()
         .iter()
         .map(|n| format!("\"{n}\""))

@@ -10,18 +10,12 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::value::CqlTimestamp;
 use serde_json::json;
 
-async fn analyst_session() -> Option<Session> {
-    if test_node::skipped() {
-        eprintln!("skipped by {}=1", test_node::SKIP_VAR);
-        return None;
-    }
-    Some(
-        SessionBuilder::new()
-            .known_nodes(test_node::nodes())
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e))),
-    )
+async fn analyst_session() -> Session {
+    SessionBuilder::new()
+        .known_nodes(test_node::nodes())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)))
 }
 
 /// Rows of a plain CQL query.
@@ -42,11 +36,10 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn mqtt_to_cassandra_to_http_and_plain_cql() {
-    let Some(analyst) = analyst_session().await else {
-        return;
-    };
-    let ks = format!("messina_e2e_{}", std::process::id());
+    let analyst = analyst_session().await;
+    let ks = test_node::fresh_keyspace("e2e").await;
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<String> = test_node::nodes()
         .iter()

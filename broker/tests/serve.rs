@@ -240,7 +240,7 @@ async fn clean_shutdown_keeps_every_message_the_bridge_received() {
         "nothing flushed yet"
     );
 
-    let status = server.terminate();
+    let status = server.terminate().await;
     assert!(
         status.success(),
         "clean exit, got {status}:\n{}",
@@ -326,7 +326,7 @@ async fn the_ingest_log_survives_kill_9_and_a_torn_tail_and_stores_each_message_
         "{}",
         server.log_text()
     );
-    let status = server.terminate();
+    let status = server.terminate().await;
     assert!(status.success(), "{}", server.log_text());
 
     // A torn last record (a crash in the middle of a write) is cut off at the next start.
@@ -359,7 +359,7 @@ async fn the_ingest_log_survives_kill_9_and_a_torn_tail_and_stores_each_message_
 
     // The log goes on after the truncation.
     publish_v4(server.mqtt, "dev-k", telemetry(300, 310)).await;
-    let status = server.terminate();
+    let status = server.terminate().await;
     assert!(status.success(), "{}", server.log_text());
     server.restart().await;
     let all = all_pages(&server, "/v1/devices/dev-k/telemetry?order=oldest", 1000).await;

@@ -422,7 +422,7 @@ async fn a_url_handed_out_before_a_restart_works_after_it() {
         json!({"kind": "photo", "content_type": "image/png", "size": photo.len()}),
     )
     .await;
-    assert!(server.terminate().success());
+    assert!(server.terminate().await.success());
     server.restart().await;
     let (status, text) = put(ticket["url"].as_str().unwrap(), &ticket["headers"], photo).await;
     assert_eq!(status, 200, "{text}");
@@ -664,18 +664,15 @@ type UploadRow = (
 /// analyst reads it with plain CQL. `scripts/cassandra start` starts the node; only
 /// `MESSINA_SKIP_SCYLLA_TESTS=1` skips this test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn uploads_on_cassandra_are_stored_and_readable_with_cql() {
     use messina_storage::scylla::test_node;
-    if test_node::skipped() {
-        eprintln!("skipped by {}=1", test_node::SKIP_VAR);
-        return;
-    }
     let analyst = scylla::client::session_builder::SessionBuilder::new()
         .known_nodes(test_node::nodes())
         .build()
         .await
         .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
-    let ks = format!("messina_uploads_{}", std::process::id());
+    let ks = test_node::fresh_keyspace("uploads").await;
     let nodes: Vec<String> = test_node::nodes()
         .iter()
         .map(|n| format!("\"{n}\""))

@@ -183,8 +183,8 @@ impl Server {
             .sum()
     }
 
-    /// Sends SIGTERM and waits for the process to exit.
-    pub fn terminate(&mut self) -> ExitStatus {
+    /// Sends SIGTERM and waits (without blocking the runtime) for the process to exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let ok = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -202,7 +202,7 @@ impl Server {
                 "messina did not stop after SIGTERM:\n{}",
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

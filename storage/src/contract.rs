@@ -24,28 +24,28 @@ pub trait Harness: Send + Sync {
 }
 
 /// Expands to one `#[tokio::test]` per contract behaviour. `$harness` is an expression evaluating
-/// to a future of `Option` of a fresh, empty [`Harness`]; `None` means the developer explicitly
-/// opted out of this backend's tests (the test then passes without running, saying so).
+/// to a future of a fresh, empty [`Harness`]; attributes after it go on every test (the ScyllaDB
+/// suite uses `#[cfg_attr(messina_skip_scylla, ignore = ...)]`, so an opt-out lists them as
+/// ignored).
 #[macro_export]
 macro_rules! contract_suite {
-    ($harness:expr) => {
-        $crate::contract_suite!(@each $harness;
+    ($harness:expr $(, #[$attr:meta])* $(,)?) => {
+        $crate::contract_suite!(@each [$(#[$attr])*] $harness;
             idempotent_upsert, newest_and_oldest_first, half_open_ranges, cursors_page_exactly_once,
             latest_is_never_overwritten_by_an_older_reading, empty_batch_and_unknown_device,
             data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
             events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
             alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire);
     };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                match $harness.await {
-                    Some(harness) => $crate::contract::$name(&harness).await,
-                    None => eprintln!("{}: skipped by explicit opt-out", stringify!($name)),
-                }
-            }
-        )*
+    (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
+        $( $crate::contract_suite!(@one $attrs $harness, $name); )*
+    };
+    (@one [$($attr:tt)*] $harness:expr, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($attr)*
+        async fn $name() {
+            $crate::contract::$name(&$harness.await).await
+        }
     };
 }
 

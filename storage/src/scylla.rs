@@ -1618,16 +1618,11 @@ impl Storage for ScyllaStorage {
     }
 }
 
-/// The node that test suites (the contract suite, end-to-end tests, benchmarks) run against, and
-/// the one explicit way to skip them.
+/// The node that test suites (the contract suite, end-to-end tests, benchmarks) run against.
 pub mod test_node {
-    /// Set to `1` to skip tests that need a ScyllaDB node; the project's test command never sets it.
+    /// Set to `1` when building the tests to have the ones that need a ScyllaDB node compiled as
+    /// ignored (`build.rs` of `storage` and `broker`); the project's test command never sets it.
     pub const SKIP_VAR: &str = "MESSINA_SKIP_SCYLLA_TESTS";
-
-    /// True when the developer explicitly opted out of ScyllaDB tests.
-    pub fn skipped() -> bool {
-        std::env::var(SKIP_VAR).is_ok_and(|v| v == "1")
-    }
 
     /// `$MESSINA_SCYLLA_NODES` (comma-separated `host:port`), default `127.0.0.1:9042`.
     pub fn nodes() -> Vec<String> {
@@ -1636,6 +1631,34 @@ pub mod test_node {
             .split(',')
             .map(str::to_string)
             .collect()
+    }
+
+    /// A keyspace name for an end-to-end test, `messina_{purpose}_{pid}`, after dropping the
+    /// `messina_{purpose}_*` keyspaces of earlier test processes (runs that failed before
+    /// dropping their own). Panics with [`unreachable`] when the node does not answer.
+    pub async fn fresh_keyspace(purpose: &str) -> String {
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_nodes(nodes())
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("{}", unreachable(e)));
+        let prefix = format!("messina_{purpose}_");
+        let ours = format!("{prefix}{}", std::process::id());
+        let rows = session
+            .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+            .await
+            .unwrap_or_else(|e| panic!("{}", unreachable(e)))
+            .into_rows_result()
+            .expect("keyspace rows");
+        for row in rows.rows::<(String,)>().expect("keyspace names") {
+            let (name,) = row.expect("keyspace name");
+            if name.starts_with(&prefix) && name != ours {
+                let _ = session
+                    .query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), ())
+                    .await;
+            }
+        }
+        ours
     }
 
     /// What a test says when the node does not answer: how to start one, or how to opt out.

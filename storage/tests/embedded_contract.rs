@@ -18,10 +18,10 @@ impl Harness for Embedded {
     }
 }
 
-async fn embedded() -> Option<Embedded> {
-    Some(Embedded {
+async fn embedded() -> Embedded {
+    Embedded {
         dir: tempfile::tempdir().unwrap(),
-    })
+    }
 }
 
 messina_storage::contract_suite!(embedded());

@@ -60,10 +60,7 @@ async fn prepare_node() {
         .await;
 }
 
-async fn scylla() -> Option<Scylla> {
-    if test_node::skipped() {
-        return None;
-    }
+async fn scylla() -> Scylla {
     prepare_node().await;
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let keyspace = format!(
@@ -73,7 +70,10 @@ async fn scylla() -> Option<Scylla> {
     );
     let mut options = ScyllaOptions::local(&keyspace);
     options.nodes = test_node::nodes();
-    Some(Scylla { options })
+    Scylla { options }
 }
 
-messina_storage::contract_suite!(scylla());
+messina_storage::contract_suite!(
+    scylla(),
+    #[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
+);
