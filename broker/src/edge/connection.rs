@@ -196,10 +196,18 @@ impl Connection {
             return end;
         }
         let end = loop {
-            let owed_pending = self
-                .owed
-                .front()
-                .is_some_and(|(_, need)| *need > *durable.borrow());
+            // Whatever the watermark already covers goes out before the loop waits: the log may
+            // have synced while the last packet was handled, and a client whose window is full
+            // sends nothing more until it gets these.
+            let now_durable = *durable.borrow();
+            if self.send_owed(now_durable).await.is_err() {
+                break End::Lost;
+            }
+            if !self.framed.write_buffer().is_empty() && self.framed.flush().await.is_err() {
+                break End::Lost;
+            }
+            // `borrow` does not mark the value seen, so a sync after it still wakes `changed`.
+            let owed_pending = !self.owed.is_empty();
             let read_socket = self.owed.len() + self.session.inbound_qos2.len()
                 < usize::from(self.shared.settings.max_inflight);
             let read_link = link.is_some()
@@ -264,15 +272,6 @@ impl Connection {
                     }
                     break End::Lost;
                 }
-            }
-            let now_durable = *durable.borrow();
-            if self.send_owed(now_durable).await.is_err() {
-                break End::Lost;
-            }
-            // Written frames go out before the loop waits again. Acknowledgements are written
-            // only when the log's watermark moves, so a burst of them leaves in one write.
-            if !self.framed.write_buffer().is_empty() && self.framed.flush().await.is_err() {
-                break End::Lost;
             }
         };
         self.session.link = link;
