@@ -436,7 +436,7 @@ async fn start_uploads(
             .await
             .context("starting the embedded S3 endpoint")?;
         tracing::info!(endpoint = %s3.endpoint, dir = %dir.display(), "embedded S3 endpoint is serving");
-        (s3.store(u), Some(s3))
+        (s3.store(u)?, Some(s3))
     } else {
         let secret = config.s3_secret_key()?.unwrap_or_default();
         let store = uploads::ObjectStore::new(
@@ -446,7 +446,7 @@ async fn start_uploads(
             &u.access_key_id,
             &secret,
             u.path_style,
-        );
+        )?;
         (store, None)
     };
     let service = uploads::UploadService::new(store, Arc::clone(storage), u);

@@ -168,7 +168,7 @@ impl ObjectStore {
         access_key_id: &str,
         secret_access_key: &str,
         path_style: bool,
-    ) -> Self {
+    ) -> Result<Self, UploadError> {
         let credentials = Credentials::new(
             access_key_id,
             secret_access_key,
@@ -183,14 +183,19 @@ impl ObjectStore {
             .endpoint_url(endpoint)
             .force_path_style(path_style)
             .build();
-        ObjectStore {
+        // The client's own HEAD and GET must not hang on a stuck endpoint, so a client without
+        // the timeout is not an option.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| {
+                UploadError::Fatal(format!("building the HTTP client for object storage: {e}"))
+            })?;
+        Ok(ObjectStore {
             client: aws_sdk_s3::Client::from_conf(config),
             bucket: bucket.to_string(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap_or_default(),
-        }
+            http,
+        })
     }
 
     fn presigning(expires: Duration) -> Result<PresigningConfig, UploadError> {
@@ -268,10 +273,16 @@ impl ObjectStore {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        // A missing or unreadable length must not pass as an empty object.
+        let size = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                UploadError::Unavailable(format!(
+                    "object storage answered HEAD {key} without a valid Content-Length"
+                ))
+            })?;
         Ok(Some(Head {
-            size: header("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            size,
             content_type: header("content-type"),
         }))
     }
@@ -769,7 +780,7 @@ impl EmbeddedS3 {
     }
 
     /// An object store signing with this endpoint's key pair.
-    pub fn store(&self, c: &UploadsConfig) -> ObjectStore {
+    pub fn store(&self, c: &UploadsConfig) -> Result<ObjectStore, UploadError> {
         ObjectStore::new(
             &self.endpoint,
             &c.region,
@@ -794,7 +805,8 @@ mod tests {
             "AKID",
             "SECRET",
             true,
-        );
+        )
+        .unwrap();
         let (url, headers) = store
             .presign_put(
                 "devices/d1/photo/x",

@@ -199,7 +199,7 @@ section! {
         /// Address of the MQTT listener (3.1.1 and 5; the version is in the CONNECT).
         pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1883)),
         /// A second address served exactly like `listen`, for clients configured for the former
-        /// separate MQTT 5 port.
+        /// separate MQTT 5 port; the same address as `listen` serves only that one.
         pub listen_v5: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 1884)),
         /// Most simultaneous client connections; past it a CONNECT is refused with "server busy"
         /// (3.1.1: 0x03, 5: 0x89).
@@ -642,11 +642,6 @@ impl Config {
         };
         let m = &self.mqtt;
         check(
-            m.listen != m.listen_v5 || m.listen.port() == 0,
-            "mqtt.listen_v5",
-            format!("must differ from `mqtt.listen` ({})", m.listen),
-        );
-        check(
             m.max_connections >= 1,
             "mqtt.max_connections",
             "must be at least 1".into(),
@@ -895,6 +890,19 @@ impl Config {
             "uploads.sweep_interval_s",
             "must be at least 1".into(),
         );
+        // S3 takes at most 5 GiB in one PUT, and a presigned URL is one PUT.
+        const MAX_PUT: u64 = 5 << 30;
+        for (key, bytes) in [
+            ("uploads.audio_max_bytes", u.audio_max_bytes),
+            ("uploads.photo_max_bytes", u.photo_max_bytes),
+            ("uploads.log_max_bytes", u.log_max_bytes),
+        ] {
+            check(
+                (1..=MAX_PUT).contains(&bytes),
+                key,
+                format!("must be between 1 and {MAX_PUT} (5 GiB, the largest single S3 PUT), got {bytes}"),
+            );
+        }
         for (key, types) in [
             ("uploads.audio_content_types", &u.audio_content_types),
             ("uploads.photo_content_types", &u.photo_content_types),
@@ -1257,11 +1265,12 @@ mod tests {
     #[test]
     fn inconsistent_values_are_rejected() {
         let e = errors(
-            "[mqtt]\nlisten = \"127.0.0.1:1883\"\nlisten_v5 = \"127.0.0.1:1883\"\n\
-             [http]\ndefault_page_size = 5000\nlow_battery_percent = 150\napi_key = \"short\"\n",
+            "[http]\ndefault_page_size = 5000\nlow_battery_percent = 150\napi_key = \"short\"\n\
+             [uploads]\nphoto_max_bytes = 0\nlog_max_bytes = 6000000000\n",
         );
         for key in [
-            "mqtt.listen_v5",
+            "uploads.photo_max_bytes",
+            "uploads.log_max_bytes",
             "http.default_page_size",
             "http.low_battery_percent",
             "http.api_key",

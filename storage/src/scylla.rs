@@ -150,10 +150,16 @@ fn unset<T>(v: Option<T>) -> MaybeUnset<T> {
     v.map_or(MaybeUnset::Unset, MaybeUnset::Set)
 }
 
-fn attrs_to_cql(attrs: &BTreeMap<String, AttrValue>) -> BTreeMap<String, String> {
+/// Attributes as the `frozen<map<text, text>>` columns hold them: each value as JSON. A value
+/// that cannot be written is an error naming the attribute, never an empty string.
+fn attrs_to_cql(attrs: &BTreeMap<String, AttrValue>) -> Result<BTreeMap<String, String>> {
     attrs
         .iter()
-        .map(|(k, v)| (k.clone(), serde_json::to_string(v).unwrap_or_default()))
+        .map(|(k, v)| {
+            serde_json::to_string(v)
+                .map(|json| (k.clone(), json))
+                .map_err(|e| StorageError::InvalidRequest(format!("attribute `{k}`: {e}")))
+        })
         .collect()
 }
 
@@ -820,7 +826,7 @@ impl Inner {
             .clear();
     }
 
-    fn jobs(&self, batch: &Batch) -> Vec<Job> {
+    fn jobs(&self, batch: &Batch) -> Result<Vec<Job>> {
         let st = &self.st;
         let ttl = self.ttl();
         let mut index = HashSet::new();
@@ -842,7 +848,7 @@ impl Inner {
                 unset(r.rssi),
                 unset(r.online),
                 r.metrics.clone(),
-                attrs_to_cql(&r.attrs),
+                attrs_to_cql(&r.attrs)?,
                 ttl,
             ));
             let metrics: BTreeMap<String, (f64, CqlTimestamp)> = r
@@ -897,7 +903,7 @@ impl Inner {
         let mut by_kind: HashMap<(&DeviceId, &str, i64), Vec<EventByKindValues>> = HashMap::new();
         for e in &batch.events {
             let day = day_of(e.ts);
-            let attrs = attrs_to_cql(&e.attrs);
+            let attrs = attrs_to_cql(&e.attrs)?;
             index.insert((e.device.to_string(), "events".to_string(), day));
             index.insert((e.device.to_string(), format!("events:{}", e.kind), day));
             events.entry((&e.device, day)).or_default().push((
@@ -976,7 +982,7 @@ impl Inner {
             JobValues::Partitions,
             &mut jobs,
         );
-        jobs
+        Ok(jobs)
     }
 
     async fn run_job(&self, job: &Job) -> Result<()> {
@@ -1154,7 +1160,7 @@ impl Storage for ScyllaStorage {
             return Ok(());
         }
         let inner = &self.inner;
-        let jobs = inner.jobs(batch);
+        let jobs = inner.jobs(batch)?;
         let requests: Vec<futures::future::BoxFuture<'_, Result<()>>> = jobs
             .iter()
             .map(|job| Box::pin(inner.run_job(job)) as _)
@@ -1505,8 +1511,8 @@ impl Storage for ScyllaStorage {
             u.state.as_str(),
             ts(u.expires_at),
             u.finished_at.map(ts),
-            attrs_to_cql(&u.attrs),
-            attrs_to_cql(&u.meta),
+            attrs_to_cql(&u.attrs)?,
+            attrs_to_cql(&u.meta)?,
             u.error.as_deref(),
         );
         session
@@ -1703,6 +1709,9 @@ mod tests {
             ("c".to_string(), AttrValue::Bool(true)),
             ("d".to_string(), AttrValue::Text("12".into())),
         ]);
-        assert_eq!(attrs_from_cql(Some(attrs_to_cql(&attrs))).unwrap(), attrs);
+        assert_eq!(
+            attrs_from_cql(Some(attrs_to_cql(&attrs).unwrap())).unwrap(),
+            attrs
+        );
     }
 }
