@@ -45,6 +45,10 @@ pub struct AppState {
     pub ingest: Option<ingest::Ingest>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: std::time::Duration,
+    /// Requests served at once; more are answered 503 at once (load shedding).
+    pub max_concurrent_requests: usize,
 }
 
 /// The whole HTTP API as a router, testable without a socket.
@@ -78,13 +82,61 @@ pub fn app(state: Arc<AppState>) -> Router {
             require_api_key,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
-    Router::new()
+    let (timeout, max_concurrent) = (state.request_timeout, state.max_concurrent_requests);
+    let router = Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    with_limits(router, timeout, max_concurrent)
+}
+
+/// A span per request, a concurrency limit that sheds what is over it (503 with `Retry-After`
+/// rather than a queue that grows), and a timeout (503), around the whole side-port.
+fn with_limits(router: Router, timeout: std::time::Duration, max_concurrent: usize) -> Router {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+            .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+            .load_shed()
+            // Global: `Router::layer` wraps each route on its own, and one limit must hold for
+            // the whole port.
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                max_concurrent,
+            ))
+            .timeout(timeout),
+    )
+}
+
+async fn overloaded(error: tower::BoxError) -> Response {
+    let (detail, retry) = if error.is::<tower::timeout::error::Elapsed>() {
+        (
+            "the request took longer than `http.request_timeout_ms`",
+            "1",
+        )
+    } else if error.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!("messina_http_shed_total").increment(1);
+        (
+            "the server is serving `http.max_concurrent_requests` requests already",
+            "1",
+        )
+    } else {
+        tracing::error!(%error, "HTTP middleware failed");
+        ("internal error; see the server log", "5")
+    };
+    let mut response = ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        title: "Service unavailable",
+        detail: format!("{detail}; retry later"),
+        parameter: None,
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+    response
 }
 
 /// An error answered as `application/problem+json` (RFC 9457). Internal details are logged, not
@@ -888,7 +940,48 @@ mod tests {
             uploads: None,
             ingest: None,
             max_body_bytes: 1 << 20,
+            request_timeout: std::time::Duration::from_secs(30),
+            max_concurrent_requests: 64,
         })
+    }
+
+    #[tokio::test]
+    async fn slow_requests_time_out_and_requests_over_the_limit_are_shed() {
+        use std::time::Duration;
+        let slow = || {
+            Router::new().route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "done"
+                }),
+            )
+        };
+        let get_slow = || {
+            axum::http::Request::get("/slow")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        // Over the timeout: 503 problem with Retry-After.
+        let app = with_limits(slow(), Duration::from_millis(50), 10);
+        let r = app.oneshot(get_slow()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        // One at a time: a second request while the first runs is shed at once, not queued.
+        let app = with_limits(slow(), Duration::from_secs(5), 1);
+        let first = tokio::spawn(app.clone().oneshot(get_slow()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A queued request would get 200 once the first ends, well inside the 5 s timeout.
+        let second = app.clone().oneshot(get_slow()).await.unwrap();
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        // Once the first is done, the next is served.
+        let third = app.oneshot(get_slow()).await.unwrap();
+        assert_eq!(third.status(), StatusCode::OK);
     }
 
     /// Asserts a 400 problem naming `parameter`.

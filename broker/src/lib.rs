@@ -305,6 +305,8 @@ pub async fn serve(
             limits: messina_bridge::Settings::from_config(&config.bridge).limits,
         }),
         max_body_bytes: config.http.max_body_kib << 10,
+        request_timeout: Duration::from_millis(config.http.request_timeout_ms),
+        max_concurrent_requests: config.http.max_concurrent_requests,
     });
     drop(alerts);
     let http = tokio::spawn(

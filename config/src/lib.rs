@@ -256,6 +256,12 @@ section! {
         /// Largest request body in KiB (device data posted to `/v1/devices/{id}/telemetry` or
         /// `/events`); a larger one is answered 413.
         pub max_body_kib: usize = 1_024,
+        /// Milliseconds a request may take before it is answered 503 (device data posted over
+        /// HTTP waits for the ingest log's fsync, and up to 10 s for room in a full log).
+        pub request_timeout_ms: u64 = 30_000,
+        /// Requests served at once; more are answered 503 with `Retry-After` at once instead of
+        /// queueing.
+        pub max_concurrent_requests: usize = 1_024,
     }
 }
 
@@ -658,6 +664,19 @@ impl Config {
             (1..=65_535).contains(&m.max_inflight),
             "mqtt.max_inflight",
             format!("must be between 1 and 65535, got {}", m.max_inflight),
+        );
+        check(
+            (100..=600_000).contains(&self.http.request_timeout_ms),
+            "http.request_timeout_ms",
+            format!(
+                "must be between 100 and 600000, got {}",
+                self.http.request_timeout_ms
+            ),
+        );
+        check(
+            self.http.max_concurrent_requests >= 1,
+            "http.max_concurrent_requests",
+            "must be at least 1".into(),
         );
         check(
             (1..=262_144).contains(&self.http.max_body_kib),
