@@ -85,6 +85,7 @@ pub struct Rules {
     anomaly_z: f64,
     anomaly_window: usize,
     anomaly_min: usize,
+    anomaly_max_metrics: usize,
     thresholds: Vec<Threshold>,
 }
 
@@ -108,6 +109,7 @@ impl Rules {
             anomaly_z: c.anomaly_sensitivity,
             anomaly_window: c.anomaly_window,
             anomaly_min: c.anomaly_min_samples,
+            anomaly_max_metrics: c.anomaly_max_metrics_per_device,
             thresholds: c.thresholds.iter().map(threshold).collect(),
         }
     }
@@ -443,6 +445,12 @@ impl AlertEngine {
                     Some(w) => w,
                     None => self.windows.entry(device.clone()).or_default(),
                 };
+                // A device may name any number of metrics; beyond the cap they are stored but
+                // not judged, so one device cannot grow the server's memory at will.
+                if !windows.contains_key(name) && windows.len() >= self.rules.anomaly_max_metrics {
+                    meter::untracked_metric();
+                    continue;
+                }
                 let window = match windows.get_mut(name) {
                     Some(w) => w,
                     None => windows.entry(name.to_string()).or_default(),

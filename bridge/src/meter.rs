@@ -25,6 +25,7 @@ pub mod names {
     pub const ALERTS_ACKED: &str = "messina_alerts_acknowledged_total";
     pub const ALERTS_ACTIVE: &str = "messina_alerts_active";
     pub const ALERT_COMMITS_PENDING: &str = "messina_alert_commits_pending";
+    pub const UNTRACKED_METRICS: &str = "messina_alerts_untracked_metrics_total";
 }
 
 fn label(kind: Option<Kind>) -> &'static str {
@@ -140,6 +141,12 @@ pub fn alert_transition(alert: &Alert) {
 
 pub fn active_alerts(n: usize) {
     metrics::gauge!(names::ALERTS_ACTIVE).set(n as f64);
+}
+
+/// A metric the anomaly rule does not judge: the device has `alerts.anomaly_max_metrics_per_device`
+/// windows already.
+pub fn untracked_metric() {
+    metrics::counter!(names::UNTRACKED_METRICS).increment(1);
 }
 
 /// Groups of alert transitions waiting for the alert committer (grows while alert storage is

@@ -197,6 +197,44 @@ fn anomalies_are_far_from_the_recent_mean() {
 }
 
 #[test]
+fn anomaly_state_per_device_is_bounded_by_the_metric_cap() {
+    let mut e = engine(|c| {
+        c.battery_low_percent = 0.0;
+        c.anomaly_max_metrics_per_device = 3;
+    });
+    // A device naming 50 metrics per reading: windows for the first three only.
+    let wide = |s: i64, spike: f64| {
+        let mut r = reading("d1", s, None, None);
+        r.metrics = (0..50)
+            .map(|m| {
+                (
+                    format!("m{m:02}"),
+                    if m == 49 {
+                        spike
+                    } else {
+                        20.0 + (s % 5) as f64 * 0.2
+                    },
+                )
+            })
+            .collect();
+        r
+    };
+    let normal: Vec<Reading> = (0..30)
+        .map(|i| wide(i, 20.0 + (i % 5) as f64 * 0.2))
+        .collect();
+    check(e.observe(&readings(normal)), &[]);
+    // m49 is past the cap: a spike on it is not judged (and not remembered).
+    check(e.observe(&readings(vec![wide(31, 900.0)])), &[]);
+    // m00 is tracked: its spike is an anomaly.
+    let mut spike = wide(32, 20.0);
+    spike.metrics.insert("m00".into(), 500.0);
+    check(
+        e.observe(&readings(vec![spike])),
+        &[("anomaly.m00", Raised)],
+    );
+}
+
+#[test]
 fn offline_by_silence_or_will_and_online_when_heard_again() {
     let mut e = engine(|c| c.offline_after_s = 60);
     let first = e.observe(&readings(vec![

@@ -77,6 +77,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             "Messages storage refused for good (not an outage), stored as dead letters with the reason.",
         ),
         (
+            names::UNTRACKED_METRICS,
+            "Metric values the anomaly rule did not judge: their device has alerts.anomaly_max_metrics_per_device windows already.",
+        ),
+        (
             "messina_mqtt_publishes_total",
             "PUBLISH packets the edge accepted, by QoS.",
         ),

@@ -447,6 +447,12 @@ section! {
         pub anomaly_window: usize = 60,
         /// Readings the window must hold before the anomaly rule judges a value.
         pub anomaly_min_samples: usize = 20,
+        /// Metrics per device the anomaly rule keeps a window for (battery and RSSI count):
+        /// metric names are the device's to choose, so this bounds the memory one device can
+        /// make the server hold (at most this × `anomaly_window` values). Metrics past it are
+        /// stored as usual but not judged, and counted in
+        /// `messina_alerts_untracked_metrics_total`.
+        pub anomaly_max_metrics_per_device: usize = 32,
         /// Threshold rules, e.g. `thresholds = [{ name = "overheat", metric = "metrics.temp_c",
         /// op = ">", value = 60.0, for_s = 120, severity = "critical" }]`.
         pub thresholds: Vec<ThresholdRule> = Vec::new(),
@@ -1009,6 +1015,14 @@ impl Config {
             a.anomaly_window <= 10_000,
             "alerts.anomaly_window".into(),
             format!("must be at most 10000, got {}", a.anomaly_window),
+        );
+        check(
+            (1..=1_000).contains(&a.anomaly_max_metrics_per_device),
+            "alerts.anomaly_max_metrics_per_device".into(),
+            format!(
+                "must be between 1 and 1000, got {}",
+                a.anomaly_max_metrics_per_device
+            ),
         );
         let mut names = Vec::new();
         for (i, t) in a.thresholds.iter().enumerate() {
