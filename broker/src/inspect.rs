@@ -59,20 +59,46 @@ pub fn sniff(bytes: &[u8]) -> Option<Format> {
     {
         // An ID3v2 tag, or an MPEG audio frame sync (11 set bits).
         Some(Format::Mp3)
-    } else if !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok() {
+    } else if !bytes.contains(&0) && utf8_so_far(bytes) {
         Some(Format::Text)
     } else {
         None
     }
 }
 
-/// Checks `bytes` against the declared content type and extracts metadata; the error is a
-/// sentence for the device's owner.
-pub fn inspect(content_type: &str, bytes: &[u8]) -> Result<BTreeMap<String, AttrValue>, String> {
+/// Whether `bytes` is UTF-8, allowing a character cut off at the end (a prefix of the object).
+fn utf8_so_far(bytes: &[u8]) -> bool {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => true,
+        Err(e) => e.error_len().is_none(),
+    }
+}
+
+/// How much of the object is read to recognise it; everything past it is streamed from the file.
+const PREFIX: usize = 64 * 1024;
+
+/// Checks an object against the declared content type and extracts metadata; the error is a
+/// sentence for the device's owner. Memory stays bounded whatever the object's size: the format
+/// is recognised from a prefix of at most 64 KiB and the rest is read from `source` as needed
+/// (image headers, WAV chunks, every MP3/OGG packet, text line by line).
+pub fn inspect_source<S>(
+    content_type: &str,
+    mut source: S,
+    size: u64,
+) -> Result<BTreeMap<String, AttrValue>, String>
+where
+    S: symphonia::core::io::MediaSource + 'static,
+{
+    use std::io::SeekFrom;
     let mut meta = BTreeMap::new();
     let Some(expected) = Format::for_content_type(content_type) else {
         return Ok(meta);
     };
+    let unreadable = |e: std::io::Error| format!("the object cannot be read back: {e}");
+    let mut bytes = vec![0; size.min(PREFIX as u64) as usize];
+    source.read_exact(&mut bytes).map_err(unreadable)?;
+    source.seek(SeekFrom::Start(0)).map_err(unreadable)?;
+    let bytes = &bytes[..];
     let found = sniff(bytes);
     if found != Some(expected) {
         return Err(format!(
@@ -86,14 +112,15 @@ pub fn inspect(content_type: &str, bytes: &[u8]) -> Result<BTreeMap<String, Attr
     meta.insert("format".into(), AttrValue::Text(expected.as_str().into()));
     match expected {
         Format::Jpeg | Format::Png => {
-            let size = imagesize::blob_size(bytes).map_err(|e| {
-                format!("the {} image has no readable size: {e}", expected.as_str())
-            })?;
+            let size =
+                imagesize::reader_size(std::io::BufReader::new(&mut source)).map_err(|e| {
+                    format!("the {} image has no readable size: {e}", expected.as_str())
+                })?;
             meta.insert("width".into(), AttrValue::Int(size.width as i64));
             meta.insert("height".into(), AttrValue::Int(size.height as i64));
         }
         Format::Wav => {
-            let wav = wav_header(bytes)?;
+            let wav = wav_header(bytes, size)?;
             meta.insert(
                 "sample_rate".into(),
                 AttrValue::Int(i64::from(wav.sample_rate)),
@@ -106,21 +133,56 @@ pub fn inspect(content_type: &str, bytes: &[u8]) -> Result<BTreeMap<String, Attr
             meta.insert("duration_s".into(), AttrValue::Float(wav.duration_s));
         }
         Format::Mp3 | Format::Ogg => {
-            let (duration_s, sample_rate) = compressed_audio(expected, bytes)?;
+            let (duration_s, sample_rate) = compressed_audio(expected, source)?;
             meta.insert("duration_s".into(), AttrValue::Float(duration_s));
             if let Some(rate) = sample_rate {
                 meta.insert("sample_rate".into(), AttrValue::Int(i64::from(rate)));
             }
         }
         Format::Text => {
-            let lines = bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count();
+            let lines = text_lines(source)?;
             meta.insert("lines".into(), AttrValue::Int(lines as i64));
         }
     }
     Ok(meta)
+}
+
+/// Checks a whole text object chunk by chunk (UTF-8, no NUL) and counts its non-empty lines.
+fn text_lines(mut source: impl std::io::Read) -> Result<u64, String> {
+    let mut chunk = vec![0; PREFIX];
+    // Bytes of a character cut at a chunk's end, carried into the next.
+    let mut carry: Vec<u8> = Vec::new();
+    let (mut lines, mut in_line) = (0u64, false);
+    loop {
+        let n = source
+            .read(&mut chunk)
+            .map_err(|e| format!("the object cannot be read back: {e}"))?;
+        let mut piece = std::mem::take(&mut carry);
+        piece.extend_from_slice(&chunk[..n]);
+        if n == 0 && piece.is_empty() {
+            break;
+        }
+        let valid = match std::str::from_utf8(&piece) {
+            Ok(_) => piece.len(),
+            Err(e) if e.error_len().is_none() && n > 0 => e.valid_up_to(),
+            Err(_) => return Err("the text object is not valid UTF-8".into()),
+        };
+        for &b in &piece[..valid] {
+            match b {
+                0 => return Err("the text object contains a NUL byte".into()),
+                b'\n' => {
+                    lines += u64::from(in_line);
+                    in_line = false;
+                }
+                _ => in_line = true,
+            }
+        }
+        carry = piece[valid..].to_vec();
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(lines + u64::from(in_line))
 }
 
 /// What a WAV file's `fmt ` and `data` chunks say.
@@ -132,9 +194,9 @@ pub struct WavHeader {
     pub duration_s: f64,
 }
 
-/// Walks the RIFF chunks to `fmt ` and `data`; the duration is the data length over the byte
-/// rate, rounded to milliseconds.
-pub fn wav_header(bytes: &[u8]) -> Result<WavHeader, String> {
+/// Walks the RIFF chunks of `bytes` (the first bytes of a `size`-byte object) to `fmt ` and
+/// `data`; the duration is the data length over the byte rate, rounded to milliseconds.
+pub fn wav_header(bytes: &[u8], size: u64) -> Result<WavHeader, String> {
     let u16_at = |i: usize| {
         bytes
             .get(i..i + 2)
@@ -169,7 +231,7 @@ pub fn wav_header(bytes: &[u8]) -> Result<WavHeader, String> {
                     return Err("the WAV file declares a byte rate of 0".into());
                 }
                 // A streamed WAV may declare more data than it holds; count what is there.
-                let data = u64::from(len).min(bytes.len().saturating_sub(body) as u64);
+                let data = u64::from(len).min(size.saturating_sub(body as u64));
                 let duration_s = (data as f64 / f64::from(byte_rate) * 1000.0).round() / 1000.0;
                 return Ok(WavHeader {
                     sample_rate,
@@ -188,7 +250,10 @@ pub fn wav_header(bytes: &[u8]) -> Result<WavHeader, String> {
 
 /// Duration (seconds, to the millisecond) and sample rate of MP3 or OGG audio, by reading every
 /// packet's duration without decoding.
-fn compressed_audio(format: Format, bytes: &[u8]) -> Result<(f64, Option<u32>), String> {
+fn compressed_audio<S>(format: Format, source: S) -> Result<(f64, Option<u32>), String>
+where
+    S: symphonia::core::io::MediaSource + 'static,
+{
     use symphonia::core::errors::Error;
     use symphonia::core::formats::FormatOptions;
     use symphonia::core::io::MediaSourceStream;
@@ -196,7 +261,6 @@ fn compressed_audio(format: Format, bytes: &[u8]) -> Result<(f64, Option<u32>), 
     use symphonia::core::probe::Hint;
 
     let name = format.as_str();
-    let source = std::io::Cursor::new(bytes.to_vec());
     let stream = MediaSourceStream::new(Box::new(source), Default::default());
     let mut hint = Hint::new();
     hint.with_extension(name);
@@ -234,6 +298,15 @@ fn compressed_audio(format: Format, bytes: &[u8]) -> Result<(f64, Option<u32>), 
 
 #[cfg(test)]
 mod tests {
+    /// The same checks over bytes in memory.
+    fn inspect(content_type: &str, bytes: &[u8]) -> Result<BTreeMap<String, AttrValue>, String> {
+        super::inspect_source(
+            content_type,
+            std::io::Cursor::new(bytes.to_vec()),
+            bytes.len() as u64,
+        )
+    }
+
     use super::*;
 
     fn wav(rate: u32, channels: u16, samples: u32) -> Vec<u8> {
@@ -257,6 +330,27 @@ mod tests {
     }
 
     #[test]
+    fn text_past_the_prefix_is_checked_and_counted_in_chunks() {
+        // 100,000 lines of "é…\n" (multi-byte characters straddle every chunk boundary).
+        let line = "é€ line\n";
+        let text = line.repeat(20_000);
+        assert!(text.len() > 3 * PREFIX);
+        assert_eq!(
+            inspect("text/plain", text.as_bytes()).unwrap()["lines"],
+            AttrValue::Int(20_000)
+        );
+        // A NUL or broken UTF-8 far past the prefix is still found.
+        let mut bad = text.clone().into_bytes();
+        let at = bad.len() - 2;
+        bad[at] = 0;
+        assert!(inspect("text/plain", &bad).unwrap_err().contains("NUL"));
+        let mut bad = text.into_bytes();
+        let at = bad.len() - 2;
+        bad[at] = 0xFF;
+        assert!(inspect("text/plain", &bad).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
     fn wav_duration_from_its_header() {
         let meta = inspect("audio/wav", &wav(8000, 1, 12_000)).unwrap();
         assert_eq!(meta["duration_s"], AttrValue::Float(1.5));
@@ -269,7 +363,8 @@ mod tests {
     #[test]
     fn symphonia_reads_the_same_wav_duration() {
         // Cross-checks the hand parse against a real demuxer on the same bytes.
-        let (d, rate) = compressed_audio(Format::Wav, &wav(8000, 1, 12_000)).unwrap();
+        let (d, rate) =
+            compressed_audio(Format::Wav, std::io::Cursor::new(wav(8000, 1, 12_000))).unwrap();
         assert_eq!((d, rate), (1.5, Some(8000)));
     }
 

@@ -287,24 +287,45 @@ impl ObjectStore {
         }))
     }
 
-    async fn get(&self, key: &str) -> Result<Vec<u8>, UploadError> {
+    /// Streams the object into an anonymous temporary file (never all of it in memory), hashing
+    /// it on the way; refuses an object longer than `expected` bytes. Returns the file, rewound,
+    /// and the SHA-256 in hex.
+    async fn download(
+        &self,
+        key: &str,
+        expected: u64,
+    ) -> Result<(std::fs::File, String), UploadError> {
+        use tokio::io::AsyncWriteExt;
         let url = self.presign_get(key, Duration::from_secs(60)).await?;
-        let r = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| UploadError::Unavailable(format!("object storage: GET {key}: {e}")))?;
+        let failed =
+            |e: reqwest::Error| UploadError::Unavailable(format!("object storage: GET {key}: {e}"));
+        let mut r = self.http.get(url).send().await.map_err(failed)?;
         if !r.status().is_success() {
             return Err(UploadError::Unavailable(format!(
                 "object storage answered GET {key} with {}",
                 r.status()
             )));
         }
-        r.bytes()
-            .await
-            .map(|b| b.to_vec())
-            .map_err(|e| UploadError::Unavailable(format!("object storage: GET {key}: {e}")))
+        let spool = |e: std::io::Error| {
+            UploadError::Fatal(format!("spooling an upload to a temporary file: {e}"))
+        };
+        let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(spool)?);
+        let mut hash = Sha256::new();
+        let mut got = 0u64;
+        while let Some(chunk) = r.chunk().await.map_err(failed)? {
+            got += chunk.len() as u64;
+            if got > expected {
+                return Err(UploadError::Rejected(format!(
+                    "the object holds more than the {expected} bytes declared"
+                )));
+            }
+            hash.update(&chunk);
+            file.write_all(&chunk).await.map_err(spool)?;
+        }
+        file.flush().await.map_err(spool)?;
+        let mut file = file.into_std().await;
+        std::io::Seek::rewind(&mut file).map_err(spool)?;
+        Ok((file, hex::encode(hash.finalize())))
     }
 }
 
@@ -323,7 +344,12 @@ pub struct UploadService {
     url_expiry: Duration,
     download_expiry: Duration,
     sweep_interval: Duration,
+    /// Completions checked at once, over HTTP and MQTT alike: each reads its object back.
+    completions: tokio::sync::Semaphore,
 }
+
+/// Uploads checked on completion at once (each streams its object to a temporary file).
+const COMPLETIONS: usize = 8;
 
 impl UploadService {
     pub fn new(store: ObjectStore, storage: Arc<dyn Storage>, c: &UploadsConfig) -> Self {
@@ -357,6 +383,7 @@ impl UploadService {
             url_expiry: Duration::from_secs(c.url_expiry_s),
             download_expiry: Duration::from_secs(c.download_url_expiry_s),
             sweep_interval: Duration::from_secs(c.sweep_interval_s),
+            completions: tokio::sync::Semaphore::new(COMPLETIONS),
         }
     }
 
@@ -472,6 +499,11 @@ impl UploadService {
         now: Millis,
     ) -> Result<Upload, UploadError> {
         let mut upload = self.get_for(device, id).await?;
+        let _turn = self
+            .completions
+            .acquire()
+            .await
+            .map_err(|_| UploadError::Unavailable("the upload service is stopping".into()))?;
         match upload.state {
             UploadState::Completed => return Ok(upload),
             UploadState::Rejected => {
@@ -537,20 +569,18 @@ impl UploadService {
                 upload.content_type
             )));
         }
-        let bytes = self.store.get(&upload.object_key).await?;
-        let sha256 = upload.sha256.clone();
-        let content_type = upload.content_type.clone();
-        // Hashing and parsing up to the kind's size limit is CPU work: keep it off the runtime.
-        tokio::task::spawn_blocking(move || {
-            if let Some(expected) = sha256 {
-                let got = hex::encode(Sha256::digest(&bytes));
-                if got != expected {
-                    return Err(UploadError::Rejected(format!(
-                        "the object's SHA-256 is {got}, not the {expected} declared"
-                    )));
-                }
+        let (file, got) = self.store.download(&upload.object_key, upload.size).await?;
+        if let Some(expected) = &upload.sha256 {
+            if got != *expected {
+                return Err(UploadError::Rejected(format!(
+                    "the object's SHA-256 is {got}, not the {expected} declared"
+                )));
             }
-            inspect::inspect(&content_type, &bytes).map_err(UploadError::Rejected)
+        }
+        let (content_type, size) = (upload.content_type.clone(), upload.size);
+        // Parsing reads the file: blocking work, off the runtime.
+        tokio::task::spawn_blocking(move || {
+            inspect::inspect_source(&content_type, file, size).map_err(UploadError::Rejected)
         })
         .await
         .map_err(|e| UploadError::Fatal(format!("inspecting an upload: {e}")))?
