@@ -5,7 +5,7 @@
 //! the running process: it stores every transition and hands it to the broker as a [`Notice`] to
 //! publish on `alerts/{device}/{rule}` and `devices/{id}/presence`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,7 +177,31 @@ pub struct AlertEngine {
     /// How many alerts are active per device: the hot path asks this (a borrowed lookup, no
     /// allocation) before building the keys and messages a clear needs.
     active_count: HashMap<DeviceId, u32>,
+    /// Devices whose state changed since it was last saved ([`AlertEngine::take_changed`]).
+    changed: HashSet<DeviceId>,
 }
+
+/// What the engine remembers of one device besides its active alerts, as saved in storage so a
+/// restart resumes where the rules stood: JSON behind a version byte.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Memory {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_seen: Option<Millis>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    sync_failures: u32,
+    /// Threshold rule → when its condition started holding.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    holding_since: BTreeMap<String, Millis>,
+    /// Metric → the anomaly window's values, oldest first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    windows: BTreeMap<String, Vec<f64>>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+const MEMORY_VERSION: u8 = 1;
 
 impl AlertEngine {
     pub fn new(rules: Rules) -> Self {
@@ -189,7 +213,93 @@ impl AlertEngine {
             holding_since: HashMap::new(),
             windows: HashMap::new(),
             active_count: HashMap::new(),
+            changed: HashSet::new(),
         }
+    }
+
+    /// The saved state of every device whose state changed since the last call: what the
+    /// service writes to storage (an empty value: nothing left to remember).
+    pub fn take_changed(&mut self) -> Vec<(DeviceId, Vec<u8>)> {
+        if self.changed.is_empty() {
+            return Vec::new();
+        }
+        let changed = std::mem::take(&mut self.changed);
+        let mut memories: HashMap<&DeviceId, Memory> = changed
+            .iter()
+            .map(|d| {
+                let m = Memory {
+                    last_seen: self.last_seen.get(d).copied(),
+                    sync_failures: self.sync_failures.get(d).copied().unwrap_or(0),
+                    holding_since: BTreeMap::new(),
+                    windows: self
+                        .windows
+                        .get(d)
+                        .map(|w| {
+                            w.iter()
+                                .map(|(k, v)| (k.clone(), v.values.iter().copied().collect()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                (d, m)
+            })
+            .collect();
+        for ((d, rule), since) in &self.holding_since {
+            if let Some(m) = memories.get_mut(d) {
+                m.holding_since.insert(rule.clone(), *since);
+            }
+        }
+        memories
+            .into_iter()
+            .map(|(d, m)| {
+                let bytes = if m == Memory::default() {
+                    Vec::new()
+                } else {
+                    let mut b = vec![MEMORY_VERSION];
+                    b.extend(serde_json::to_vec(&m).expect("the memory serialises"));
+                    b
+                };
+                (d.clone(), bytes)
+            })
+            .collect()
+    }
+
+    /// Takes back what [`take_changed`](Self::take_changed) saved before a restart. Returns how
+    /// many states could not be read (a newer Messina wrote them); those devices start afresh.
+    pub fn restore_memory(&mut self, saved: Vec<(DeviceId, Vec<u8>)>) -> usize {
+        let mut unreadable = 0;
+        for (device, bytes) in saved {
+            let memory = match bytes.split_first() {
+                Some((&MEMORY_VERSION, json)) => serde_json::from_slice::<Memory>(json).ok(),
+                _ => None,
+            };
+            let Some(m) = memory else {
+                unreadable += 1;
+                continue;
+            };
+            if let Some(at) = m.last_seen {
+                let seen = self.last_seen.entry(device.clone()).or_insert(at);
+                *seen = (*seen).max(at);
+            }
+            if m.sync_failures > 0 {
+                self.sync_failures.insert(device.clone(), m.sync_failures);
+            }
+            for (rule, since) in m.holding_since {
+                self.holding_since.insert((device.clone(), rule), since);
+            }
+            if !m.windows.is_empty() {
+                let windows = self.windows.entry(device.clone()).or_default();
+                for (metric, values) in m.windows {
+                    windows.insert(
+                        metric,
+                        Window {
+                            values: values.into_iter().collect(),
+                        },
+                    );
+                }
+            }
+        }
+        unreadable
     }
 
     /// Takes back the active alerts and last-seen times stored before a restart, so offline
@@ -293,6 +403,10 @@ impl AlertEngine {
 
     /// The device was heard from at server time `at`.
     fn heard(&mut self, device: &DeviceId, at: Millis, out: &mut Vec<Notice>) {
+        // Everything the engine remembers of a device changes only when it is heard from.
+        if !self.changed.contains(device) {
+            self.changed.insert(device.clone());
+        }
         match self.last_seen.get_mut(device) {
             Some(seen) => *seen = (*seen).max(at),
             None => {
@@ -589,6 +703,8 @@ pub struct AlertService {
 struct Commit {
     notices: Vec<Notice>,
     store: bool,
+    /// Devices' engine state to save, after the transitions.
+    memory: Vec<(DeviceId, Vec<u8>)>,
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -610,33 +726,49 @@ impl AlertService {
                 None => break,
             }
         }
-        let mut last_seen = Vec::new();
-        let mut page = PageRequest::first(1000);
-        loop {
-            let fleet = storage
-                .fleet(&FleetQuery {
-                    page: page.clone(),
-                    low_battery_percent: 0.0,
-                })
-                .await?;
-            last_seen.extend(
-                fleet
-                    .devices
-                    .items
-                    .iter()
-                    .map(|d| (d.device.clone(), d.last_seen)),
-            );
-            match fleet.devices.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => break,
+        // One read of the saved per-device state (O(devices)). A store written before that state
+        // was saved has none: the fleet's last-seen times stand in, once.
+        let memory = storage.alert_states().await?;
+        let devices = memory.len();
+        let mut engine = AlertEngine::new(rules);
+        let last_seen = if memory.is_empty() {
+            let mut last_seen = Vec::new();
+            let mut page = PageRequest::first(1000);
+            loop {
+                let fleet = storage
+                    .fleet(&FleetQuery {
+                        page: page.clone(),
+                        low_battery_percent: 0.0,
+                    })
+                    .await?;
+                last_seen.extend(
+                    fleet
+                        .devices
+                        .items
+                        .iter()
+                        .map(|d| (d.device.clone(), d.last_seen)),
+                );
+                match fleet.devices.next_cursor {
+                    Some(c) => page.cursor = Some(c),
+                    None => break,
+                }
             }
-        }
+            last_seen
+        } else {
+            let unreadable = engine.restore_memory(memory);
+            if unreadable > 0 {
+                tracing::warn!(
+                    devices = unreadable,
+                    "saved alert rule state of another format; those devices start afresh"
+                );
+            }
+            Vec::new()
+        };
         tracing::info!(
             active = active.len(),
-            devices = last_seen.len(),
+            devices = devices.max(last_seen.len()),
             "alert state restored"
         );
-        let mut engine = AlertEngine::new(rules);
         engine.restore(active, last_seen);
         meter::active_alerts(engine.active().count());
         let (commits, queue) = mpsc::unbounded_channel();
@@ -661,6 +793,7 @@ impl AlertService {
         let _ = self.commits.send(Commit {
             notices,
             store: true,
+            memory: Vec::new(),
             done: None,
         });
     }
@@ -674,6 +807,7 @@ impl AlertService {
             .send(Commit {
                 notices,
                 store: true,
+                memory: Vec::new(),
                 done: Some(done),
             })
             .is_ok()
@@ -690,6 +824,7 @@ impl AlertService {
             let _ = self.commits.send(Commit {
                 notices: active,
                 store: false,
+                memory: Vec::new(),
                 done: None,
             });
         }
@@ -717,9 +852,42 @@ impl AlertService {
         self.commit(notices);
     }
 
+    /// The one-second tick: silence, and saving the state of the devices heard from since.
     pub async fn tick(&self, now: Millis) {
-        let notices = self.engine().tick(now);
+        let (notices, memory) = {
+            let mut engine = self.engine();
+            (engine.tick(now), engine.take_changed())
+        };
         self.commit(notices);
+        if !memory.is_empty() {
+            meter::alert_commits_pending(1.0);
+            let _ = self.commits.send(Commit {
+                notices: Vec::new(),
+                store: false,
+                memory,
+                done: None,
+            });
+        }
+    }
+
+    /// Saves what changed since the last tick and waits until everything handed to the
+    /// committer is stored: the last step of a clean shutdown, so a restart resumes exactly.
+    pub async fn flush(&self) {
+        let memory = self.engine().take_changed();
+        let (done, stored) = tokio::sync::oneshot::channel();
+        meter::alert_commits_pending(1.0);
+        if self
+            .commits
+            .send(Commit {
+                notices: Vec::new(),
+                store: false,
+                memory,
+                done: Some(done),
+            })
+            .is_ok()
+        {
+            let _ = stored.await;
+        }
     }
 
     /// Acknowledges an active alert by id, returning it once stored.
@@ -771,12 +939,31 @@ async fn committer(
                 meter::alert_transition(a);
             }
         }
+        if !commit.memory.is_empty() {
+            store_memory(&*storage, &commit.memory).await;
+        }
         if let Some(done) = commit.done {
             let _ = done.send(());
         }
         for notice in commit.notices {
             if notices.send(notice).await.is_err() {
                 tracing::warn!("alert publisher stopped; notice not published");
+            }
+        }
+    }
+}
+
+async fn store_memory(storage: &dyn Storage, memory: &[(DeviceId, Vec<u8>)]) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for attempt in 1..=5 {
+        match storage.put_alert_states(memory).await {
+            Ok(()) => return,
+            Err(e) if e.is_retryable() && attempt < 5 => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, devices = memory.len(), "could not save alert rule state; a restart now starts those devices' streaks and windows afresh");
+                return;
             }
         }
     }

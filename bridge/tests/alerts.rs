@@ -235,6 +235,38 @@ fn anomaly_state_per_device_is_bounded_by_the_metric_cap() {
 }
 
 #[test]
+fn the_rules_memory_is_saved_and_restored_exactly() {
+    let mut e = engine(|c| c.battery_low_percent = 0.0);
+    let normal: Vec<Reading> = (0..30)
+        .map(|i| reading("d1", i, None, Some(20.0 + (i % 5) as f64 * 0.2)))
+        .collect();
+    e.observe(&readings(normal));
+    e.observe(&Batch {
+        events: vec![sync("d2", 1, 1), sync("d2", 2, 1)],
+        ..Batch::default()
+    });
+    let saved = e.take_changed();
+    assert_eq!(saved.len(), 2);
+    assert!(e.take_changed().is_empty(), "nothing changed since");
+    // A new engine (a restart) with the saved memory continues the streak and the window.
+    let mut after = engine(|c| c.battery_low_percent = 0.0);
+    assert_eq!(after.restore_memory(saved), 0);
+    check(
+        after.observe(&Batch {
+            events: vec![sync("d2", 3, 1)],
+            ..Batch::default()
+        }),
+        &[("sync_failures", Raised)],
+    );
+    check(
+        after.observe(&readings(vec![reading("d1", 31, None, Some(45.0))])),
+        &[("anomaly.temp_c", Raised)],
+    );
+    // State of another format is skipped, not misread.
+    assert_eq!(after.restore_memory(vec![(dev("d3"), b"{}".to_vec())]), 1);
+}
+
+#[test]
 fn offline_by_silence_or_will_and_online_when_heard_again() {
     let mut e = engine(|c| c.offline_after_s = 60);
     let first = e.observe(&readings(vec![

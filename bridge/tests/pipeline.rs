@@ -75,6 +75,12 @@ impl Storage for Recording {
     async fn alerts(&self, q: &AlertQuery) -> Result<Page<Alert>> {
         self.inner.alerts(q).await
     }
+    async fn put_alert_states(&self, states: &[(DeviceId, Vec<u8>)]) -> Result<()> {
+        self.inner.put_alert_states(states).await
+    }
+    async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
+        self.inner.alert_states().await
+    }
     async fn put_upload(&self, upload: &Upload) -> Result<()> {
         self.inner.put_upload(upload).await
     }

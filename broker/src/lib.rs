@@ -312,7 +312,8 @@ pub async fn serve(
         request_timeout: Duration::from_millis(config.http.request_timeout_ms),
         max_concurrent_requests: config.http.max_concurrent_requests,
     });
-    drop(alerts);
+    // Kept to save the alert rules' state once the bridge has drained.
+    let alerts_at_shutdown = alerts;
     let http = tokio::spawn(
         axum::serve(listener, http::app(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -357,6 +358,11 @@ pub async fn serve(
     }
     if let Some(ticker) = ticker {
         let _ = ticker.await;
+    }
+    // The bridge has fed its last batch to the rules: save their state, so a restart resumes
+    // streaks, holding times and anomaly windows exactly.
+    if let Some(service) = alerts_at_shutdown {
+        service.flush().await;
     }
     // Every holder of the alert service is gone now, so the publisher drains and ends.
     let _ = tokio::time::timeout(HTTP_DRAIN_TIMEOUT, publisher).await;

@@ -35,7 +35,8 @@ macro_rules! contract_suite {
             latest_is_never_overwritten_by_an_older_reading, empty_batch_and_unknown_device,
             data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
             events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
-            alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire);
+            alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire,
+            alert_states_replace_per_device_and_survive_reopen);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -622,6 +623,37 @@ fn upload(device: &str, offset_s: i64, kind: &str) -> Upload {
         meta: BTreeMap::new(),
         error: None,
     }
+}
+
+/// The alert engine's saved state: one value per device, replaced by the next, deleted by an
+/// empty one, all read back (after a reopen too).
+pub async fn alert_states_replace_per_device_and_survive_reopen(h: &dyn Harness) {
+    {
+        let s = h.open().await;
+        assert!(s.alert_states().await.unwrap().is_empty());
+        s.put_alert_states(&[
+            (dev("a1"), b"one".to_vec()),
+            (dev("a2"), vec![0, 1, 2, 255]),
+            (dev("a3"), b"three".to_vec()),
+        ])
+        .await
+        .unwrap();
+        s.put_alert_states(&[(dev("a1"), b"uno".to_vec()), (dev("a3"), Vec::new())])
+            .await
+            .unwrap();
+        s.close().await.unwrap();
+    }
+    let s = h.open().await;
+    let mut got = s.alert_states().await.unwrap();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            (dev("a1"), b"uno".to_vec()),
+            (dev("a2"), vec![0, 1, 2, 255])
+        ]
+    );
+    s.close().await.unwrap();
 }
 
 pub async fn uploads_upsert_by_id_list_per_device_and_expire(h: &dyn Harness) {

@@ -66,6 +66,8 @@ struct Inner {
     alerts: Keyspace,
     uploads: Keyspace,
     uploads_pending: Keyspace,
+    /// The alert engine's state per device, by device id.
+    alert_states: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -296,6 +298,7 @@ impl EmbeddedStorage {
             alerts: ks("alerts")?,
             uploads: ks("uploads")?,
             uploads_pending: ks("uploads_pending")?,
+            alert_states: ks("alert_states")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -500,6 +503,44 @@ impl Storage for EmbeddedStorage {
             newest_scan(&inner.alerts, CURSOR_ALERTS, &q.range, &q.page, |a| {
                 q.accepts(a)
             })
+        })
+        .await
+    }
+
+    async fn put_alert_states(&self, states: &[(DeviceId, Vec<u8>)]) -> Result<()> {
+        let states = states.to_vec();
+        self.blocking(move |inner| {
+            let mut wb = inner.batch();
+            for (device, state) in &states {
+                if state.is_empty() {
+                    wb.remove(&inner.alert_states, device.as_str().as_bytes());
+                } else {
+                    wb.insert(
+                        &inner.alert_states,
+                        device.as_str().as_bytes(),
+                        state.as_slice(),
+                    );
+                }
+            }
+            wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
+        self.blocking(move |inner| {
+            let mut out = Vec::new();
+            for guard in inner.alert_states.iter() {
+                let (k, v) = guard.into_inner().map_err(io)?;
+                let id = String::from_utf8(k.to_vec())
+                    .ok()
+                    .and_then(|s| DeviceId::new(s).ok())
+                    .ok_or_else(|| {
+                        StorageError::Fatal("a saved alert state has a malformed device id".into())
+                    })?;
+                out.push((id, v.to_vec()));
+            }
+            Ok(out)
         })
         .await
     }

@@ -79,6 +79,13 @@ pub trait Storage: Send + Sync + 'static {
     /// Alerts, newest raised first.
     async fn alerts(&self, query: &AlertQuery) -> Result<Page<Alert>>;
 
+    /// Saves the alert engine's state of each device (opaque bytes the alert service encodes),
+    /// each replacing the device's saved state; an empty value deletes it.
+    async fn put_alert_states(&self, states: &[(DeviceId, Vec<u8>)]) -> Result<()>;
+
+    /// Every saved alert-engine state, one per device (read once at start).
+    async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>>;
+
     /// Stores an upload, replacing the stored upload with the same id (each state change is
     /// written this way).
     async fn put_upload(&self, upload: &Upload) -> Result<()>;

@@ -119,6 +119,9 @@ struct Statements {
     insert_pending_upload: PreparedStatement,
     delete_pending_upload: PreparedStatement,
     expired_uploads: PreparedStatement,
+    insert_alert_state: PreparedStatement,
+    delete_alert_state: PreparedStatement,
+    alert_states: PreparedStatement,
 }
 
 struct Inner {
@@ -763,6 +766,16 @@ impl Statements {
                 "SELECT id FROM {ks}.uploads_pending WHERE shard = ? AND expires_at < ? LIMIT ?"
             ))
             .await?,
+            insert_alert_state: prepare(format!(
+                "INSERT INTO {ks}.alert_states (device_id, state) VALUES (?, ?)"
+            ))
+            .await?,
+            delete_alert_state: prepare(format!(
+                "DELETE FROM {ks}.alert_states WHERE device_id = ?"
+            ))
+            .await?,
+            alert_states: prepare(format!("SELECT device_id, state FROM {ks}.alert_states"))
+                .await?,
         })
     }
 }
@@ -1534,6 +1547,64 @@ impl Storage for ScyllaStorage {
         Ok(())
     }
 
+    async fn put_alert_states(&self, states: &[(DeviceId, Vec<u8>)]) -> Result<()> {
+        self.check_open()?;
+        let st = &self.inner.st;
+        let session = &self.inner.session;
+        // Built in a loop, not a closure: the futures borrow `states` for the whole call.
+        let mut writes: Vec<futures::future::BoxFuture<'_, Result<()>>> = Vec::new();
+        for (device, state) in states {
+            writes.push(if state.is_empty() {
+                Box::pin(async move {
+                    session
+                        .execute_unpaged(&st.delete_alert_state, (device.as_str(),))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(st.delete_alert_state.get_statement(), e))
+                })
+            } else {
+                Box::pin(async move {
+                    session
+                        .execute_unpaged(
+                            &st.insert_alert_state,
+                            (device.as_str(), state.as_slice()),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(st.insert_alert_state.get_statement(), e))
+                })
+            });
+        }
+        let mut results = futures::stream::iter(writes).buffer_unordered(32);
+        while let Some(r) = results.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
+        self.check_open()?;
+        let failed = |e: &dyn std::fmt::Display| {
+            StorageError::Unavailable(format!("reading alert_states: {e}"))
+        };
+        let mut rows = self
+            .inner
+            .session
+            .execute_iter(self.inner.st.alert_states.clone(), ())
+            .await
+            .map_err(|e| failed(&e))?
+            .rows_stream::<(String, Vec<u8>)>()
+            .map_err(|e| StorageError::Fatal(format!("alert_states: {e}")))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await {
+            let (id, state) = row.map_err(|e| failed(&e))?;
+            let device =
+                DeviceId::new(id).map_err(|e| StorageError::Fatal(format!("alert_states: {e}")))?;
+            out.push((device, state));
+        }
+        Ok(out)
+    }
+
     async fn upload(&self, id: &str) -> Result<Option<Upload>> {
         self.check_open()?;
         let Some((device, created_at)) = Upload::parse_id(id) else {
@@ -1685,7 +1756,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 10);
+        assert_eq!(statements.len(), 11);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
