@@ -668,10 +668,11 @@ impl AlertEngine {
 
     /// Acknowledges an active alert by id (again acknowledging one is a no-op that returns it).
     pub fn ack(&mut self, id: &str, by: &str, at: Millis) -> Result<Alert, AckError> {
-        let alert = self
-            .active
-            .values_mut()
-            .find(|a| a.id == id)
+        // The id names its device and rule, so the active alert is one lookup away; it must
+        // also be the same raise (an older alert of that rule is no longer active).
+        let alert = Alert::parse_id(id)
+            .and_then(|(device, rule, _)| self.active.get_mut(&(device, rule.to_string())))
+            .filter(|a| a.id == id)
             .ok_or_else(|| AckError::NotActive(id.to_string()))?;
         if alert.state == AlertState::Raised {
             alert.state = AlertState::Acknowledged;

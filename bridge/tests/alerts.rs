@@ -332,6 +332,18 @@ fn acknowledge_then_clear() {
         e.ack(&raised.id, "ops", T0 + 11_000),
         Err(AckError::NotActive(raised.id.clone()))
     );
+    // Raised again: the new alert is acknowledged by its own id, not by the old one's.
+    let n = e.observe(&readings(vec![reading("d1", 20, Some(5.0), None)]));
+    let Notice::Alert(again) = &n.last().unwrap() else {
+        panic!()
+    };
+    assert_ne!(again.id, raised.id);
+    assert!(e.ack(&raised.id, "ops", T0 + 21_000).is_err());
+    assert!(e.ack("not-an-alert-id", "ops", T0 + 21_000).is_err());
+    assert_eq!(
+        e.ack(&again.id, "ops", T0 + 21_000).unwrap().state,
+        Acknowledged
+    );
 }
 
 #[test]
