@@ -129,29 +129,96 @@ impl Feed {
 }
 
 /// Which topics some subscription matches, so that telemetry nobody subscribes to never
-/// reaches the router. Counts each filter (without a `$share/{group}/` prefix) by how many
-/// subscriptions hold it.
+/// reaches the router. Holds each filter (without a `$share/{group}/` prefix) in a trie of topic
+/// levels, counted by how many subscriptions hold it, so a lookup costs the topic's depth, not
+/// the number of filters (10k devices each subscribed to their own reply topic stay cheap).
 #[derive(Default)]
 pub struct Interest {
-    filters: RwLock<HashMap<String, usize>>,
+    filters: RwLock<Level>,
     version: AtomicU64,
+}
+
+/// One level of the filter trie.
+#[derive(Default)]
+struct Level {
+    /// Filters that end at this level.
+    here: usize,
+    /// Filters that end with `#` after this level (matching this level and everything below).
+    rest: usize,
+    /// `+` at the next level.
+    any: Option<Box<Level>>,
+    named: HashMap<String, Level>,
+}
+
+impl Level {
+    fn is_empty(&self) -> bool {
+        self.here == 0 && self.rest == 0 && self.any.is_none() && self.named.is_empty()
+    }
+
+    fn add(&mut self, levels: &[&str]) {
+        match levels.split_first() {
+            None => self.here += 1,
+            Some((&"#", _)) => self.rest += 1,
+            Some((&"+", tail)) => self.any.get_or_insert_with(Default::default).add(tail),
+            Some((name, tail)) => self.named.entry(name.to_string()).or_default().add(tail),
+        }
+    }
+
+    /// Removes one holder of the filter; prunes levels nothing holds any more.
+    fn remove(&mut self, levels: &[&str]) {
+        match levels.split_first() {
+            None => self.here = self.here.saturating_sub(1),
+            Some((&"#", _)) => self.rest = self.rest.saturating_sub(1),
+            Some((&"+", tail)) => {
+                if let Some(any) = self.any.as_mut() {
+                    any.remove(tail);
+                    if any.is_empty() {
+                        self.any = None;
+                    }
+                }
+            }
+            Some((name, tail)) => {
+                if let Some(next) = self.named.get_mut(*name) {
+                    next.remove(tail);
+                    if next.is_empty() {
+                        self.named.remove(*name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a filter at or below this level matches the remaining `levels`; `root_dollar`
+    /// when this is the first level of a topic starting with `$`, which wildcards never match.
+    fn matches(&self, levels: &[&str], root_dollar: bool) -> bool {
+        if self.rest > 0 && !root_dollar {
+            return true;
+        }
+        let Some((first, tail)) = levels.split_first() else {
+            return self.here > 0;
+        };
+        if let Some(next) = self.named.get(*first) {
+            if next.matches(tail, false) {
+                return true;
+            }
+        }
+        match &self.any {
+            Some(any) if !root_dollar => any.matches(tail, false),
+            _ => false,
+        }
+    }
 }
 
 impl Interest {
     pub fn add(&self, filter: &str) {
-        let mut f = self.filters.write().expect("interest lock");
-        *f.entry(filter.to_string()).or_default() += 1;
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.filters.write().expect("interest lock").add(&levels);
         self.version.fetch_add(1, Ordering::Release);
     }
 
     pub fn remove(&self, filter: &str) {
-        let mut f = self.filters.write().expect("interest lock");
-        if let Some(n) = f.get_mut(filter) {
-            *n -= 1;
-            if *n == 0 {
-                f.remove(filter);
-            }
-        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.filters.write().expect("interest lock").remove(&levels);
         self.version.fetch_add(1, Ordering::Release);
     }
 
@@ -162,8 +229,11 @@ impl Interest {
 
     /// Whether any subscription matches `topic`.
     pub fn wanted(&self, topic: &str) -> bool {
-        let f = self.filters.read().expect("interest lock");
-        f.keys().any(|filter| matches(filter, topic))
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.filters
+            .read()
+            .expect("interest lock")
+            .matches(&levels, topic.starts_with('$'))
     }
 }
 
@@ -301,6 +371,65 @@ mod tests {
         assert!(matches("+", ""));
         assert!(matches("a//c", "a//c"));
         assert!(!matches("a/b", "a"));
+    }
+
+    #[test]
+    fn the_interest_trie_agrees_with_matching_each_filter() {
+        let filters = [
+            "devices/+/uploads/response",
+            "alerts/#",
+            "a/b/c",
+            "a/+/c",
+            "+/x",
+            "#",
+            "$conf/#",
+            "a/b/#",
+            "a//c",
+            "+",
+        ];
+        let topics = [
+            "devices/d1/uploads/response",
+            "devices/d1/telemetry",
+            "alerts/d1/battery_low",
+            "alerts",
+            "a/b/c",
+            "a/z/c",
+            "a/b",
+            "a/b/c/d",
+            "q/x",
+            "$conf/x",
+            "$SYS/x",
+            "a//c",
+            "",
+            "solo",
+        ];
+        // Every subset of up to three filters, added and removed again.
+        for (i, f1) in filters.iter().enumerate() {
+            for f2 in &filters[i..] {
+                for f3 in &filters[..3] {
+                    let set = [*f1, *f2, *f3];
+                    let interest = Interest::default();
+                    for f in set {
+                        interest.add(f);
+                    }
+                    for t in topics {
+                        let expected = set.iter().any(|f| matches(f, t));
+                        assert_eq!(interest.wanted(t), expected, "{set:?} on {t:?}");
+                    }
+                    for f in set {
+                        interest.remove(f);
+                    }
+                    assert!(
+                        topics.iter().all(|t| !interest.wanted(t)),
+                        "{set:?} left over"
+                    );
+                    assert!(
+                        interest.filters.read().unwrap().is_empty(),
+                        "{set:?} not pruned"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
