@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use messina_bridge::alerts::{AlertService, Notice};
 use messina_bridge::{spawn, BridgeHandle, Inbound, Settings};
 use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
 use messina_storage::*;
@@ -25,6 +26,8 @@ struct Recording {
     down: std::sync::atomic::AtomicBool,
     /// Alert writes hang while set (alert storage that stopped answering).
     alerts_stuck: std::sync::atomic::AtomicBool,
+    /// Alert writes fail for good while set.
+    alerts_refused: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -66,6 +69,9 @@ impl Storage for Recording {
     async fn put_alerts(&self, alerts: &[Alert]) -> Result<()> {
         while self.alerts_stuck.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.alerts_refused.load(Ordering::SeqCst) {
+            return Err(StorageError::Fatal("alert table is read-only".into()));
         }
         self.inner.put_alerts(alerts).await
     }
@@ -111,6 +117,18 @@ struct Fixture {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Recording storage over a new embedded store in `dir`, failing its first `fail` writes.
+fn recording(dir: &std::path::Path, fail: usize) -> Arc<Recording> {
+    Arc::new(Recording {
+        inner: EmbeddedStorage::open(&EmbeddedOptions::new(dir)).unwrap(),
+        batches: Mutex::new(Vec::new()),
+        fail: AtomicUsize::new(fail),
+        down: Default::default(),
+        alerts_stuck: Default::default(),
+        alerts_refused: Default::default(),
+    })
+}
+
 fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
     fixture_with(rows, delay_ms, fail, |_| None)
 }
@@ -123,14 +141,7 @@ fn fixture_with(
     alerts: impl FnOnce(Arc<Recording>) -> Option<Arc<messina_bridge::alerts::AlertService>>,
 ) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let inner = EmbeddedStorage::open(&EmbeddedOptions::new(dir.path())).unwrap();
-    let storage = Arc::new(Recording {
-        inner,
-        batches: Mutex::new(Vec::new()),
-        fail: AtomicUsize::new(fail),
-        down: Default::default(),
-        alerts_stuck: Default::default(),
-    });
+    let storage = recording(dir.path(), fail);
     let settings = Settings {
         batch_max_rows: rows,
         batch_max_delay: Duration::from_millis(delay_ms),
@@ -368,36 +379,66 @@ async fn a_batch_given_up_at_shutdown_is_not_reported_stored() {
     assert_eq!(*f.stored_through.lock().unwrap(), vec![1020]);
 }
 
-#[tokio::test]
-async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
-    let (notices_tx, mut notices) = tokio::sync::mpsc::channel(1024);
-    // The service starts (restoring state) before alert storage hangs.
-    let dir = tempfile::tempdir().unwrap();
-    let recording = Arc::new(Recording {
-        inner: EmbeddedStorage::open(&EmbeddedOptions::new(dir.path())).unwrap(),
-        batches: Mutex::new(Vec::new()),
-        fail: AtomicUsize::new(0),
-        down: Default::default(),
-        alerts_stuck: Default::default(),
-    });
+/// A bridge that evaluates alerts with a service over `alert_storage` (the readings go to the
+/// fixture's own storage), and the channel the service publishes on.
+async fn with_alerts(
+    alert_storage: &Arc<Recording>,
+) -> (Fixture, tokio::sync::mpsc::Receiver<Notice>) {
+    let (notices_tx, notices) = tokio::sync::mpsc::channel(1024);
     let rules = messina_bridge::alerts::Rules::from_config(&Default::default());
-    let service = messina_bridge::alerts::AlertService::start(rules, recording.clone(), notices_tx)
+    let service = AlertService::start(rules, alert_storage.clone(), notices_tx)
         .await
         .unwrap();
-    recording.alerts_stuck.store(true, Ordering::SeqCst);
-    let mut f = fixture_with(10, 5, 0, |_| Some(Arc::clone(&service)));
-    // The fixture's own storage is a second one; the readings go there, the alert writes to
-    // the hanging one through the service.
-    for i in 0..40 {
+    (fixture_with(10, 5, 0, |_| Some(service)), notices)
+}
+
+/// Sends a low-battery reading from each of `n` devices named `{prefix}-{i}` and waits until
+/// each is stored.
+async fn low_batteries(f: &Fixture, prefix: &str, n: i64) {
+    for i in 0..n {
         let low = Inbound {
             payload: Bytes::from(rmp_serde::to_vec(&json!({"ts": NOW + i, "battery": 5})).unwrap()),
-            ..telemetry(&format!("low-{i}"), i)
+            ..telemetry(&format!("{prefix}-{i}"), i)
         };
         f.send(low).await;
     }
-    for i in 0..40 {
-        f.wait_stored(&format!("low-{i}"), 1).await;
+    for i in 0..n {
+        f.wait_stored(&format!("{prefix}-{i}"), 1).await;
     }
+}
+
+/// Waits for `n` published `battery_low` alerts (presence notices are skipped).
+async fn raised(notices: &mut tokio::sync::mpsc::Receiver<Notice>, n: usize, what: &str) {
+    let mut raised = 0;
+    while raised < n {
+        let notice = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+            .await
+            .expect(what)
+            .unwrap();
+        if let Notice::Alert(a) = notice {
+            assert_eq!(a.rule, "battery_low");
+            raised += 1;
+        }
+    }
+}
+
+async fn alerts_stored(storage: &Recording) -> usize {
+    storage
+        .alerts(&AlertQuery::all(100))
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+#[tokio::test]
+async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let alert_storage = recording(dir.path(), 0);
+    // The service starts (restoring state) before alert storage hangs.
+    let (mut f, mut notices) = with_alerts(&alert_storage).await;
+    alert_storage.alerts_stuck.store(true, Ordering::SeqCst);
+    low_batteries(&f, "low", 40).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(100), notices.recv())
             .await
@@ -405,24 +446,26 @@ async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
         "an alert was published before it was stored"
     );
     // Alert storage answers again: every raised alert is stored, then published, in order.
-    recording.alerts_stuck.store(false, Ordering::SeqCst);
-    let mut raised = 0;
-    while raised < 40 {
-        let n = tokio::time::timeout(Duration::from_secs(10), notices.recv())
-            .await
-            .expect("alerts published once stored")
-            .unwrap();
-        if let messina_bridge::alerts::Notice::Alert(a) = n {
-            assert_eq!(a.rule, "battery_low");
-            raised += 1;
-        }
-    }
-    let stored = recording
-        .alerts(&AlertQuery::all(100))
-        .await
-        .unwrap()
-        .items
-        .len();
-    assert_eq!(stored, 40);
+    alert_storage.alerts_stuck.store(false, Ordering::SeqCst);
+    raised(&mut notices, 40, "alerts published once stored").await;
+    assert_eq!(alerts_stored(&alert_storage).await, 40);
+    f.close().await;
+}
+
+#[tokio::test]
+async fn alert_storage_that_refuses_still_publishes_and_ingestion_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let alert_storage = recording(dir.path(), 0);
+    let (mut f, mut notices) = with_alerts(&alert_storage).await;
+    alert_storage.alerts_refused.store(true, Ordering::SeqCst);
+    low_batteries(&f, "refused", 5).await;
+    // Fleet managers still hear of every alert, though none could be stored.
+    raised(
+        &mut notices,
+        5,
+        "alerts published although their storage refused them",
+    )
+    .await;
+    assert_eq!(alerts_stored(&alert_storage).await, 0);
     f.close().await;
 }
