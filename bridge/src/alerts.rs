@@ -954,19 +954,29 @@ async fn committer(
     }
 }
 
-async fn store_memory(storage: &dyn Storage, memory: &[(DeviceId, Vec<u8>)]) {
+/// Runs a storage write up to five times while it fails for a retryable reason, with backoff;
+/// the last error when it never succeeds.
+async fn retried<F, Fut>(mut write: F) -> Result<(), StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StorageError>>,
+{
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    for attempt in 1..=5 {
-        match storage.put_alert_states(memory).await {
-            Ok(()) => return,
+    let mut attempt = 1;
+    loop {
+        match write().await {
             Err(e) if e.is_retryable() && attempt < 5 => {
+                attempt += 1;
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, devices = memory.len(), "could not save alert rule state; a restart now starts those devices' streaks and windows afresh");
-                return;
-            }
+            done => return done,
         }
+    }
+}
+
+async fn store_memory(storage: &dyn Storage, memory: &[(DeviceId, Vec<u8>)]) {
+    if let Err(e) = retried(|| storage.put_alert_states(memory)).await {
+        tracing::warn!(error = %e, devices = memory.len(), "could not save alert rule state; a restart now starts those devices' streaks and windows afresh");
     }
 }
 
@@ -974,17 +984,7 @@ async fn store(storage: &dyn Storage, alerts: &[Alert]) {
     if alerts.is_empty() {
         return;
     }
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    for attempt in 1..=5 {
-        match storage.put_alerts(alerts).await {
-            Ok(()) => return,
-            Err(e) if e.is_retryable() && attempt < 5 => {
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, alerts = alerts.len(), "could not store alert transitions; check storage");
-                return;
-            }
-        }
+    if let Err(e) = retried(|| storage.put_alerts(alerts)).await {
+        tracing::error!(error = %e, alerts = alerts.len(), "could not store alert transitions; check storage");
     }
 }

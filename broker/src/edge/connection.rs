@@ -498,7 +498,7 @@ impl Connection {
 
     async fn publish(&mut self, mut p: Publish) -> Result<(), ()> {
         if let Some(alias) = p.properties.topic_alias.take() {
-            if alias.get() > self.topic_alias_max_inbound() {
+            if alias.get() > self.shared.settings.topic_alias_max {
                 self.disconnect_with(
                     ReasonCode::TopicAliasInvalid,
                     "topic alias above the maximum",
@@ -576,10 +576,6 @@ impl Connection {
             _ => {}
         }
         Ok(())
-    }
-
-    fn topic_alias_max_inbound(&self) -> u16 {
-        self.shared.settings.topic_alias_max
     }
 
     fn wanted(&mut self, topic: &ByteString) -> bool {
@@ -728,13 +724,18 @@ impl Connection {
                 )
                 .await;
                 tracing::info!(client_id, "session taken over by a new connection");
-                let will = self.will.take();
-                let delayed = will.as_ref().is_some_and(|w| w.delay_interval > 0);
-                if will.is_some() && !delayed {
-                    publish_will_now(&shared, will.clone()).await;
-                }
+                // A will without a delay goes out now; one with a delay goes to the new
+                // connection, which drops it if it resumes the session.
+                let handed_over = match self.will.take() {
+                    Some(w) if w.delay_interval > 0 => Some(w),
+                    Some(w) => {
+                        publish_will(&shared, w).await;
+                        None
+                    }
+                    None => None,
+                };
                 let session = (!self.expiry.is_zero()).then_some(self.session);
-                let _ = reply.send((session, will.filter(|_| delayed)));
+                let _ = reply.send((session, handed_over));
                 return;
             }
             End::Disconnected { keep_will } => {
@@ -821,12 +822,6 @@ pub async fn publish_will(shared: &Shared, will: Will) {
     match shared.accept(&publish, 0, wanted).await {
         Ok(_) => tracing::debug!(topic = %topic, "will published"),
         Err(e) => tracing::warn!(topic = %topic, error = %e, "will not published"),
-    }
-}
-
-async fn publish_will_now(shared: &Shared, will: Option<Will>) {
-    if let Some(w) = will {
-        publish_will(shared, w).await;
     }
 }
 
