@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use messina_mosquitto_tests::load::{check_device, publish, Acked};
-use messina_mosquitto_tests::{now_ms, wait_for, Server};
+use messina_mosquitto_tests::{now_ms, scylla_backend_toml, wait_for, Server};
 use messina_storage::scylla::test_node;
 
 const OUTAGE: Duration = Duration::from_secs(60);
@@ -39,24 +38,15 @@ async fn every_acknowledged_message_survives_a_cassandra_outage() {
          (the node at {:?} is not); build the tests with MESSINA_SKIP_SCYLLA_TESTS=1 to skip it",
         test_node::nodes()
     );
-    let analyst = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(test_node::nodes())
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
+    let analyst = test_node::analyst().await;
     let ks = test_node::fresh_keyspace("outage").await;
-    let nodes: Vec<String> = test_node::nodes()
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect();
     let dir = tempfile::tempdir().unwrap();
     // A small log, so the outage fills it: 4 MiB is some 40,000 readings.
     let server = Server::start(
         &dir.path().join("data"),
         &format!(
-            "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{ks}\"\n\
-             request_timeout_ms = 1000\n[ingest_log]\nsegment_mib = 1\nmax_mib = 4\n",
-            nodes.join(", ")
+            "{}request_timeout_ms = 1000\n[ingest_log]\nsegment_mib = 1\nmax_mib = 4\n",
+            scylla_backend_toml(&ks, &test_node::nodes())
         ),
     )
     .await;
@@ -127,22 +117,12 @@ async fn every_acknowledged_message_survives_a_cassandra_outage() {
     let analyst_reconnected = Instant::now();
     let acked = acked.snapshot();
     for (device, seqs) in &acked {
-        let query = format!(
-            "SELECT seq FROM {ks}.telemetry WHERE device_id = '{device}' AND day = '{day}'"
-        );
+        let day = day.to_string();
+        // The driver may still be reconnecting to the restarted node: an error is "not yet".
         let read = || async {
-            let Ok(pager) = analyst.query_iter(query.as_str(), ()).await else {
-                return Vec::new();
-            };
-            let mut rows = pager.rows_stream::<(i64,)>().unwrap();
-            let mut out = Vec::new();
-            while let Some(row) = rows.next().await {
-                match row {
-                    Ok((seq,)) => out.push(seq as u64),
-                    Err(_) => return Vec::new(),
-                }
-            }
-            out
+            test_node::telemetry_seqs(&analyst, &ks, device, &day)
+                .await
+                .unwrap_or_default()
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

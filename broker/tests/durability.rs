@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use messina_mosquitto_tests::load::{check_device, publish, Acked};
-use messina_mosquitto_tests::{all_pages, now_ms, wait_for, Server};
+use messina_mosquitto_tests::{all_pages, now_ms, scylla_backend_toml, wait_for, Server};
 use messina_storage::scylla::test_node;
 
 /// Publishers at once, each its own device.
@@ -74,20 +74,35 @@ async fn embedded(how: Stop) {
     let t0 = now_ms() - 3_600_000;
     let acked = load_and_stop(&mut server, how, 3, t0).await;
     assert!(acked.total() > 0);
-    let acked = acked.snapshot();
-    for (device, seqs) in &acked {
+    check_stored_over_http(&server, &acked, Duration::from_secs(20)).await;
+}
+
+/// Waits, at most `within`, until each device has as many readings stored as were acknowledged
+/// to it, then checks that every acknowledged one is stored, and once (read over HTTP).
+async fn check_stored_over_http(server: &Server, acked: &Acked, within: Duration) {
+    for (device, seqs) in &acked.snapshot() {
         let path = format!("/v1/devices/{device}/telemetry?order=oldest");
-        wait_for(&format!("{device}: every acknowledged reading"), || {
-            let (server, path, n) = (&server, path.clone(), seqs.len());
-            async move { all_pages(server, &path, 1000).await.len() >= n }
-        })
-        .await;
-        let stored: Vec<u64> = all_pages(&server, &path, 1000)
-            .await
-            .iter()
-            .map(|r| r["seq"].as_u64().unwrap())
-            .collect();
-        check_device(device, seqs, &stored);
+        let stored = || async {
+            all_pages(server, &path, 1000)
+                .await
+                .iter()
+                .map(|r| r["seq"].as_u64().unwrap())
+                .collect::<Vec<u64>>()
+        };
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let n = stored().await.len();
+            if n >= seqs.len() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{device}: {n} of {} acknowledged readings stored after {within:?}",
+                seqs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        check_device(device, seqs, &stored().await);
     }
 }
 
@@ -104,23 +119,12 @@ async fn every_acknowledged_message_survives_sigterm_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
-    let analyst = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(test_node::nodes())
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
+    let analyst = test_node::analyst().await;
     let ks = test_node::fresh_keyspace("durability").await;
-    let nodes: Vec<String> = test_node::nodes()
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect();
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(
         &dir.path().join("data"),
-        &format!(
-            "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{ks}\"\n",
-            nodes.join(", ")
-        ),
+        &scylla_backend_toml(&ks, &test_node::nodes()),
     )
     .await;
     // Well inside one day, so one partition per device holds every reading.
@@ -132,21 +136,11 @@ async fn every_acknowledged_message_survives_kill_9_on_cassandra() {
     let acked = acked.snapshot();
     assert!(!acked.is_empty());
     for (device, seqs) in &acked {
-        let query = format!(
-            "SELECT seq FROM {ks}.telemetry WHERE device_id = '{device}' AND day = '{day}'"
-        );
+        let day = day.to_string();
         let read = || async {
-            let mut pager = analyst
-                .query_iter(query.as_str(), ())
+            test_node::telemetry_seqs(&analyst, &ks, device, &day)
                 .await
-                .unwrap_or_else(|e| panic!("{query}: {e}"))
-                .rows_stream::<(i64,)>()
-                .unwrap();
-            let mut out = Vec::new();
-            while let Some(row) = futures::StreamExt::next(&mut pager).await {
-                out.push(row.unwrap().0 as u64);
-            }
-            out
+                .unwrap_or_else(|e| panic!("{e}"))
         };
         wait_for(
             &format!("{device}: every acknowledged reading in CQL"),
@@ -210,27 +204,5 @@ async fn a_full_ingest_log_slows_publishers_and_loses_nothing() {
         "{sent} sent, {} acknowledged, {stored} stored when the publishers stopped",
         acked.total()
     );
-    let acked = acked.snapshot();
-    for (device, seqs) in &acked {
-        let path = format!("/v1/devices/{device}/telemetry?order=oldest");
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let n = all_pages(&server, &path, 1000).await.len();
-            if n >= seqs.len() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{device}: {n} of {} acknowledged readings stored after 60 s",
-                seqs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let stored: Vec<u64> = all_pages(&server, &path, 1000)
-            .await
-            .iter()
-            .map(|r| r["seq"].as_u64().unwrap())
-            .collect();
-        check_device(device, seqs, &stored);
-    }
+    check_stored_over_http(&server, &acked, Duration::from_secs(60)).await;
 }

@@ -3,20 +3,13 @@
 //! `scripts/cassandra start` starts the node (scripts/test does); `$MESSINA_SCYLLA_NODES` points
 //! elsewhere; only `MESSINA_SKIP_SCYLLA_TESTS=1` skips this test.
 
-use messina_mosquitto_tests::{mp, now_ms, publish_v4, publish_v5, wait_rows, Server};
+use messina_mosquitto_tests::{
+    mp, now_ms, publish_v4, publish_v5, scylla_backend_toml, wait_rows, Server,
+};
 use messina_storage::scylla::test_node;
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
 use scylla::value::CqlTimestamp;
 use serde_json::json;
-
-async fn analyst_session() -> Session {
-    SessionBuilder::new()
-        .known_nodes(test_node::nodes())
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)))
-}
 
 /// Rows of a plain CQL query.
 async fn cql<R>(session: &Session, query: &str) -> Vec<R>
@@ -38,19 +31,12 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn mqtt_to_cassandra_to_http_and_plain_cql() {
-    let analyst = analyst_session().await;
+    let analyst = test_node::analyst().await;
     let ks = test_node::fresh_keyspace("e2e").await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<String> = test_node::nodes()
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect();
     let server = Server::start(
         &dir.path().join("data"),
-        &format!(
-            "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{ks}\"\n",
-            nodes.join(", ")
-        ),
+        &scylla_backend_toml(&ks, &test_node::nodes()),
     )
     .await;
 

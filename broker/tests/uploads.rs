@@ -667,23 +667,12 @@ type UploadRow = (
 #[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
 async fn uploads_on_cassandra_are_stored_and_readable_with_cql() {
     use messina_storage::scylla::test_node;
-    let analyst = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(test_node::nodes())
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("{}", test_node::unreachable(e)));
+    let analyst = test_node::analyst().await;
     let ks = test_node::fresh_keyspace("uploads").await;
-    let nodes: Vec<String> = test_node::nodes()
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
         &dir.path().join("data"),
-        &format!(
-            "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{ks}\"\n",
-            nodes.join(", ")
-        ),
+        &messina_mosquitto_tests::scylla_backend_toml(&ks, &test_node::nodes()),
     )
     .await;
     let done = upload(&server, "cam-s", "photo", "image/png", &png(33, 44)).await;

@@ -243,6 +243,15 @@ impl Drop for Server {
     }
 }
 
+/// The config that puts a server on the ScyllaDB backend: `keyspace` on `nodes`.
+pub fn scylla_backend_toml(keyspace: &str, nodes: &[String]) -> String {
+    let nodes: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[storage]\nbackend = \"scylla\"\n[storage.scylla]\nnodes = [{}]\nkeyspace = \"{keyspace}\"\n",
+        nodes.join(", ")
+    )
+}
+
 /// Polls `f` until it returns true, failing after 20 s with `what`.
 pub async fn wait_for<F, Fut>(what: &str, mut f: F)
 where

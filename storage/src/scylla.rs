@@ -1710,6 +1710,41 @@ pub mod test_node {
             .collect()
     }
 
+    /// A session to the test node, as an analyst opens one to read Messina's tables with plain
+    /// CQL; panics with [`unreachable`] when the node does not answer.
+    pub async fn analyst() -> scylla::client::session::Session {
+        scylla::client::session_builder::SessionBuilder::new()
+            .known_nodes(nodes())
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("{}", unreachable(e)))
+    }
+
+    /// The `seq` of every reading of `device` on `day` (`YYYY-MM-DD`) in `keyspace`, by plain
+    /// CQL; `Err` when the node does not answer the query (yet).
+    pub async fn telemetry_seqs(
+        session: &scylla::client::session::Session,
+        keyspace: &str,
+        device: &str,
+        day: &str,
+    ) -> Result<Vec<u64>, String> {
+        use futures::StreamExt;
+        let query = format!(
+            "SELECT seq FROM {keyspace}.telemetry WHERE device_id = '{device}' AND day = '{day}'"
+        );
+        let mut rows = session
+            .query_iter(query.as_str(), ())
+            .await
+            .map_err(|e| format!("{query}: {e}"))?
+            .rows_stream::<(i64,)>()
+            .map_err(|e| format!("{query}: {e}"))?;
+        let mut seqs = Vec::new();
+        while let Some(row) = rows.next().await {
+            seqs.push(row.map_err(|e| format!("{query}: {e}"))?.0 as u64);
+        }
+        Ok(seqs)
+    }
+
     /// A keyspace name for an end-to-end test, `messina_{purpose}_{pid}`, after dropping the
     /// `messina_{purpose}_*` keyspaces of earlier test processes (runs that failed before
     /// dropping their own). Panics with [`unreachable`] when the node does not answer.
