@@ -87,6 +87,18 @@ impl Storage for Recording {
     async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
         self.inner.alert_states().await
     }
+    async fn register_device(&self, d: &RegisteredDevice) -> Result<bool> {
+        self.inner.register_device(d).await
+    }
+    async fn update_device(&self, d: &RegisteredDevice) -> Result<()> {
+        self.inner.update_device(d).await
+    }
+    async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>> {
+        self.inner.registered_device(id).await
+    }
+    async fn registered_devices(&self, q: &DeviceQuery) -> Result<Page<RegisteredDevice>> {
+        self.inner.registered_devices(q).await
+    }
     async fn put_upload(&self, upload: &Upload) -> Result<()> {
         self.inner.put_upload(upload).await
     }

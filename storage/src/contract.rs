@@ -14,6 +14,7 @@ use crate::query::{
     AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetQuery, Order, Page,
     PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
+use crate::registry::{Credential, DeviceQuery, DeviceStatus, RegisteredDevice, Role};
 use crate::{Storage, StorageError};
 
 /// Opens a backend for the suite. Every call to `open` on one harness opens the *same* data, so
@@ -36,7 +37,8 @@ macro_rules! contract_suite {
             data_survives_close_and_reopen, devices_are_isolated, foreign_cursor_is_rejected,
             events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
             alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire,
-            alert_states_replace_per_device_and_survive_reopen);
+            alert_states_replace_per_device_and_survive_reopen,
+            registry_registers_each_id_once, registry_updates_lists_and_filters);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -742,4 +744,168 @@ pub async fn uploads_upsert_by_id_list_per_device_and_expire(h: &dyn Harness) {
         Some(done),
         "uploads survive a reopen"
     );
+}
+
+fn registered(
+    id: &str,
+    role: Role,
+    labels: &[&str],
+    profile: &[(&str, AttrValue)],
+) -> RegisteredDevice {
+    RegisteredDevice {
+        id: dev(id),
+        credential: Credential::Secret {
+            hash: format!("$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$hash-of-{id}"),
+        },
+        role,
+        status: DeviceStatus::Active,
+        created_at: T0,
+        updated_at: T0,
+        name: Some(format!("{id} name")),
+        model: Some("button-v2".into()),
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        profile: profile
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        photo_upload: None,
+    }
+}
+
+/// An id is registered once: a second registration, even a concurrent one, writes nothing and
+/// says so.
+pub async fn registry_registers_each_id_once(h: &dyn Harness) {
+    let s = h.open().await;
+    let first = registered("d1", Role::Device, &["beta"], &[]);
+    assert!(s.register_device(&first).await.unwrap());
+    let mut second = first.clone();
+    second.name = Some("impostor".into());
+    assert!(!s.register_device(&second).await.unwrap());
+    assert_eq!(s.registered_device(&dev("d1")).await.unwrap(), Some(first));
+    assert_eq!(s.registered_device(&dev("nobody")).await.unwrap(), None);
+
+    let racers = (0..8).map(|i| {
+        let s = Arc::clone(&s);
+        let mut d = registered("race", Role::Device, &[], &[]);
+        d.name = Some(format!("racer {i}"));
+        tokio::spawn(async move { (s.register_device(&d).await.unwrap(), d) })
+    });
+    let mut winners = Vec::new();
+    for r in futures::future::join_all(racers).await {
+        let (won, d) = r.unwrap();
+        if won {
+            winners.push(d);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one concurrent registration wins");
+    assert_eq!(
+        s.registered_device(&dev("race")).await.unwrap().as_ref(),
+        winners.first()
+    );
+}
+
+/// Records are replaced whole, listed a page at a time exactly once, filtered by label, profile
+/// field, role and status, and kept across a reopen.
+pub async fn registry_updates_lists_and_filters(h: &dyn Harness) {
+    let pet = |name: &str| ("pet_name", AttrValue::Text(name.into()));
+    {
+        let s = h.open().await;
+        let devices = [
+            registered(
+                "a1",
+                Role::Device,
+                &["beta", "berlin"],
+                &[pet("Rex"), ("age", AttrValue::Int(3))],
+            ),
+            registered("a2", Role::Device, &["berlin"], &[pet("Tom")]),
+            registered("a3", Role::Device, &[], &[]),
+            registered("ops", Role::FleetManager, &[], &[]),
+            registered("etl", Role::Service, &[], &[]),
+        ];
+        for d in &devices {
+            assert!(s.register_device(d).await.unwrap());
+        }
+        let mut revoked = devices[0].clone();
+        revoked.status = DeviceStatus::Revoked;
+        revoked.credential = Credential::Certificate {
+            sha256: "ab".repeat(32),
+        };
+        revoked.updated_at = T0 + 1000;
+        revoked.name = None;
+        revoked.photo_upload = Some("a1~1760000000000~n1".into());
+        s.update_device(&revoked).await.unwrap();
+        assert_eq!(
+            s.registered_device(&dev("a1")).await.unwrap(),
+            Some(revoked)
+        );
+        s.close().await.unwrap();
+    }
+    let s = h.open().await;
+    let list = |q: DeviceQuery, limit: usize| {
+        let s = Arc::clone(&s);
+        async move {
+            let mut ids: Vec<String> = all_pages(limit, |page| {
+                let s = Arc::clone(&s);
+                let q = DeviceQuery { page, ..q.clone() };
+                async move { s.registered_devices(&q).await }
+            })
+            .await
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(
+        list(DeviceQuery::default(), 2).await,
+        ["a1", "a2", "a3", "etl", "ops"]
+    );
+    let by_label = |l: &str| DeviceQuery {
+        label: Some(l.into()),
+        ..DeviceQuery::default()
+    };
+    assert_eq!(list(by_label("berlin"), 1).await, ["a1", "a2"]);
+    assert_eq!(list(by_label("beta"), 10).await, ["a1"]);
+    assert!(list(by_label("nowhere"), 10).await.is_empty());
+    let by_pet = DeviceQuery {
+        profile: Some(("pet_name".into(), AttrValue::Text("Tom".into()))),
+        ..DeviceQuery::default()
+    };
+    assert_eq!(list(by_pet, 10).await, ["a2"]);
+    let by_age = DeviceQuery {
+        profile: Some(("age".into(), AttrValue::Int(3))),
+        ..DeviceQuery::default()
+    };
+    assert_eq!(list(by_age, 10).await, ["a1"]);
+    let managers = DeviceQuery {
+        role: Some(Role::FleetManager),
+        ..DeviceQuery::default()
+    };
+    assert_eq!(list(managers, 10).await, ["ops"]);
+    let revoked = DeviceQuery {
+        status: Some(DeviceStatus::Revoked),
+        ..DeviceQuery::default()
+    };
+    assert_eq!(list(revoked, 10).await, ["a1"]);
+
+    let first = s
+        .registered_devices(&DeviceQuery {
+            page: PageRequest::first(1),
+            ..DeviceQuery::default()
+        })
+        .await
+        .unwrap();
+    let cursor = first.next_cursor.expect("more pages");
+    let err = s
+        .fleet(&FleetQuery {
+            page: PageRequest {
+                limit: 1,
+                cursor: Some(cursor),
+            },
+            low_battery_percent: 20.0,
+        })
+        .await
+        .expect_err("a registry cursor is not a fleet cursor");
+    assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
 }

@@ -9,6 +9,8 @@
 //! - `alerts`: `raised_at id` → `Alert`
 //! - `uploads`: `device 0x00 created_at id` → `Upload`
 //! - `uploads_pending`: `expires_at id` → empty, the pending uploads the expiry sweep looks at
+//! - `alert_states`: `device` → the alert engine's encoded state
+//! - `devices`: `device` → `RegisteredDevice` (the registry)
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
@@ -30,6 +32,7 @@ use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
     Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
+use crate::registry::{DeviceQuery, RegisteredDevice};
 use crate::{Result, Storage, StorageError};
 
 /// Settings of the embedded backend.
@@ -68,6 +71,8 @@ struct Inner {
     uploads_pending: Keyspace,
     /// The alert engine's state per device, by device id.
     alert_states: Keyspace,
+    /// The device registry, by device id.
+    devices: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -81,6 +86,7 @@ const CURSOR_DEAD: u8 = b'D';
 const CURSOR_FLEET: u8 = b'F';
 const CURSOR_ALERTS: u8 = b'A';
 const CURSOR_UPLOADS: u8 = b'U';
+const CURSOR_REGISTRY: u8 = b'R';
 
 fn upload_key(device: &DeviceId, created_at: Millis, id: &str) -> Vec<u8> {
     let mut key = with_time(&device_prefix(device), created_at);
@@ -268,6 +274,19 @@ fn newest_scan<T: DeserializeOwned>(
     scan(keyspace, bounds, order, page.limit, tag, keep)
 }
 
+/// Where a listing keyed by device id resumes: after the cursor's id.
+fn after_id(page: &PageRequest, tag: u8, what: &str) -> Result<Bound<Vec<u8>>> {
+    match &page.cursor {
+        None => Ok(Bound::Unbounded),
+        Some(c) => match c.0.split_first() {
+            Some((t, key)) if *t == tag && !key.is_empty() => Ok(Bound::Excluded(key.to_vec())),
+            _ => Err(StorageError::InvalidRequest(format!(
+                "cursor does not belong to {what}; start again without a cursor"
+            ))),
+        },
+    }
+}
+
 impl EmbeddedStorage {
     /// Opens (creating when missing) the store in `options.path`.
     pub fn open(options: &EmbeddedOptions) -> Result<Self> {
@@ -299,6 +318,7 @@ impl EmbeddedStorage {
             uploads: ks("uploads")?,
             uploads_pending: ks("uploads_pending")?,
             alert_states: ks("alert_states")?,
+            devices: ks("devices")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -368,17 +388,7 @@ impl Inner {
 
     fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
         let limit = query.page.limit;
-        let lo =
-            match &query.page.cursor {
-                None => Bound::Unbounded,
-                Some(c) => match c.0.split_first() {
-                    Some((&CURSOR_FLEET, key)) if !key.is_empty() => Bound::Excluded(key.to_vec()),
-                    _ => return Err(StorageError::InvalidRequest(
-                        "cursor does not belong to the fleet listing; start again without a cursor"
-                            .into(),
-                    )),
-                },
-            };
+        let lo = after_id(&query.page, CURSOR_FLEET, "the fleet listing")?;
         let devices = scan::<DeviceState>(
             &self.latest,
             (lo, Bound::Unbounded),
@@ -541,6 +551,66 @@ impl Storage for EmbeddedStorage {
                 out.push((id, v.to_vec()));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn register_device(&self, device: &RegisteredDevice) -> Result<bool> {
+        let device = device.clone();
+        self.blocking(move |inner| {
+            // Check and insert under the writer lock, so two registrations of one id cannot both
+            // succeed.
+            let _writer = inner.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let key = device.id.as_str().as_bytes();
+            if inner.devices.contains_key(key).map_err(io)? {
+                return Ok(false);
+            }
+            let mut wb = inner.batch();
+            wb.insert(&inner.devices, key, encode(&device)?);
+            wb.commit().map_err(io)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn update_device(&self, device: &RegisteredDevice) -> Result<()> {
+        let device = device.clone();
+        self.blocking(move |inner| {
+            let _writer = inner.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut wb = inner.batch();
+            wb.insert(
+                &inner.devices,
+                device.id.as_str().as_bytes(),
+                encode(&device)?,
+            );
+            wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>> {
+        let id = id.clone();
+        self.blocking(
+            move |inner| match inner.devices.get(id.as_str()).map_err(io)? {
+                Some(bytes) => Ok(Some(decode(&bytes)?)),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn registered_devices(&self, query: &DeviceQuery) -> Result<Page<RegisteredDevice>> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let lo = after_id(&query.page, CURSOR_REGISTRY, "the device registry listing")?;
+            scan(
+                &inner.devices,
+                (lo, Bound::Unbounded),
+                Order::OldestFirst,
+                query.page.limit,
+                CURSOR_REGISTRY,
+                |d| query.accepts(d),
+            )
         })
         .await
     }

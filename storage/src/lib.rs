@@ -6,6 +6,7 @@ pub mod contract;
 pub mod embedded;
 pub mod model;
 pub mod query;
+pub mod registry;
 pub mod scylla;
 
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ pub use query::{
     AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage,
     FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
+pub use registry::{Credential, DeviceQuery, DeviceStatus, RegisteredDevice, Role, UnknownName};
 pub use scylla::ScyllaStorage;
 
 /// What went wrong in storage; each variant says what the caller should do.
@@ -85,6 +87,19 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Every saved alert-engine state, one per device (read once at start).
     async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>>;
+
+    /// Adds an identity to the device registry; `false`, with nothing written, when the id is
+    /// registered already (even by a concurrent caller).
+    async fn register_device(&self, device: &RegisteredDevice) -> Result<bool>;
+
+    /// Replaces a registered identity's record (rotation, revocation, attribute changes).
+    async fn update_device(&self, device: &RegisteredDevice) -> Result<()>;
+
+    /// One registered identity; `None` when the id is not registered.
+    async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>>;
+
+    /// Registered identities passing the query's filters, a page at a time.
+    async fn registered_devices(&self, query: &DeviceQuery) -> Result<Page<RegisteredDevice>>;
 
     /// Stores an upload, replacing the stored upload with the same id (each state change is
     /// written this way).

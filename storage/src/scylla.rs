@@ -3,7 +3,7 @@
 //! partition, token-aware routing, a bounded number of requests in flight, retries with backoff and
 //! jitter for timeouts, overload and unavailability, and cursors built on the driver's paging state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +32,7 @@ use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
     Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
+use crate::registry::{Credential, DeviceQuery, RegisteredDevice};
 use crate::{Result, Storage, StorageError};
 
 /// The schema applied at start; see the file for the tables.
@@ -122,6 +123,10 @@ struct Statements {
     insert_alert_state: PreparedStatement,
     delete_alert_state: PreparedStatement,
     alert_states: PreparedStatement,
+    insert_device: PreparedStatement,
+    register_device: PreparedStatement,
+    registered_device: PreparedStatement,
+    registered_devices: PreparedStatement,
 }
 
 struct Inner {
@@ -490,6 +495,75 @@ fn upload_from_row(r: UploadRow) -> Result<Upload> {
     })
 }
 
+const DEVICE_COLS: &str = "device_id, role, status, credential_kind, credential, created_at, \
+    updated_at, name, model, labels, profile, photo_upload";
+
+type DeviceRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    CqlTimestamp,
+    CqlTimestamp,
+    Option<String>,
+    Option<String>,
+    Option<BTreeSet<String>>,
+    Option<BTreeMap<String, String>>,
+    Option<String>,
+);
+
+type DeviceValues<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'static str,
+    &'a str,
+    CqlTimestamp,
+    CqlTimestamp,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a BTreeSet<String>,
+    BTreeMap<String, String>,
+    Option<&'a str>,
+);
+
+fn device_values(d: &RegisteredDevice) -> Result<DeviceValues<'_>> {
+    Ok((
+        d.id.as_str(),
+        d.role.as_str(),
+        d.status.as_str(),
+        d.credential.kind(),
+        d.credential.value(),
+        ts(d.created_at),
+        ts(d.updated_at),
+        d.name.as_deref(),
+        d.model.as_deref(),
+        &d.labels,
+        attrs_to_cql(&d.profile)?,
+        d.photo_upload.as_deref(),
+    ))
+}
+
+fn device_from_row(r: DeviceRow) -> Result<RegisteredDevice> {
+    let bad = |e: crate::registry::UnknownName| {
+        StorageError::Fatal(format!("devices row {:?}: {e}", r.0))
+    };
+    Ok(RegisteredDevice {
+        role: r.1.parse().map_err(bad)?,
+        status: r.2.parse().map_err(bad)?,
+        credential: Credential::from_parts(&r.3, r.4.clone()).map_err(bad)?,
+        created_at: r.5 .0,
+        updated_at: r.6 .0,
+        name: r.7,
+        model: r.8,
+        labels: r.9.unwrap_or_default(),
+        profile: attrs_from_cql(r.10)?,
+        photo_upload: r.11,
+        id: device(r.0)?,
+    })
+}
+
 /// The pending-uploads index has one partition; see `schema.cql`.
 const PENDING_SHARD: i32 = 0;
 
@@ -776,6 +850,19 @@ impl Statements {
             .await?,
             alert_states: prepare(format!("SELECT device_id, state FROM {ks}.alert_states"))
                 .await?,
+            insert_device: prepare(format!(
+                "INSERT INTO {ks}.devices ({DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            register_device: prepare(format!(
+                "INSERT INTO {ks}.devices ({DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            registered_device: prepare(format!(
+                "SELECT {DEVICE_COLS} FROM {ks}.devices WHERE device_id = ?"
+            ))
+            .await?,
+            registered_devices: prepare(format!("SELECT {DEVICE_COLS} FROM {ks}.devices")).await?,
         })
     }
 }
@@ -806,6 +893,81 @@ fn batches<V>(
 }
 
 impl Inner {
+    /// One page of a whole table in token order (stable across pages), of the rows `keep` turns
+    /// into items: reads pages until `limit` items are found or the table ends.
+    async fn token_scan<R, T>(
+        &self,
+        stmt: &PreparedStatement,
+        tag: u8,
+        what: &str,
+        page: &PageRequest,
+        keep: impl Fn(R) -> Result<Option<T>>,
+    ) -> Result<Page<T>>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        if page.limit == 0 {
+            return Err(StorageError::InvalidRequest(
+                "limit must be at least 1".into(),
+            ));
+        }
+        let mut paging = match &page.cursor {
+            None => PagingState::start(),
+            Some(c) => match c.0.split_first() {
+                Some((t, state)) if *t == tag && !state.is_empty() => {
+                    PagingState::new_from_raw_bytes(state)
+                }
+                _ => {
+                    return Err(StorageError::InvalidRequest(format!(
+                        "cursor does not belong to {what}; start again without a cursor"
+                    )))
+                }
+            },
+        };
+        let table = stmt
+            .get_table_spec()
+            .map(|t| t.table_name().to_string())
+            .unwrap_or_default();
+        let fatal = |e: &dyn std::fmt::Display| StorageError::Fatal(format!("{table}: {e}"));
+        let mut items = Vec::new();
+        loop {
+            // A page never holds more rows than items still wanted, so the paging state after it
+            // is exactly where the next page starts.
+            let mut stmt = stmt.clone();
+            stmt.set_page_size((page.limit - items.len()).clamp(1, 5000) as i32);
+            let (result, next) = self
+                .session
+                .execute_single_page(&stmt, (), paging)
+                .await
+                .map_err(|e| classify(stmt.get_statement(), e))?;
+            let rows = result.into_rows_result().map_err(|e| fatal(&e))?;
+            for row in rows.rows::<R>().map_err(|e| fatal(&e))? {
+                if let Some(item) = keep(row.map_err(|e| fatal(&e))?)? {
+                    items.push(item);
+                }
+            }
+            match next {
+                PagingStateResponse::HasMorePages { state } if items.len() >= page.limit => {
+                    let mut bytes = vec![tag];
+                    bytes.extend_from_slice(
+                        state.as_bytes_slice().map(|s| &s[..]).unwrap_or_default(),
+                    );
+                    return Ok(Page {
+                        items,
+                        next_cursor: Some(Cursor(bytes)),
+                    });
+                }
+                PagingStateResponse::HasMorePages { state } => paging = state,
+                PagingStateResponse::NoMorePages => {
+                    return Ok(Page {
+                        items,
+                        next_cursor: None,
+                    })
+                }
+            }
+        }
+    }
+
     fn ttl(&self) -> i32 {
         self.options.ttl_seconds
     }
@@ -1218,56 +1380,15 @@ impl Storage for ScyllaStorage {
             ));
         }
         let inner = &self.inner;
-        let paging = match &query.page.cursor {
-            None => PagingState::start(),
-            Some(c) => match c.0.split_first() {
-                Some((b'F', state)) if !state.is_empty() => PagingState::new_from_raw_bytes(state),
-                _ => {
-                    return Err(StorageError::InvalidRequest(
-                        "cursor does not belong to the fleet listing; start again without a cursor"
-                            .into(),
-                    ))
-                }
-            },
-        };
-        // Devices come in token order, stable across pages; keep reading pages until `limit`
-        // devices are found or the table ends.
-        let mut items = Vec::new();
-        let mut paging = paging;
-        let mut next_cursor = None;
-        loop {
-            let mut stmt = inner.st.fleet.clone();
-            stmt.set_page_size((query.page.limit - items.len()).clamp(1, 5000) as i32);
-            let (result, next) = inner
-                .session
-                .execute_single_page(&stmt, (), paging)
-                .await
-                .map_err(|e| classify(stmt.get_statement(), e))?;
-            let rows = result
-                .into_rows_result()
-                .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
-            for row in rows
-                .rows::<LatestRow>()
-                .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?
-            {
-                let row = row.map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
-                if row.1.is_some() {
-                    items.push(latest_from_row(row)?);
-                }
-            }
-            match next {
-                PagingStateResponse::HasMorePages { state } if items.len() >= query.page.limit => {
-                    let mut bytes = vec![b'F'];
-                    bytes.extend_from_slice(
-                        state.as_bytes_slice().map(|s| &s[..]).unwrap_or_default(),
-                    );
-                    next_cursor = Some(Cursor(bytes));
-                    break;
-                }
-                PagingStateResponse::HasMorePages { state } => paging = state,
-                PagingStateResponse::NoMorePages => break,
-            }
-        }
+        let devices = inner
+            .token_scan(
+                &inner.st.fleet,
+                b'F',
+                "the fleet listing",
+                &query.page,
+                |row: LatestRow| row.1.is_some().then(|| latest_from_row(row)).transpose(),
+            )
+            .await?;
         // Counts cover the whole fleet: a full pass over the (one row per device) table.
         let mut counts = FleetCounts::default();
         let mut rows = inner
@@ -1292,10 +1413,7 @@ impl Storage for ScyllaStorage {
             };
             counts.count(&state, query.low_battery_percent);
         }
-        Ok(FleetPage {
-            devices: Page { items, next_cursor },
-            counts,
-        })
+        Ok(FleetPage { devices, counts })
     }
 
     async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
@@ -1501,6 +1619,75 @@ impl Storage for ScyllaStorage {
                 &q.page,
                 alert_from_row,
                 |a| q.accepts(a),
+            )
+            .await
+    }
+
+    async fn register_device(&self, d: &RegisteredDevice) -> Result<bool> {
+        self.check_open()?;
+        let st = &self.inner.st.register_device;
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, device_values(d)?)
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?;
+        // A lightweight transaction answers with `[applied]` first, then the existing row.
+        let applied = rows
+            .maybe_first_row::<scylla::value::Row>()
+            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?
+            .and_then(|row| row.columns.into_iter().next().flatten());
+        match applied {
+            Some(scylla::value::CqlValue::Boolean(applied)) => Ok(applied),
+            other => Err(StorageError::Fatal(format!(
+                "registering a device: unexpected answer {other:?} to IF NOT EXISTS"
+            ))),
+        }
+    }
+
+    async fn update_device(&self, d: &RegisteredDevice) -> Result<()> {
+        self.check_open()?;
+        let st = &self.inner.st.insert_device;
+        self.inner
+            .session
+            .execute_unpaged(st, device_values(d)?)
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?;
+        Ok(())
+    }
+
+    async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>> {
+        self.check_open()?;
+        let st = &self.inner.st.registered_device;
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, (id.as_str(),))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?;
+        rows.maybe_first_row::<DeviceRow>()
+            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?
+            .map(device_from_row)
+            .transpose()
+    }
+
+    async fn registered_devices(&self, q: &DeviceQuery) -> Result<Page<RegisteredDevice>> {
+        self.check_open()?;
+        let inner = &self.inner;
+        inner
+            .token_scan(
+                &inner.st.registered_devices,
+                b'R',
+                "the device registry listing",
+                &q.page,
+                |row: DeviceRow| {
+                    let d = device_from_row(row)?;
+                    Ok(q.accepts(&d).then_some(d))
+                },
             )
             .await
     }
