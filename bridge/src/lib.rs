@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod meter;
 pub mod pipeline;
+pub mod topics;
 pub mod wire;
 
 pub use pipeline::{spawn, BridgeClosed, BridgeHandle, Inbound, Settings};

@@ -8,6 +8,8 @@ use std::fmt;
 use messina_storage::{AttrValue, DeviceId, Event, Millis, Reading};
 use rmpv::ValueRef as Value;
 
+use crate::topics::Topic;
+
 /// What a device topic carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -92,21 +94,20 @@ const MAX_KIND_LEN: usize = 64;
 
 /// Splits `devices/{id}/{telemetry|events}` into the device and what it carries.
 pub fn route(topic: &str) -> Result<(DeviceId, Kind), Rejection> {
-    let mut parts = topic.split('/');
-    let (Some("devices"), Some(id), Some(tail), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(reject_message(format!(
-            "topic `{topic}` is not `devices/{{id}}/telemetry` or `devices/{{id}}/events`"
-        )));
-    };
-    let kind = match tail {
-        "telemetry" => Kind::Telemetry,
-        "events" => Kind::Events,
-        other => {
-            return Err(reject_message(format!(
-                "topic `{topic}`: unknown message type `{other}`; expected `telemetry` or `events`"
-            )))
+    let (id, kind) = match Topic::parse(topic) {
+        Topic::Telemetry(id) => (id, Kind::Telemetry),
+        Topic::Events(id) => (id, Kind::Events),
+        _ => {
+            return Err(reject_message(
+                match topic.strip_prefix("devices/").and_then(|r| r.split_once('/')) {
+                    Some((_, leaf)) if !leaf.contains('/') => format!(
+                        "topic `{topic}`: unknown message type `{leaf}`; expected `telemetry` or `events`"
+                    ),
+                    _ => format!(
+                        "topic `{topic}` is not `devices/{{id}}/telemetry` or `devices/{{id}}/events`"
+                    ),
+                },
+            ))
         }
     };
     let device = DeviceId::new(id).map_err(|e| reject_message(format!("topic `{topic}`: {e}")))?;

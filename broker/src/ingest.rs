@@ -8,44 +8,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use messina_bridge::alerts::AlertService;
+use messina_bridge::topics::{self, Topic};
 use messina_bridge::{BridgeHandle, Inbound};
 use messina_log::{Entry, Log, Reader};
 use messina_storage::DeviceId;
 use tokio::sync::mpsc;
-
-/// The topics whose messages go into the ingest log: device data for the bridge, device wills
-/// (presence) and fleet managers' acknowledgements for the alert service, devices' upload
-/// requests and completions for the upload service. Anything else is only routed.
-pub const INGEST_FILTERS: [&str; 6] = [
-    "devices/+/telemetry",
-    "devices/+/events",
-    "devices/+/presence",
-    "alerts/+/+/ack",
-    "devices/+/uploads/request",
-    "devices/+/uploads/done",
-];
-
-/// Whether a message on `topic` belongs in the ingest log, i.e. matches one of
-/// [`INGEST_FILTERS`] (checked without splitting: this runs for every message).
-pub fn is_ingest_topic(topic: &str) -> bool {
-    let one_level = |s: &str| !s.contains('/');
-    if let Some(rest) = topic.strip_prefix("devices/") {
-        let Some((_id, leaf)) = rest.split_once('/') else {
-            return false;
-        };
-        return matches!(
-            leaf,
-            "telemetry" | "events" | "presence" | "uploads/request" | "uploads/done"
-        );
-    }
-    if let Some(rest) = topic.strip_prefix("alerts/") {
-        return rest
-            .strip_suffix("/ack")
-            .and_then(|r| r.split_once('/'))
-            .is_some_and(|(device, rule)| one_level(device) && one_level(rule));
-    }
-    false
-}
 
 /// The record kind of a device PUBLISH (the only kind so far).
 pub const KIND_PUBLISH: u8 = 1;
@@ -221,17 +188,16 @@ enum Control {
 
 impl Control {
     fn parse(topic: &str, payload: &[u8]) -> Option<Control> {
-        let parts: Vec<&str> = topic.split('/').collect();
-        match parts.as_slice() {
-            ["devices", id, "presence"] => {
+        match Topic::parse(topic) {
+            Topic::Presence(id) => {
                 let ours = serde_json::from_slice::<serde_json::Value>(payload)
                     .is_ok_and(|v| v["source"] == PRESENCE_SOURCE);
                 if ours {
                     return Some(Control::Own);
                 }
-                Some(Control::Will(DeviceId::new(*id).ok()?))
+                Some(Control::Will(DeviceId::new(id).ok()?))
             }
-            ["alerts", id, rule, "ack"] => {
+            Topic::AlertAck { device, rule } => {
                 let by = String::from_utf8_lossy(payload)
                     .trim()
                     .chars()
@@ -242,7 +208,11 @@ impl Control {
                 } else {
                     by
                 };
-                Some(Control::Ack(DeviceId::new(*id).ok()?, rule.to_string(), by))
+                Some(Control::Ack(
+                    DeviceId::new(device).ok()?,
+                    rule.to_string(),
+                    by,
+                ))
             }
             // Anything else, including these topics with an invalid device id, goes to the bridge,
             // which stores what it cannot use as a dead letter with the reason.
@@ -297,10 +267,9 @@ impl UploadJob {
     /// `devices/{id}/` (a device must not make Messina publish elsewhere), else
     /// `devices/{id}/uploads/response`.
     pub fn reply_topic(&self) -> String {
-        let own = format!("devices/{}/", self.device);
         match &self.response_topic {
-            Some(t) if t.starts_with(&own) && !t.contains(['+', '#']) => t.clone(),
-            _ => format!("{own}uploads/response"),
+            Some(t) if topics::readable_by(t, self.device.as_str()) => t.clone(),
+            _ => topics::upload_response(self.device.as_str()),
         }
     }
 }
@@ -308,47 +277,6 @@ impl UploadJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_data_wills_acks_and_uploads_go_into_the_log() {
-        for t in [
-            "devices/d1/telemetry",
-            "devices/d1/events",
-            "devices/d1/presence",
-            "alerts/d1/battery_low/ack",
-            "devices/d1/uploads/request",
-            "devices/d1/uploads/done",
-        ] {
-            assert!(is_ingest_topic(t), "{t}");
-        }
-        for t in [
-            "devices/d1/other",
-            "alerts/d1/ack",
-            "alerts/d1/a/b/ack",
-            "devices//telemetry/x",
-            "devices/d1/uploads/response",
-            "alerts/d1/battery_low",
-            "conf/x",
-            "devices/d1/telemetry/x",
-        ] {
-            assert!(!is_ingest_topic(t), "{t}");
-        }
-        // The same answer as matching the filters one by one.
-        for t in [
-            "devices/a/telemetry",
-            "devices//telemetry",
-            "devices/a/uploads/done",
-            "alerts/a/b/ack",
-            "alerts//b/ack",
-            "alerts/a/b/c",
-            "devices/a",
-        ] {
-            let by_filters = INGEST_FILTERS
-                .iter()
-                .any(|f| crate::edge::router::matches(f, t));
-            assert_eq!(is_ingest_topic(t), by_filters, "{t}");
-        }
-    }
 
     #[test]
     fn meta_round_trips_and_is_empty_when_there_is_nothing() {

@@ -130,11 +130,11 @@ pub fn spawn_publisher(
 fn notice_message(notice: &Notice) -> (String, Vec<u8>) {
     let (topic, body) = match notice {
         Notice::Alert(a) => (
-            format!("alerts/{}/{}", a.device, a.rule),
+            messina_bridge::topics::alert(a.device.as_str(), &a.rule),
             crate::http::alert_json(a),
         ),
         Notice::Presence { device, online, at } => (
-            format!("devices/{device}/presence"),
+            messina_bridge::topics::presence(device.as_str()),
             serde_json::json!({
                 "device_id": device.as_str(),
                 "online": online,

@@ -533,7 +533,7 @@ async fn mqtt_5_replies_honour_response_topic_and_correlation_data() {
     let server = Server::start(&dir.path().join("data"), "").await;
     let (client, mut eventloop) =
         AsyncClient::new(MqttOptions::new("cam-5", "127.0.0.1", server.mqtt_v5), 10);
-    let inbox = "devices/cam-5/inbox/uploads";
+    let inbox = "devices/cam-5/replies/uploads";
     client.subscribe(inbox, QoS::AtLeastOnce).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
         while !matches!(

@@ -26,7 +26,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ingest::{self, Meta, KIND_PUBLISH};
+use messina_bridge::topics::Topic;
+
+use crate::ingest::{Meta, KIND_PUBLISH};
 use codec::{Connect, Publish, ReasonCode};
 use router::{Feed, Router, Tag};
 use session::Registry;
@@ -109,7 +111,7 @@ impl Shared {
         let topic = &*publish.topic;
         let now = crate::mqtt::now_millis();
         let mut end = None;
-        if ingest::is_ingest_topic(topic) {
+        if Topic::parse(topic).is_ingest() {
             let mut meta = Vec::new();
             Meta {
                 response_topic: publish

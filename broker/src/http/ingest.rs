@@ -162,7 +162,7 @@ async fn ingest(
     }
 
     let now = crate::mqtt::now_millis();
-    let topic = format!("devices/{device}/{}", kind.as_str());
+    let topic = messina_bridge::topics::device_data(device.as_str(), kind);
     let mut payloads = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
