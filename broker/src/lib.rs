@@ -7,6 +7,7 @@ pub mod http;
 pub mod ingest;
 pub mod inspect;
 pub mod mqtt;
+pub mod security;
 pub mod simulate;
 pub mod uploads;
 
@@ -201,6 +202,7 @@ pub async fn serve(
         );
     }
     let storage = open_storage(&config).await?;
+    security::check_exposure(&config, &storage).await?;
     let (log, recovered) = open_log(&config)?;
     let router = edge::router::Router::start(mqtt::router_config(&config.mqtt))?;
     let mut addresses = vec![("mqtt.listen", config.mqtt.listen)];
@@ -212,7 +214,11 @@ pub async fn serve(
         edge::Settings::from_config(&config.mqtt),
         log.clone(),
         std::sync::Arc::clone(&router),
-        edge::allow_all(),
+        std::sync::Arc::new(security::Authenticator::new(
+            Arc::clone(&storage),
+            config.mqtt.anonymous,
+            config.mqtt.credential_cache_entries,
+        )),
         shutdown.clone(),
     )
     .await?;

@@ -1,4 +1,5 @@
-//! The `messina` binary: `serve` (the default), `simulate`, `print-config` and `check-config`.
+//! The `messina` binary: `serve` (the default), `devices`, `simulate`, `print-config` and
+//! `check-config`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     },
     /// Publish simulated device telemetry and events to a broker.
     Simulate(messina_broker::simulate::SimulateArgs),
+    /// Manage the device registry: add, list, show, set, rotate, revoke, import.
+    Devices(messina_broker::security::cli::DevicesArgs),
     /// Print the full default configuration, every key documented.
     PrintConfig,
     /// Load and validate a configuration, reporting every problem.
@@ -103,6 +106,22 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Devices(args) => {
+            let config = match load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging("warn", LogFormat::Text);
+            runtime.block_on(async {
+                match messina_broker::security::cli::run(config, args.action).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("messina devices: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
         Command::Simulate(args) => {
             init_logging("warn", LogFormat::Text);
             runtime.block_on(async {

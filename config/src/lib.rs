@@ -180,6 +180,18 @@ pub enum Consistency {
     LocalOne,
 }
 
+/// Who may connect to the MQTT edge without a username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// Only clients connecting from a loopback address (the safe default).
+    Loopback,
+    /// Anyone who can reach a listener: an explicit opt-in for closed networks.
+    Allow,
+    /// Nobody: every client authenticates.
+    Deny,
+}
+
 /// How much the process logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -222,6 +234,17 @@ section! {
         /// Topic aliases an MQTT 5 client may set on its publishes (Topic Alias Maximum); 0
         /// turns inbound aliases off.
         pub topic_alias_maximum: u16 = 64,
+        /// Who may connect without a username: "loopback" (clients on this machine only; the
+        /// default), "allow" (anyone who reaches a listener: only on a closed network) or "deny".
+        /// An anonymous client may do what the service role may, and its client id stands for its
+        /// device. Everyone else authenticates with a registered identity: username = device id
+        /// (= client id for a device), password = its secret (`messina devices add`). Serving a
+        /// non-loopback address with "loopback" or "deny" and no registered identity refuses to
+        /// start, since nobody could connect.
+        pub anonymous: Anonymous = Anonymous::Loopback,
+        /// Verified credentials kept in memory, so a reconnecting fleet costs one hash
+        /// verification per device per process lifetime, not one per connection.
+        pub credential_cache_entries: usize = 100_000,
         /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
         pub connect_timeout_ms: u16 = 5_000,
         /// Size in MiB of one segment of the router's in-memory log. Each subscription filter has

@@ -30,6 +30,9 @@ use super::codec::{
 use super::router::Tag;
 use super::session::{InFlight, Kick, PendingWill, Session};
 use super::Shared;
+use crate::security::acl::Acl;
+use crate::security::session_key;
+use messina_storage::{DeviceId, Role};
 
 /// How long shutdown and takeover wait for the log to make owed acknowledgements durable.
 const ACK_DRAIN: Duration = Duration::from_secs(10);
@@ -45,6 +48,8 @@ enum End {
     Lost,
     /// A new connection took the client id.
     TakenOver(oneshot::Sender<(Option<Session>, Option<Will>)>),
+    /// The identity was revoked: no will, no session kept.
+    Revoked,
     /// The server is stopping.
     Shutdown,
 }
@@ -86,19 +91,44 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
             .await;
         return;
     }
-    if let Err(reason) = (shared.auth)(&connect, peer).await {
-        tracing::info!(%peer, client_id = %connect.client_id, ?reason, "connection refused by authentication");
-        let _ = framed.send(refuse(reason)).await;
+    let principal = match shared.auth.authenticate(&connect, peer).await {
+        Ok(p) => p,
+        Err(reason) => {
+            shared.refused.connect.increment(1);
+            tracing::info!(%peer, client_id = %connect.client_id, username = connect.username.as_deref().unwrap_or(""), ?reason, "connection refused by authentication");
+            let _ = framed.send(refuse(reason)).await;
+            return;
+        }
+    };
+    let acl = Acl::new(&principal);
+    if let Some(will) = connect.will.as_ref().filter(|w| !acl.may_will(&w.topic)) {
+        shared.refused.will.increment(1);
+        tracing::info!(%peer, client_id = %connect.client_id, device = ?principal.device, topic = %will.topic, "connection refused: the will's topic is not the client's to publish");
+        let _ = framed.send(refuse(ReasonCode::NotAuthorized)).await;
         return;
     }
     let v5 = connect.version == ProtocolVersion::V5;
     let (client_id, assigned) = if connect.client_id.is_empty() {
-        // The codec refuses an empty id without clean start on 3.1.1.
-        let id = format!("messina-{:016x}", rand::random::<u64>());
-        (id.clone(), v5.then(|| ByteString::from(id)))
+        match principal
+            .identity
+            .as_ref()
+            .filter(|_| principal.role == Role::Device)
+        {
+            // A device's client id is its device id.
+            Some(id) => (
+                id.as_str().to_string(),
+                v5.then(|| ByteString::from(id.as_str())),
+            ),
+            None => {
+                // The codec refuses an empty id without clean start on 3.1.1.
+                let id = format!("messina-{:016x}", rand::random::<u64>());
+                (id.clone(), v5.then(|| ByteString::from(id)))
+            }
+        }
     } else {
         (connect.client_id.to_string(), None)
     };
+    let key = session_key(principal.identity.as_ref().map(|i| i.as_str()), &client_id);
     let max_expiry = shared.settings.max_session_expiry;
     let asked = if v5 {
         Duration::from_secs(u64::from(connect.session_expiry_interval))
@@ -109,7 +139,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
     };
     let expiry = asked.min(max_expiry);
 
-    let claim = shared.sessions.claim(&client_id, connect.clean_start).await;
+    let claim = shared.sessions.claim(&key, connect.clean_start).await;
     if let Some(will) = claim.will_to_publish {
         publish_will(&shared, will).await;
     }
@@ -132,7 +162,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
     if framed.send(Frame::ConnAck(Box::new(ack))).await.is_err() {
         shared
             .sessions
-            .release(&client_id, claim.epoch, session, expiry, None);
+            .release(&key, claim.epoch, session, expiry, None);
         return;
     }
     tracing::debug!(%peer, client_id, version = ?connect.version, present, "client connected");
@@ -151,10 +181,13 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
         subacks_owed: 0,
         aliases: HashMap::new(),
         interest_cache: None,
+        acl,
+        device: principal.device,
+        refusals: 0,
         framed,
     };
     let end = conn.established(claim.kicks).await;
-    conn.finish(end, &client_id, claim.epoch).await;
+    conn.finish(end, &key, claim.epoch).await;
 }
 
 struct Connection {
@@ -178,6 +211,13 @@ struct Connection {
     aliases: HashMap<u16, ByteString>,
     /// The last topic asked of the interest index: (topic, index version, answer).
     interest_cache: Option<(ByteString, u64, bool)>,
+    /// What this client may publish and subscribe to.
+    acl: Acl,
+    /// The device it speaks for, for the log.
+    device: Option<DeviceId>,
+    /// Publishes and subscriptions refused so far (the first is logged at INFO, the rest at
+    /// DEBUG, so a client that keeps trying does not flood the log; all are counted).
+    refusals: u64,
 }
 
 impl Connection {
@@ -223,7 +263,10 @@ impl Connection {
                 biased;
                 _ = &mut cancelled => break End::Shutdown,
                 // The registry holds the sender as long as this connection owns the client id.
-                Some(kick) = kicks.recv() => break End::TakenOver(kick.reply),
+                Some(kick) = kicks.recv() => match kick {
+                    Kick::TakeOver { reply } => break End::TakenOver(reply),
+                    Kick::Revoke => break End::Revoked,
+                },
                 changed = durable.changed(), if owed_pending => {
                     if changed.is_err() {
                         break End::Shutdown;
@@ -402,6 +445,16 @@ impl Connection {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 let mut failed = false;
                 for (filter, options) in &s.filters {
+                    if !self.acl.may_subscribe(filter) {
+                        self.shared.refused.subscribe.increment(1);
+                        self.refusal("subscription", filter);
+                        codes.push(if self.v5 {
+                            ReasonCode::NotAuthorized
+                        } else {
+                            ReasonCode::UnspecifiedError
+                        });
+                        continue;
+                    }
                     let r = self
                         .session
                         .subscribe(filter, *options, s.subscription_identifier);
@@ -489,6 +542,25 @@ impl Connection {
         Ok(None)
     }
 
+    fn refusal(&mut self, what: &str, topic: &str) {
+        self.refusals += 1;
+        let (client_id, device) = (
+            &self.session.client_id,
+            self.device.as_ref().map(|d| d.as_str()),
+        );
+        if self.refusals == 1 {
+            tracing::info!(client_id, device, what, topic, "refused: not the client's topic (further refusals on this connection are logged at DEBUG)");
+        } else {
+            tracing::debug!(
+                client_id,
+                device,
+                what,
+                topic,
+                "refused: not the client's topic"
+            );
+        }
+    }
+
     fn in_flight_at(&self, id: NonZeroU16, released: bool) -> Option<usize> {
         self.session
             .in_flight
@@ -526,6 +598,26 @@ impl Connection {
             )
             .await;
             return Err(());
+        }
+        if !self.acl.may_publish(&p.topic) {
+            self.shared.refused.publish.increment(1);
+            self.refusal("publish", &p.topic);
+            if !self.v5 {
+                // 3.1.1 has no way to refuse a message: a PUBACK would claim it was stored.
+                return Err(());
+            }
+            match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => self.owe(
+                    Frame::PubAck(Ack::with_reason(id, ReasonCode::NotAuthorized)),
+                    None,
+                ),
+                (QoS::ExactlyOnce, Some(id)) => self.owe(
+                    Frame::PubRec(Ack::with_reason(id, ReasonCode::NotAuthorized)),
+                    None,
+                ),
+                _ => {}
+            }
+            return Ok(());
         }
         let pending = self.owed.len() + self.session.inbound_qos2.len();
         if p.qos != QoS::AtMostOnce
@@ -703,8 +795,10 @@ impl Connection {
 
     /// Ends the connection: owed acknowledgements the log allows, the DISCONNECT a v5 client
     /// gets from the server, the will, and the session back to the registry.
-    async fn finish(mut self, end: End, client_id: &str, epoch: u64) {
+    async fn finish(mut self, end: End, key: &str, epoch: u64) {
         let shared = Arc::clone(&self.shared);
+        let client_id = self.session.client_id.clone();
+        let client_id = client_id.as_str();
         let will_due;
         match end {
             End::Shutdown => {
@@ -738,6 +832,15 @@ impl Connection {
                 let _ = reply.send((session, handed_over));
                 return;
             }
+            End::Revoked => {
+                let durable = shared.log.durable();
+                let _ = self.send_owed(durable).await;
+                self.disconnect_with(ReasonCode::NotAuthorized, "the identity was revoked")
+                    .await;
+                tracing::info!(client_id, device = ?self.device, "disconnected: the identity was revoked");
+                self.expiry = Duration::ZERO;
+                will_due = false;
+            }
             End::Disconnected { keep_will } => {
                 self.drain_owed().await;
                 tracing::debug!(client_id, "client disconnected");
@@ -767,7 +870,7 @@ impl Connection {
         let _ = self.framed.close().await;
         shared
             .sessions
-            .release(client_id, epoch, self.session, self.expiry, pending);
+            .release(key, epoch, self.session, self.expiry, pending);
     }
 
     /// Waits (bounded) until the log has made every owed acknowledgement sendable, and sends.

@@ -12,9 +12,7 @@ pub mod connection;
 pub mod router;
 pub mod session;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +27,8 @@ use tokio_util::task::TaskTracker;
 use messina_bridge::topics::Topic;
 
 use crate::ingest::{Meta, KIND_PUBLISH};
-use codec::{Connect, Publish, ReasonCode};
+use crate::security::Authenticator;
+use codec::Publish;
 use router::{Feed, Router, Tag};
 use session::Registry;
 
@@ -72,30 +71,42 @@ impl Settings {
     }
 }
 
-/// Decides whether a CONNECT may proceed; `Err` carries the MQTT 5 reason code to refuse with
-/// (mapped to the 3.1.1 return code for 3.1.1 clients). The default admits everyone.
-pub type AuthHook = Arc<
-    dyn Fn(&Connect, SocketAddr) -> Pin<Box<dyn Future<Output = Result<(), ReasonCode>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// Admits every client (the embedded default on a loopback listener).
-pub fn allow_all() -> AuthHook {
-    Arc::new(|_, _| Box::pin(std::future::ready(Ok(()))))
-}
-
 /// What every connection shares.
 pub struct Shared {
     pub settings: Settings,
     pub log: Log,
     pub router: Arc<Router>,
     pub sessions: Arc<Registry>,
-    pub auth: AuthHook,
+    /// Decides each CONNECT against the device registry.
+    pub auth: Arc<Authenticator>,
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     /// `messina_mqtt_publishes_total` by QoS, looked up once.
     pub publishes: [metrics::Counter; 3],
+    /// `messina_mqtt_refused_total` by what was refused: a connect, a will, a publish, a
+    /// subscription.
+    pub refused: Refused,
+}
+
+/// Counters of refusals, looked up once.
+pub struct Refused {
+    pub connect: metrics::Counter,
+    pub will: metrics::Counter,
+    pub publish: metrics::Counter,
+    pub subscribe: metrics::Counter,
+}
+
+impl Refused {
+    fn new() -> Refused {
+        let counter =
+            |what: &'static str| metrics::counter!("messina_mqtt_refused_total", "what" => what);
+        Refused {
+            connect: counter("connect"),
+            will: counter("will"),
+            publish: counter("publish"),
+            subscribe: counter("subscribe"),
+        }
+    }
 }
 
 impl Shared {
@@ -111,7 +122,8 @@ impl Shared {
         let topic = &*publish.topic;
         let now = crate::mqtt::now_millis();
         let mut end = None;
-        if Topic::parse(topic).is_ingest() {
+        let parsed = Topic::parse(topic);
+        if parsed.is_ingest() {
             let mut meta = Vec::new();
             Meta {
                 response_topic: publish
@@ -132,7 +144,9 @@ impl Shared {
             };
             end = Some(self.log.append(record).await?);
         }
-        if publish.retain || wanted {
+        // A client's presence (its will) only tells the alert service that it went away; what
+        // subscribers see on presence topics is Messina's own notice.
+        if (publish.retain || wanted) && !parsed.is_messina_owned() {
             self.router
                 .feed(Feed {
                     topic: Bytes::copy_from_slice(topic.as_bytes()),
@@ -168,7 +182,7 @@ impl Edge {
         settings: Settings,
         log: Log,
         router: Arc<Router>,
-        auth: AuthHook,
+        auth: Arc<Authenticator>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Edge> {
         let mut listeners = Vec::new();
@@ -188,6 +202,7 @@ impl Edge {
             shutdown: shutdown.clone(),
             publishes: ["0", "1", "2"]
                 .map(|q| metrics::counter!("messina_mqtt_publishes_total", "qos" => q)),
+            refused: Refused::new(),
         });
         let tasks = TaskTracker::new();
         for listener in listeners {

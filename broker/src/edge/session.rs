@@ -232,12 +232,17 @@ pub struct PendingWill {
     pub fire: oneshot::Sender<bool>,
 }
 
-/// Asks a live connection to give its session up to a new connection with the same client id.
-pub struct Kick {
-    /// The old connection answers with its session (when it outlives the connection) and its
-    /// will (which the new connection publishes unless it resumes the session and the will has
-    /// a delay).
-    pub reply: oneshot::Sender<(Option<Session>, Option<Will>)>,
+/// Asks a live connection to end.
+pub enum Kick {
+    /// A new connection with the same client id (and identity) takes the session over. The old
+    /// connection answers with its session (when it outlives the connection) and its will
+    /// (which the new connection publishes unless it resumes the session and the will has a
+    /// delay).
+    TakeOver {
+        reply: oneshot::Sender<(Option<Session>, Option<Will>)>,
+    },
+    /// The identity was revoked: the connection ends with "not authorized" and its session.
+    Revoke,
 }
 
 enum Slot {
@@ -263,7 +268,8 @@ pub struct Claim {
     pub will_to_publish: Option<Will>,
 }
 
-/// Every session by client id.
+/// Every session by its key: the client id, with the identity it authenticated as (see
+/// [`crate::security::session_key`]).
 #[derive(Default)]
 pub struct Registry {
     slots: Mutex<HashMap<String, Slot>>,
@@ -298,7 +304,7 @@ impl Registry {
             }
             Some(Slot::Live { kick, .. }) => {
                 let (reply, answer) = oneshot::channel();
-                if kick.send(Kick { reply }).await.is_ok() {
+                if kick.send(Kick::TakeOver { reply }).await.is_ok() {
                     match tokio::time::timeout(Duration::from_secs(10), answer).await {
                         Ok(Ok((session, will))) => (session, will),
                         _ => (None, None),
@@ -376,5 +382,33 @@ impl Registry {
                 drop(session);
             }
         });
+    }
+
+    /// Ends every connection and session of `identity` (whose key starts with it, see
+    /// [`crate::security::session_key`]): live connections get [`Kick::Revoke`], parked
+    /// sessions are dropped with their pending wills. Returns how many live connections were
+    /// asked to end.
+    pub fn revoke(&self, identity: &str) -> usize {
+        let prefix = format!("{identity}\0");
+        let mut kicks = Vec::new();
+        {
+            let mut slots = self.slots.lock().expect("session registry");
+            slots.retain(|key, slot| {
+                if !key.starts_with(&prefix) {
+                    return true;
+                }
+                match slot {
+                    Slot::Live { kick, .. } => {
+                        kicks.push(kick.clone());
+                        true
+                    }
+                    Slot::Parked { .. } => false,
+                }
+            });
+        }
+        kicks
+            .into_iter()
+            .filter(|k| k.try_send(Kick::Revoke).is_ok())
+            .count()
     }
 }
