@@ -1,0 +1,588 @@
+//! Identity and isolation at the MQTT edge, against the real binary with real clients: devices
+//! provisioned with `messina devices`, each refusal with the reason code a client sees and
+//! nothing stored, sessions that cannot be taken over without the secret, Mosquitto's clients
+//! with a username and password, and a network listener nobody could use refusing to start.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use messina_mosquitto_tests::{free_port, messina_bin, mp, now_ms, wait_for, Server};
+use serde_json::json;
+
+/// Every test here authenticates: anonymous clients are refused even on loopback.
+const DENY_ANONYMOUS: [(&str, &str); 1] = [("MESSINA__MQTT__ANONYMOUS", "deny")];
+
+/// Runs `messina devices …` on the embedded store at `data`, returning stdout (must succeed).
+fn devices(data: &Path, args: &[&str]) -> String {
+    let config = data.with_extension("cli.toml");
+    std::fs::write(
+        &config,
+        format!("[storage.embedded]\npath = \"{}\"\n", data.display()),
+    )
+    .unwrap();
+    let out = Command::new(messina_bin())
+        .args(["devices", "--config"])
+        .arg(&config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "messina devices {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Adds a device and returns its secret (the one line `add` prints).
+fn add(data: &Path, id: &str, extra: &[&str]) -> String {
+    let mut args = vec!["add", id];
+    args.extend_from_slice(extra);
+    let out = devices(data, &args);
+    let secret = out.trim().to_string();
+    assert_eq!(secret.len(), 43, "a 256-bit base64url secret: {out:?}");
+    secret
+}
+
+mod v5 {
+    pub use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, LastWill, Packet, PubAckReason, SubscribeReasonCode,
+    };
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+}
+
+fn v5_options(port: u16, client_id: &str, credentials: Option<(&str, &str)>) -> v5::MqttOptions {
+    let mut o = v5::MqttOptions::new(client_id, "127.0.0.1", port);
+    if let Some((u, p)) = credentials {
+        o.set_credentials(u, p);
+    }
+    o
+}
+
+/// Connects over MQTT 5: the CONNACK's assigned client id on success, the refusal code otherwise.
+async fn connect_v5(
+    options: v5::MqttOptions,
+) -> Result<(v5::AsyncClient, v5::EventLoop, Option<String>), v5::ConnectReturnCode> {
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
+    let event = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+        .await
+        .expect("a CONNACK within 10 s");
+    match event {
+        Ok(v5::Event::Incoming(v5::Packet::ConnAck(ack))) => {
+            let assigned = ack.properties.and_then(|p| p.assigned_client_identifier);
+            Ok((client, eventloop, assigned))
+        }
+        Err(v5::ConnectionError::ConnectionRefused(code)) => Err(code),
+        other => panic!("expected a CONNACK, got {other:?}"),
+    }
+}
+
+async fn connect_v4(
+    port: u16,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), rumqttc::ConnectReturnCode> {
+    let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    if let Some((u, p)) = credentials {
+        o.set_credentials(u, p);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
+    let event = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+        .await
+        .expect("a CONNACK within 10 s");
+    match event {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok((client, eventloop)),
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Err(code),
+        other => panic!("expected a CONNACK, got {other:?}"),
+    }
+}
+
+/// Polls until `pick` finds the packet it wants, or the connection ends (`None`).
+async fn next_v5<T>(
+    eventloop: &mut v5::EventLoop,
+    mut pick: impl FnMut(&v5::Packet) -> Option<T>,
+) -> Option<T> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(v5::Event::Incoming(p)) => {
+                    if let Some(t) = pick(&p) {
+                        return Some(t);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .expect("an answer within 10 s")
+}
+
+fn reading(seq: u64) -> Vec<u8> {
+    mp(&json!({"ts": now_ms(), "seq": seq, "battery": 50}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_registered_devices_with_their_secret_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = add(&data, "dev-a", &["--name", "Kitchen button"]);
+    let revoked = add(&data, "dev-r", &[]);
+    devices(&data, &["revoke", "dev-r"]);
+    let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
+    let (p4, p5) = (server.mqtt, server.mqtt_v5);
+
+    // The right secret: connected; with an empty client id the device id is assigned.
+    let (_c, _e, assigned) = connect_v5(v5_options(p5, "dev-a", Some(("dev-a", &secret))))
+        .await
+        .expect("dev-a connects");
+    assert_eq!(assigned, None);
+    let (_c2, _e2, assigned) = connect_v5(v5_options(p5, "", Some(("dev-a", &secret))))
+        .await
+        .expect("dev-a connects with an empty client id");
+    assert_eq!(assigned.as_deref(), Some("dev-a"));
+    assert!(connect_v4(p4, "dev-a", Some(("dev-a", &secret)))
+        .await
+        .is_ok());
+
+    use rumqttc::ConnectReturnCode as V4;
+    use v5::ConnectReturnCode as V5;
+    // (what, client id, credentials, MQTT 5 code, MQTT 3.1.1 code)
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, V5, V4);
+    let cases: [Case; 6] = [
+        (
+            "wrong secret",
+            "dev-a",
+            Some(("dev-a", "not-the-secret")),
+            V5::BadUserNamePassword,
+            V4::BadUserNamePassword,
+        ),
+        (
+            "no password",
+            "dev-a",
+            Some(("dev-a", "")),
+            V5::BadUserNamePassword,
+            V4::BadUserNamePassword,
+        ),
+        (
+            "unknown device",
+            "dev-x",
+            Some(("dev-x", &secret)),
+            V5::NotAuthorized,
+            V4::NotAuthorized,
+        ),
+        (
+            "revoked device",
+            "dev-r",
+            Some(("dev-r", &revoked)),
+            V5::NotAuthorized,
+            V4::NotAuthorized,
+        ),
+        (
+            "another device's client id",
+            "dev-b",
+            Some(("dev-a", &secret)),
+            V5::ClientIdentifierNotValid,
+            V4::BadClientId,
+        ),
+        (
+            "anonymous",
+            "dev-a",
+            None,
+            V5::NotAuthorized,
+            V4::NotAuthorized,
+        ),
+    ];
+    for (what, client_id, credentials, code5, code4) in cases {
+        let r = connect_v5(v5_options(p5, client_id, credentials)).await;
+        assert_eq!(r.err(), Some(code5), "MQTT 5, {what}");
+        let r = connect_v4(p4, client_id, credentials).await;
+        assert_eq!(r.err(), Some(code4), "MQTT 3.1.1, {what}");
+    }
+    assert!(server.counter("messina_mqtt_refused_total").await >= 12.0);
+
+    // Rotating gives a new secret; the old one stops working at once (the server is running
+    // on the embedded store, so rotation goes through the store once it is stopped).
+    let mut server = server;
+    server.terminate().await;
+    let rotated = devices(&data, &["rotate", "dev-a"]).trim().to_string();
+    server.restart().await;
+    let r = connect_v5(v5_options(
+        server.mqtt_v5,
+        "dev-a",
+        Some(("dev-a", &secret)),
+    ))
+    .await;
+    assert_eq!(r.err(), Some(V5::BadUserNamePassword), "the old secret");
+    assert!(
+        connect_v5(v5_options(
+            server.mqtt_v5,
+            "dev-a",
+            Some(("dev-a", &rotated))
+        ))
+        .await
+        .is_ok(),
+        "the new secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_writes_and_reads_only_its_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = add(&data, "dev-a", &[]);
+    let manager = add(&data, "ops", &["--role", "fleet_manager"]);
+    let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
+    let creds = Some(("dev-a", secret.as_str()));
+
+    // MQTT 5: a publish to another device's topic, a retained fake alert and a fake presence
+    // get PUBACK 0x87; the device's own reading gets PUBACK 0 and is stored.
+    let (client, mut el, _) = connect_v5(v5_options(server.mqtt_v5, "dev-a", creds))
+        .await
+        .unwrap();
+    for (topic, retain) in [
+        ("devices/dev-b/telemetry", false),
+        ("alerts/dev-q/battery_low", true),
+        ("devices/dev-a/presence", true),
+        ("devices/dev-a/uploads/response", false),
+    ] {
+        client
+            .publish(topic, v5::QoS::AtLeastOnce, retain, reading(1))
+            .await
+            .unwrap();
+        let reason = next_v5(&mut el, |p| match p {
+            v5::Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await
+        .expect("still connected");
+        assert_eq!(reason, v5::PubAckReason::NotAuthorized, "{topic}");
+    }
+    client
+        .publish(
+            "devices/dev-a/telemetry",
+            v5::QoS::AtLeastOnce,
+            false,
+            reading(2),
+        )
+        .await
+        .unwrap();
+    let reason = next_v5(&mut el, |p| match p {
+        v5::Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(reason, v5::PubAckReason::Success);
+
+    // Subscriptions: the device's inbox is granted, everything else is 0x87.
+    client
+        .subscribe_many([
+            rumqttc::v5::mqttbytes::v5::Filter::new("#", v5::QoS::AtLeastOnce),
+            rumqttc::v5::mqttbytes::v5::Filter::new("devices/+/telemetry", v5::QoS::AtLeastOnce),
+            rumqttc::v5::mqttbytes::v5::Filter::new(
+                "devices/dev-a/commands/#",
+                v5::QoS::AtLeastOnce,
+            ),
+            rumqttc::v5::mqttbytes::v5::Filter::new("alerts/#", v5::QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    let codes = next_v5(&mut el, |p| match p {
+        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        codes,
+        vec![
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce),
+            v5::SubscribeReasonCode::NotAuthorized,
+        ]
+    );
+
+    // A will on another device's presence is refused at CONNECT.
+    let mut o = v5_options(server.mqtt_v5, "dev-a", creds);
+    o.set_last_will(v5::LastWill::new(
+        "devices/dev-p/presence",
+        "offline",
+        v5::QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    assert_eq!(
+        connect_v5(o).await.err(),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+
+    // MQTT 3.1.1 has no refusal code for a publish: the connection is closed, no PUBACK.
+    let (c4, mut e4) = connect_v4(server.mqtt, "dev-a", creds).await.unwrap();
+    c4.publish(
+        "devices/dev-b/telemetry",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        reading(3),
+    )
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match e4.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return "PUBACK",
+                Ok(_) => {}
+                Err(_) => return "closed",
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, "closed");
+    // ... and a refused subscription gets 0x80.
+    let (c4, mut e4) = connect_v4(server.mqtt, "dev-a", creds).await.unwrap();
+    c4.subscribe("devices/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s)) = e4.poll().await.unwrap() {
+                return s.return_codes;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+
+    // A fleet manager reads alerts and presence but not telemetry, and publishes only acks.
+    let (fm, mut fel, _) = connect_v5(v5_options(
+        server.mqtt_v5,
+        "ops-console",
+        Some(("ops", &manager)),
+    ))
+    .await
+    .unwrap();
+    fm.subscribe_many([
+        rumqttc::v5::mqttbytes::v5::Filter::new("alerts/#", v5::QoS::AtLeastOnce),
+        rumqttc::v5::mqttbytes::v5::Filter::new("devices/+/presence", v5::QoS::AtLeastOnce),
+        rumqttc::v5::mqttbytes::v5::Filter::new("devices/+/telemetry", v5::QoS::AtLeastOnce),
+    ])
+    .await
+    .unwrap();
+    let codes = next_v5(&mut fel, |p| match p {
+        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        codes,
+        vec![
+            v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce),
+            v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce),
+            v5::SubscribeReasonCode::NotAuthorized,
+        ]
+    );
+    fm.publish(
+        "devices/dev-a/telemetry",
+        v5::QoS::AtLeastOnce,
+        false,
+        reading(4),
+    )
+    .await
+    .unwrap();
+    let reason = next_v5(&mut fel, |p| match p {
+        v5::Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(reason, v5::PubAckReason::NotAuthorized);
+
+    // Only dev-a's own reading was stored; dev-b has nothing, no fake alert is retained.
+    wait_for("dev-a's reading stored", || async {
+        server.counter("messina_rows_written_total").await >= 1.0
+    })
+    .await;
+    let page = server.json("/v1/devices/dev-a/telemetry").await;
+    let seqs: Vec<u64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![2]);
+    let (status, _) = server.get("/v1/devices/dev-b").await;
+    assert_eq!(status, 404, "nothing stored for dev-b");
+    assert_eq!(server.counter("messina_dead_letters_total").await, 0.0);
+    let refused = server.counter("messina_mqtt_refused_total").await;
+    assert!(refused >= 11.0, "every refusal counted: {refused}");
+    let log = server.log_text();
+    assert!(
+        log.contains("refused: not the client's topic") && log.contains("dev-a"),
+        "refusals are logged with the device"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_without_the_secret_cannot_take_a_session_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = add(&data, "dev-a", &[]);
+    let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
+    let (client, mut el, _) = connect_v5(v5_options(
+        server.mqtt_v5,
+        "dev-a",
+        Some(("dev-a", &secret)),
+    ))
+    .await
+    .unwrap();
+    let r = connect_v5(v5_options(
+        server.mqtt_v5,
+        "dev-a",
+        Some(("dev-a", "guess")),
+    ))
+    .await;
+    assert_eq!(r.err(), Some(v5::ConnectReturnCode::BadUserNamePassword));
+    // The device is still connected and its publishes still acknowledged.
+    client
+        .publish(
+            "devices/dev-a/telemetry",
+            v5::QoS::AtLeastOnce,
+            false,
+            reading(1),
+        )
+        .await
+        .unwrap();
+    let reason = next_v5(&mut el, |p| match p {
+        v5::Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+    .expect("not disconnected by the failed attempt");
+    assert_eq!(reason, v5::PubAckReason::Success);
+    // With the secret, a second connection does take over (the normal MQTT behaviour).
+    let _second = connect_v5(v5_options(
+        server.mqtt_v5,
+        "dev-a",
+        Some(("dev-a", &secret)),
+    ))
+    .await
+    .unwrap();
+    // rumqttc reports a server's DISCONNECT as the error that ends its event loop.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = el.poll().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the first connection ends");
+    assert!(
+        matches!(
+            ended,
+            v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver,
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_authenticate_with_username_and_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = add(&data, "mq-dev", &[]);
+    let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
+    let file = dir.path().join("reading.msgpack");
+    std::fs::write(&file, reading(7)).unwrap();
+    let publish = |version: &str, password: &str| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.mqtt.to_string(),
+                "-V",
+                version,
+            ])
+            .args(["-q", "1", "-i", "mq-dev", "-u", "mq-dev", "-P", password])
+            .args(["-t", "devices/mq-dev/telemetry", "-f"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients; scripts/test does)")
+    };
+    for version in ["mqttv311", "mqttv5"] {
+        let out = publish(version, "wrong");
+        assert!(!out.status.success(), "{version}: a wrong password fails");
+        let said = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            said.contains("bad user name or password") || said.contains("not authori"),
+            "{version}: {said}"
+        );
+        let out = publish(version, &secret);
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for("both readings stored", || async {
+        server.counter("messina_rows_written_total").await >= 2.0
+    })
+    .await;
+}
+
+#[test]
+fn a_network_listener_that_nobody_could_use_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("exposed.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nlisten = \"0.0.0.0:{port}\"\nlisten_v5 = \"0.0.0.0:{port}\"\n\
+             [http]\nlisten = \"127.0.0.1:{}\"\n[storage.embedded]\npath = \"{}\"\n",
+            free_port(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(messina_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("messina started on a network listener nobody could use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "must not start");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("no device is registered")
+            && said.contains("messina devices add")
+            && said.contains("mqtt.anonymous = \"allow\""),
+        "{said}"
+    );
+}
