@@ -205,12 +205,36 @@ pub async fn serve(
     security::check_exposure(&config, &storage).await?;
     let (log, recovered) = open_log(&config)?;
     let router = edge::router::Router::start(mqtt::router_config(&config.mqtt))?;
-    let mut addresses = vec![("mqtt.listen", config.mqtt.listen)];
+    let mut addresses = vec![edge::Listener {
+        key: "mqtt.listen",
+        addr: config.mqtt.listen,
+        tls: None,
+    }];
     if config.mqtt.listen_v5 != config.mqtt.listen {
-        addresses.push(("mqtt.listen_v5", config.mqtt.listen_v5));
+        addresses.push(edge::Listener {
+            key: "mqtt.listen_v5",
+            addr: config.mqtt.listen_v5,
+            tls: None,
+        });
+    }
+    if let Some(addr) = config.mqtt.tls_addr() {
+        let m = &config.mqtt;
+        let tls = edge::tls::Tls::load(edge::tls::TlsFiles {
+            cert: m.tls_cert_file.clone().into(),
+            key: m.tls_key_file.clone().into(),
+            client_ca: (!m.tls_client_ca_file.is_empty())
+                .then(|| m.tls_client_ca_file.clone().into()),
+        })
+        .context("`mqtt.tls_*`")?;
+        tls.watch(Duration::from_secs(m.tls_reload_secs), shutdown.clone());
+        addresses.push(edge::Listener {
+            key: "mqtt.tls_listen",
+            addr,
+            tls: Some(tls),
+        });
     }
     let edge = edge::Edge::start(
-        &addresses,
+        addresses,
         edge::Settings::from_config(&config.mqtt),
         log.clone(),
         std::sync::Arc::clone(&router),

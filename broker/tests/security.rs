@@ -586,3 +586,224 @@ fn a_network_listener_that_nobody_could_use_refuses_to_start() {
         "{said}"
     );
 }
+
+/// Runs openssl with `args` in `dir` (must succeed).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian's `openssl` package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `{ca}.pem`/`{ca}.key`, and a certificate `{name}.pem`/`{name}.key` it signs with
+/// subject CN `cn` and the extensions `ext` (a server's SAN, a client's usage).
+fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    if !dir.join(format!("{ca}.pem")).exists() {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+    }
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+                          keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+const CLIENT_EXT: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    issue(&pki, "ca", "server", "localhost", SERVER_EXT);
+    issue(&pki, "devices-ca", "dev-t", "dev-t", CLIENT_EXT);
+    issue(&pki, "devices-ca", "dev-u", "dev-u", CLIENT_EXT);
+    // The copy the server reads, replaced later to show reloading.
+    std::fs::copy(pki.join("server.pem"), pki.join("live.pem")).unwrap();
+    std::fs::copy(pki.join("server.key"), pki.join("live.key")).unwrap();
+
+    let data = dir.path().join("data");
+    let secret = add(&data, "dev-a", &[]);
+    // dev-t: any certificate for it from the devices CA; dev-u: only the one pinned here.
+    add(&data, "dev-t", &[]);
+    let fingerprint = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pki.join("dev-u.pem"))
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
+    let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_string();
+    let out = devices(
+        &data,
+        &["add", "dev-u", "--certificate-sha256", &fingerprint],
+    );
+    assert!(
+        out.trim().is_empty(),
+        "no secret for a certificate identity: {out:?}"
+    );
+
+    let tls_port = free_port();
+    let tls_listen = format!("127.0.0.1:{tls_port}");
+    let p = |f: &str| pki.join(f).display().to_string();
+    let (cert, key, client_ca) = (p("live.pem"), p("live.key"), p("devices-ca.pem"));
+    let env = [
+        ("MESSINA__MQTT__ANONYMOUS", "deny"),
+        ("MESSINA__MQTT__TLS_LISTEN", tls_listen.as_str()),
+        ("MESSINA__MQTT__TLS_CERT_FILE", cert.as_str()),
+        ("MESSINA__MQTT__TLS_KEY_FILE", key.as_str()),
+        ("MESSINA__MQTT__TLS_CLIENT_CA_FILE", client_ca.as_str()),
+        ("MESSINA__MQTT__TLS_RELOAD_SECS", "1"),
+    ];
+    let server = Server::start_with_env(&data, "", &env).await;
+    let file = dir.path().join("reading.msgpack");
+    let publish = |device: &str, tls: &[&str], creds: &[&str]| {
+        std::fs::write(&file, reading(1)).unwrap();
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "-q", "1"])
+            .args([
+                "-i",
+                device,
+                "-t",
+                &format!("devices/{device}/telemetry"),
+                "-f",
+            ])
+            .arg(&file)
+            .args(tls)
+            .args(creds)
+            .stdin(Stdio::null())
+            .output()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients; scripts/test does)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ca = p("ca.pem");
+    let with_ca = ["--cafile", ca.as_str()];
+
+    // A secret over TLS, verified against the server's CA.
+    let (ok, said) = publish("dev-a", &with_ca, &["-u", "dev-a", "-P", &secret]);
+    assert!(ok, "TLS with a secret: {said}");
+    // A plain client on the TLS port gets nowhere.
+    let (ok, _) = publish("dev-a", &[], &["-u", "dev-a", "-P", &secret]);
+    assert!(!ok, "plain MQTT on the TLS port");
+    // Client certificates: dev-t by its CN, dev-u by its pinned certificate; dev-u's
+    // certificate does not make its holder dev-t, and a CN that is not registered is refused.
+    let (t_cert, t_key, u_cert, u_key) = (
+        p("dev-t.pem"),
+        p("dev-t.key"),
+        p("dev-u.pem"),
+        p("dev-u.key"),
+    );
+    let t = [
+        "--cafile",
+        ca.as_str(),
+        "--cert",
+        t_cert.as_str(),
+        "--key",
+        t_key.as_str(),
+    ];
+    let u = [
+        "--cafile",
+        ca.as_str(),
+        "--cert",
+        u_cert.as_str(),
+        "--key",
+        u_key.as_str(),
+    ];
+    let (ok, said) = publish("dev-t", &t, &[]);
+    assert!(ok, "dev-t's certificate: {said}");
+    let (ok, said) = publish("dev-u", &u, &[]);
+    assert!(ok, "dev-u's pinned certificate: {said}");
+    let (ok, _) = publish("dev-t", &u, &["-u", "dev-t"]);
+    assert!(!ok, "dev-u's certificate claiming dev-t");
+    wait_for("three readings stored", || async {
+        server.counter("messina_rows_written_total").await >= 3.0
+    })
+    .await;
+    for device in ["dev-a", "dev-t", "dev-u"] {
+        let page = server
+            .json(&format!("/v1/devices/{device}/telemetry"))
+            .await;
+        assert_eq!(page["items"].as_array().unwrap().len(), 1, "{device}");
+    }
+
+    // A new server certificate from another CA is picked up without a restart.
+    issue(&pki, "ca2", "server2", "localhost", SERVER_EXT);
+    std::fs::copy(pki.join("server2.key"), pki.join("live.key")).unwrap();
+    std::fs::copy(pki.join("server2.pem"), pki.join("live.pem")).unwrap();
+    let ca2 = p("ca2.pem");
+    let with_ca2 = ["--cafile", ca2.as_str()];
+    wait_for("the new certificate served", || async {
+        publish("dev-a", &with_ca2, &["-u", "dev-a", "-P", &secret]).0
+    })
+    .await;
+    let (ok, _) = publish("dev-a", &with_ca, &["-u", "dev-a", "-P", &secret]);
+    assert!(!ok, "the old CA no longer verifies the server");
+    assert!(server.log_text().contains("TLS certificate reloaded"));
+}

@@ -192,6 +192,13 @@ pub enum Anonymous {
     Deny,
 }
 
+impl MqttConfig {
+    /// `tls_listen` as an address, when set and valid (validation reports it otherwise).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listen.parse().ok()
+    }
+}
+
 /// How much the process logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,7 +252,26 @@ section! {
         /// Verified credentials kept in memory, so a reconnecting fleet costs one hash
         /// verification per device per process lifetime, not one per connection.
         pub credential_cache_entries: usize = 100_000,
-        /// Milliseconds a new TCP connection has to send CONNECT before it is dropped.
+        /// Address of the MQTT-over-TLS listener (conventionally port 8883), e.g.
+        /// "0.0.0.0:8883"; empty for none. It serves 3.1.1 and 5 like `listen`, and needs
+        /// `tls_cert_file` and `tls_key_file`.
+        pub tls_listen: String = String::new(),
+        /// The server's certificate chain, PEM, leaf first.
+        pub tls_cert_file: String = String::new(),
+        /// The server certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+        pub tls_key_file: String = String::new(),
+        /// CA certificates (PEM) that sign device certificates, for mutual TLS: a device that
+        /// presents a certificate signed by one of them authenticates as the certificate's
+        /// Common Name (its device id; a registry entry with a pinned fingerprint accepts only
+        /// that certificate). Devices without a certificate still authenticate with their secret.
+        /// Empty: no client certificates are asked for.
+        pub tls_client_ca_file: String = String::new(),
+        /// Seconds between checks of the TLS files; changed files are loaded for new
+        /// connections without a restart (a set that does not load is logged and the previous
+        /// one kept).
+        pub tls_reload_secs: u64 = 60,
+        /// Milliseconds a new TCP connection has to send CONNECT (and finish a TLS handshake)
+        /// before it is dropped.
         pub connect_timeout_ms: u16 = 5_000,
         /// Size in MiB of one segment of the router's in-memory log. Each subscription filter has
         /// its own log of up to `commit_log_segments` segments: how far a subscriber may fall
@@ -688,6 +714,24 @@ impl Config {
                 "must be between 64 and 268435456 (the MQTT limit), got {}",
                 m.max_payload_bytes
             ),
+        );
+        check(
+            m.tls_listen.is_empty() || m.tls_addr().is_some(),
+            "mqtt.tls_listen",
+            format!(
+                "must be an address like \"0.0.0.0:8883\", got {:?}",
+                m.tls_listen
+            ),
+        );
+        check(
+            m.tls_listen.is_empty() || (!m.tls_cert_file.is_empty() && !m.tls_key_file.is_empty()),
+            "mqtt.tls_listen",
+            "needs `mqtt.tls_cert_file` and `mqtt.tls_key_file` (PEM files)".into(),
+        );
+        check(
+            m.tls_reload_secs >= 1,
+            "mqtt.tls_reload_secs",
+            "must be at least 1".into(),
         );
         check(
             (1..=65_535).contains(&m.max_inflight),

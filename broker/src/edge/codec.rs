@@ -1,7 +1,7 @@
 //! The edge's MQTT codec: a version-neutral model of control packets for a server, and a
 //! `tokio_util` codec that serves MQTT 3.1.1 and MQTT 5 on one port on top of `rmqtt-codec`.
 //!
-//! The connection task uses `Framed<TcpStream, EdgeCodec>` and matches on [`Frame`]. The protocol
+//! The connection task uses `Framed<stream, EdgeCodec>` and matches on [`Frame`]. The protocol
 //! version is taken from the first CONNECT. Every inbound error is a [`CodecError`] that says
 //! what to send before closing: [`CodecError::reply`] gives the CONNACK or v5 DISCONNECT frame,
 //! or `None` when the connection must simply be closed.

@@ -18,7 +18,6 @@ use futures::{SinkExt, StreamExt};
 use messina_log::LogError;
 use rumqttd::protocol::PublishProperties as RouterProperties;
 use rumqttd::{Forward, Notification};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
@@ -29,6 +28,7 @@ use super::codec::{
 };
 use super::router::Tag;
 use super::session::{InFlight, Kick, PendingWill, Session};
+use super::tls::PeerCertificate;
 use super::Shared;
 use crate::security::acl::Acl;
 use crate::security::session_key;
@@ -37,7 +37,11 @@ use messina_storage::{DeviceId, Role};
 /// How long shutdown and takeover wait for the log to make owed acknowledgements durable.
 const ACK_DRAIN: Duration = Duration::from_secs(10);
 
-type Stream = Framed<TcpStream, EdgeCodec>;
+/// A client's byte stream: TCP, or TLS over TCP.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+type Stream = Framed<Box<dyn Io>, EdgeCodec>;
 
 /// Why the established loop ended.
 enum End {
@@ -55,8 +59,15 @@ enum End {
 }
 
 /// Serves one accepted socket to its end. `admitted` is false when the connection limit is
-/// reached: the client gets a CONNACK that says the server is busy.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admitted: bool) {
+/// reached: the client gets a CONNACK that says the server is busy. `certificate` is the
+/// client certificate a TLS listener verified.
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: Box<dyn Io>,
+    peer: SocketAddr,
+    admitted: bool,
+    certificate: Option<PeerCertificate>,
+) {
     let mut framed = Framed::new(stream, EdgeCodec::new(shared.settings.max_packet()));
     let first = tokio::select! {
         _ = shared.shutdown.cancelled() => return,
@@ -91,7 +102,11 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
             .await;
         return;
     }
-    let principal = match shared.auth.authenticate(&connect, peer).await {
+    let principal = match shared
+        .auth
+        .authenticate(&connect, peer, certificate.as_ref())
+        .await
+    {
         Ok(p) => p,
         Err(reason) => {
             shared.refused.connect.increment(1);

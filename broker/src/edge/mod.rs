@@ -5,12 +5,14 @@
 //! - [`codec`]: the packet codec (rmqtt-codec behind a version-neutral model) and validation;
 //! - [`connection`]: one task per socket, the protocol state machine;
 //! - [`session`]: sessions that outlive connections, takeover, expiry, delayed wills;
-//! - [`router`]: the feeder and subscriber links to rumqttd, and the interest index.
+//! - [`router`]: the feeder and subscriber links to rumqttd, and the interest index;
+//! - [`tls`]: TLS listeners (rustls), client certificates, reloading.
 
 pub mod codec;
 pub mod connection;
 pub mod router;
 pub mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -168,6 +170,14 @@ impl Shared {
     }
 }
 
+/// One address the edge serves, with TLS or without.
+pub struct Listener {
+    /// The configuration key that names the address (for errors).
+    pub key: &'static str,
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<tls::Tls>>,
+}
+
 /// The running edge.
 pub struct Edge {
     pub shared: Arc<Shared>,
@@ -178,7 +188,7 @@ impl Edge {
     /// Binds every address (failing with a message that names the setting) and serves them until
     /// `shutdown`.
     pub async fn start(
-        addresses: &[(&str, SocketAddr)],
+        addresses: Vec<Listener>,
         settings: Settings,
         log: Log,
         router: Arc<Router>,
@@ -186,11 +196,14 @@ impl Edge {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Edge> {
         let mut listeners = Vec::new();
-        for (key, addr) in addresses {
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} (`{key}`); is another broker running there?")
+        for l in addresses {
+            let listener = TcpListener::bind(l.addr).await.with_context(|| {
+                format!(
+                    "cannot listen on {} (`{}`); is another broker running there?",
+                    l.addr, l.key
+                )
             })?;
-            listeners.push(listener);
+            listeners.push((listener, l.tls));
         }
         let shared = Arc::new(Shared {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
@@ -205,8 +218,8 @@ impl Edge {
             refused: Refused::new(),
         });
         let tasks = TaskTracker::new();
-        for listener in listeners {
-            tasks.spawn(accept(listener, Arc::clone(&shared), tasks.clone()));
+        for (listener, tls) in listeners {
+            tasks.spawn(accept(listener, tls, Arc::clone(&shared), tasks.clone()));
         }
         Ok(Edge { shared, tasks })
     }
@@ -219,7 +232,12 @@ impl Edge {
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+async fn accept(
+    listener: TcpListener,
+    tls: Option<Arc<tls::Tls>>,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+) {
     let connected = metrics::gauge!("messina_mqtt_connections");
     loop {
         let (stream, peer) = tokio::select! {
@@ -238,9 +256,40 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) 
         let permit = Arc::clone(&shared.connections).try_acquire_owned().ok();
         let shared = Arc::clone(&shared);
         let connected = connected.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tasks.spawn(async move {
             connected.increment(1.0);
-            connection::run(shared, stream, peer, permit.is_some()).await;
+            let (stream, certificate): (Box<dyn connection::Io>, _) = match acceptor {
+                None => (Box::new(stream), None),
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        shared.settings.connect_timeout,
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => {
+                            let certificate = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| tls::PeerCertificate::from_der(c));
+                            (Box::new(tls), certificate)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            connected.decrement(1.0);
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "no TLS handshake within mqtt.connect_timeout_ms");
+                            connected.decrement(1.0);
+                            return;
+                        }
+                    }
+                }
+            };
+            connection::run(shared, stream, peer, permit.is_some(), certificate).await;
             connected.decrement(1.0);
             drop(permit);
         });

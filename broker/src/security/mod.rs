@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use messina_config::{Anonymous, Config};
 use messina_storage::{
-    Credential, DeviceId, DeviceQuery, DeviceStatus, PageRequest, Role, Storage,
+    Credential, DeviceId, DeviceQuery, DeviceStatus, PageRequest, RegisteredDevice, Role, Storage,
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::edge::codec::{Connect, ReasonCode};
+use crate::edge::tls::PeerCertificate;
 
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +46,28 @@ pub fn session_key(identity: Option<&str>, client_id: &str) -> String {
     format!("{}\0{client_id}", identity.unwrap_or(""))
 }
 
+/// The principal of an authenticated registry entry; a device's client id must be its id.
+fn principal(connect: &Connect, device: RegisteredDevice) -> Result<Principal, ReasonCode> {
+    if device.role == Role::Device
+        && !connect.client_id.is_empty()
+        && &*connect.client_id != device.id.as_str()
+    {
+        return Err(ReasonCode::ClientIdentifierNotValid);
+    }
+    Ok(Principal {
+        device: (device.role == Role::Device).then(|| device.id.clone()),
+        identity: Some(device.id),
+        role: device.role,
+    })
+}
+
 /// Refuses to serve MQTT to the network when nobody could connect from there, as Mosquitto 2
 /// does: a non-loopback listener with anonymous clients kept to loopback (or denied) and no
 /// active identity in the registry. Opting in to anonymous network clients is allowed, loudly.
 pub async fn check_exposure(config: &Config, storage: &Arc<dyn Storage>) -> anyhow::Result<()> {
     let exposed: Vec<SocketAddr> = [config.mqtt.listen, config.mqtt.listen_v5]
         .into_iter()
+        .chain(config.mqtt.tls_addr())
         .filter(|a| !a.ip().is_loopback())
         .collect();
     let Some(first) = exposed.first() else {
@@ -111,13 +128,22 @@ impl Authenticator {
         }
     }
 
-    /// Decides a CONNECT from `peer`: `Err` is the MQTT 5 reason to refuse with (mapped to the
-    /// 3.1.1 return code for 3.1.1 clients).
+    /// Decides a CONNECT from `peer`, with the client certificate a TLS listener verified:
+    /// `Err` is the MQTT 5 reason to refuse with (mapped to the 3.1.1 return code for 3.1.1
+    /// clients).
+    ///
+    /// A verified certificate authenticates its Common Name (a username, if given, must be the
+    /// same); a registry entry that pins a certificate fingerprint accepts only that
+    /// certificate. Otherwise the username is the registry id and the password its secret.
     pub async fn authenticate(
         &self,
         connect: &Connect,
         peer: SocketAddr,
+        certificate: Option<&PeerCertificate>,
     ) -> Result<Principal, ReasonCode> {
+        if let Some(cert) = certificate {
+            return self.by_certificate(connect, cert).await;
+        }
         let Some(username) = connect.username.as_deref() else {
             return self.anonymous(connect, peer);
         };
@@ -143,17 +169,42 @@ impl Authenticator {
         if !self.verify(&id, hash, password).await? {
             return Err(ReasonCode::BadUserNameOrPassword);
         }
-        if device.role == Role::Device
-            && !connect.client_id.is_empty()
-            && &*connect.client_id != id.as_str()
+        principal(connect, device)
+    }
+
+    async fn by_certificate(
+        &self,
+        connect: &Connect,
+        cert: &PeerCertificate,
+    ) -> Result<Principal, ReasonCode> {
+        let Some(id) = cert
+            .common_name
+            .as_deref()
+            .and_then(|cn| DeviceId::new(cn).ok())
+        else {
+            return Err(ReasonCode::NotAuthorized);
+        };
+        if connect
+            .username
+            .as_deref()
+            .is_some_and(|u| u != id.as_str())
         {
-            return Err(ReasonCode::ClientIdentifierNotValid);
+            return Err(ReasonCode::NotAuthorized);
         }
-        Ok(Principal {
-            device: (device.role == Role::Device).then(|| id.clone()),
-            identity: Some(id),
-            role: device.role,
-        })
+        let device = match self.storage.registered_device(&id).await {
+            Ok(Some(d)) if d.status == DeviceStatus::Active => d,
+            Ok(_) => return Err(ReasonCode::NotAuthorized),
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "cannot read the device registry; the connection is refused as server unavailable");
+                return Err(ReasonCode::ServerUnavailable);
+            }
+        };
+        if let Credential::Certificate { sha256 } = &device.credential {
+            if !bool::from(sha256.as_bytes().ct_eq(cert.sha256.as_bytes())) {
+                return Err(ReasonCode::NotAuthorized);
+            }
+        }
+        principal(connect, device)
     }
 
     fn anonymous(&self, connect: &Connect, peer: SocketAddr) -> Result<Principal, ReasonCode> {
