@@ -807,3 +807,170 @@ async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
     assert!(!ok, "the old CA no longer verifies the server");
     assert!(server.log_text().contains("TLS certificate reloaded"));
 }
+
+/// A device within its rate: publishes `n` readings at QoS 1, `every` apart, over MQTT 5;
+/// returns how many got a successful PUBACK.
+async fn paced_device(port: u16, id: String, n: usize, every: Duration) -> usize {
+    let (client, mut el, _) = connect_v5(v5_options(port, &id, None)).await.unwrap();
+    let topic = format!("devices/{id}/telemetry");
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        for seq in 0..n {
+            tick.tick().await;
+            client
+                .publish(&topic, v5::QoS::AtLeastOnce, false, reading(seq as u64))
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < n {
+        match next_v5(&mut el, |p| match p {
+            v5::Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await
+        {
+            Some(v5::PubAckReason::Success) => acked += 1,
+            Some(other) => panic!("{id}: PUBACK {other:?}"),
+            None => break,
+        }
+    }
+    drop(sender.await);
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_limited_while_fifty_others_keep_their_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let rate = 20.0;
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[
+            ("MESSINA__MQTT__MAX_PUBLISH_RATE", "20"),
+            ("MESSINA__MQTT__PUBLISH_BURST", "20"),
+        ],
+    )
+    .await;
+    // Fifty devices at half the limit (10/s) for 3 s each.
+    let (n, every) = (30, Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let devices: Vec<_> = (0..50)
+        .map(|i| tokio::spawn(paced_device(server.mqtt_v5, format!("calm-{i}"), n, every)))
+        .collect();
+
+    // A 3.1.1 flooder publishing 100x the limit: its socket is paused, so its acknowledged
+    // messages follow the rate.
+    let (c4, mut e4) = connect_v4(server.mqtt, "flood-4", None).await.unwrap();
+    let flood = tokio::spawn(async move {
+        let pace = Duration::from_secs_f64(1.0 / (100.0 * rate));
+        let mut tick = tokio::time::interval(pace);
+        for seq in 0.. {
+            tick.tick().await;
+            if c4
+                .publish(
+                    "devices/flood-4/telemetry",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    reading(seq),
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let window = Duration::from_secs(3);
+    let flood_start = std::time::Instant::now();
+    let mut flood_acks = 0.0;
+    let _ = tokio::time::timeout(window, async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = e4.poll().await {
+                flood_acks += 1.0;
+            }
+        }
+    })
+    .await;
+    let allowed = 20.0 + rate * flood_start.elapsed().as_secs_f64();
+    flood.abort();
+
+    // An MQTT 5 flooder is told why and disconnected, with far fewer messages accepted than
+    // it sent.
+    let (c5, mut e5, _) = connect_v5(v5_options(server.mqtt_v5, "flood-5", None))
+        .await
+        .unwrap();
+    let flood5 = tokio::spawn(async move {
+        for seq in 0..2_000u64 {
+            if c5
+                .publish(
+                    "devices/flood-5/telemetry",
+                    v5::QoS::AtLeastOnce,
+                    false,
+                    reading(seq),
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut accepted5 = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match e5.poll().await {
+                Ok(v5::Event::Incoming(v5::Packet::PubAck(_))) => accepted5 += 1,
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the MQTT 5 flooder is disconnected");
+    flood5.abort();
+    assert!(
+        matches!(
+            ended,
+            v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::MessageRateTooHigh,
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+
+    let mut calm_acked = 0;
+    for d in devices {
+        calm_acked += d.await.unwrap();
+    }
+    let calm_elapsed = started.elapsed().as_secs_f64();
+    let calm_nominal = n as f64 * every.as_secs_f64();
+    // The calm devices: every message accepted, at the pace they asked for.
+    assert_eq!(
+        calm_acked,
+        50 * n,
+        "every calm device's message acknowledged"
+    );
+    let calm_ratio = calm_nominal / calm_elapsed;
+    let flood_ratio = flood_acks / allowed;
+    eprintln!(
+        "calm throughput ratio {calm_ratio:.2}; 3.1.1 flooder accepted {flood_acks} of {allowed:.0} allowed \
+         ({flood_ratio:.2}); MQTT 5 flooder accepted {accepted5} before 0x96"
+    );
+    assert!(
+        calm_ratio > 0.5,
+        "calm devices kept their throughput: {calm_ratio:.2}"
+    );
+    assert!(
+        (0.3..=1.2).contains(&flood_ratio),
+        "the 3.1.1 flooder follows the rate: {flood_ratio:.2}"
+    );
+    assert!(
+        accepted5 <= 40,
+        "the MQTT 5 flooder's burst only: {accepted5}"
+    );
+    assert!(server.counter("messina_mqtt_refused_total").await >= 1.0);
+}

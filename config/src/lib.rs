@@ -252,6 +252,21 @@ section! {
         /// Verified credentials kept in memory, so a reconnecting fleet costs one hash
         /// verification per device per process lifetime, not one per connection.
         pub credential_cache_entries: usize = 100_000,
+        /// Publishes per second one connection may send (0: no limit). An MQTT 5 client over it
+        /// (after its burst) is disconnected with 0x96 "message rate too high", without the
+        /// message being accepted; a 3.1.1 client, which has no such code, has its socket paused
+        /// until it is back within the rate. Other connections are not slowed.
+        pub max_publish_rate: u32 = 0,
+        /// Publishes a connection may send at once above `max_publish_rate` (0: one second's
+        /// worth).
+        pub publish_burst: u32 = 0,
+        /// New connections per second from one source address (0: no limit); past it (and its
+        /// burst) a CONNECT is refused with "connection rate exceeded" (3.1.1: 0x03, 5: 0x9F).
+        /// Behind a load balancer every client has its address: leave it 0 there.
+        pub max_connect_rate_per_ip: u32 = 0,
+        /// New connections one source address may open at once above the rate (0: one
+        /// second's worth).
+        pub connect_burst_per_ip: u32 = 0,
         /// Address of the MQTT-over-TLS listener (conventionally port 8883), e.g.
         /// "0.0.0.0:8883"; empty for none. It serves 3.1.1 and 5 like `listen`, and needs
         /// `tls_cert_file` and `tls_key_file`.

@@ -58,14 +58,24 @@ enum End {
     Shutdown,
 }
 
-/// Serves one accepted socket to its end. `admitted` is false when the connection limit is
-/// reached: the client gets a CONNACK that says the server is busy. `certificate` is the
-/// client certificate a TLS listener verified.
+/// Whether a new connection may proceed past its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// `mqtt.max_connections` reached: CONNACK "server busy".
+    Busy,
+    /// Its source address connects faster than `mqtt.max_connect_rate_per_ip`: CONNACK
+    /// "connection rate exceeded".
+    RateExceeded,
+}
+
+/// Serves one accepted socket to its end. `certificate` is the client certificate a TLS
+/// listener verified.
 pub async fn run(
     shared: Arc<Shared>,
     stream: Box<dyn Io>,
     peer: SocketAddr,
-    admitted: bool,
+    admission: Admission,
     certificate: Option<PeerCertificate>,
 ) {
     let mut framed = Framed::new(stream, EdgeCodec::new(shared.settings.max_packet()));
@@ -91,10 +101,21 @@ pub async fn run(
         Ok(Some(Ok(_))) => return,
     };
     let refuse = |reason| Frame::ConnAck(Box::new(ConnAck::refused(reason)));
-    if !admitted {
-        tracing::warn!(%peer, "connection refused: mqtt.max_connections reached");
-        let _ = framed.send(refuse(ReasonCode::ServerBusy)).await;
-        return;
+    match admission {
+        Admission::Admitted => {}
+        Admission::Busy => {
+            tracing::warn!(%peer, "connection refused: mqtt.max_connections reached");
+            let _ = framed.send(refuse(ReasonCode::ServerBusy)).await;
+            return;
+        }
+        Admission::RateExceeded => {
+            shared.refused.rate.increment(1);
+            tracing::debug!(%peer, "connection refused: over mqtt.max_connect_rate_per_ip");
+            let _ = framed
+                .send(refuse(ReasonCode::ConnectionRateExceeded))
+                .await;
+            return;
+        }
     }
     if connect.authentication_method.is_some() {
         let _ = framed
@@ -199,6 +220,11 @@ pub async fn run(
         acl,
         device: principal.device,
         refusals: 0,
+        publish_rate: super::limit::Bucket::new(
+            shared.settings.publish_rate.0,
+            shared.settings.publish_rate.1,
+        ),
+        paused_until: None,
         framed,
     };
     let end = conn.established(claim.kicks).await;
@@ -233,6 +259,10 @@ struct Connection {
     /// Publishes and subscriptions refused so far (the first is logged at INFO, the rest at
     /// DEBUG, so a client that keeps trying does not flood the log; all are counted).
     refusals: u64,
+    /// Publishes this connection may still send (`mqtt.max_publish_rate`).
+    publish_rate: Option<super::limit::Bucket>,
+    /// A 3.1.1 client over its rate: its socket is not read until then.
+    paused_until: Option<Instant>,
 }
 
 impl Connection {
@@ -264,7 +294,15 @@ impl Connection {
             // `borrow` does not mark the value seen, so a sync after it still wakes `changed`.
             let owed_pending = !self.owed.is_empty();
             let read_socket = self.owed.len() + self.session.inbound_qos2.len()
-                < usize::from(self.shared.settings.max_inflight);
+                < usize::from(self.shared.settings.max_inflight)
+                && self.paused_until.is_none();
+            let paused_until = self.paused_until;
+            let pause_over = async {
+                match paused_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let read_link = link.is_some()
                 && self.subacks_owed == 0
                 && self.session.queued.len() < self.shared.settings.max_queued;
@@ -323,6 +361,7 @@ impl Connection {
                         break End::Lost;
                     }
                 },
+                _ = pause_over => self.paused_until = None,
                 _ = keep_alive_expired => {
                     tracing::debug!(client_id = %self.session.client_id, "keep-alive expired");
                     if self.v5 {
@@ -557,6 +596,18 @@ impl Connection {
         Ok(None)
     }
 
+    /// Closes the sending side and discards what the client still sends for a moment, so that
+    /// a DISCONNECT just sent reaches a client that is busy writing (closing at once would
+    /// reset the connection and lose it).
+    async fn linger(&mut self) {
+        let _ = self.framed.flush().await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(self.framed.get_mut()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(Ok(_)) = self.framed.next().await {}
+        })
+        .await;
+    }
+
     fn refusal(&mut self, what: &str, topic: &str) {
         self.refusals += 1;
         let (client_id, device) = (
@@ -613,6 +664,29 @@ impl Connection {
             )
             .await;
             return Err(());
+        }
+        if let Some(bucket) = self.publish_rate.as_mut() {
+            let now = Instant::now();
+            if self.v5 {
+                if bucket.take(now).is_err() {
+                    self.shared.refused.rate.increment(1);
+                    // Not accepted: the client learns why (after the acknowledgements it is
+                    // owed), and resends it after reconnecting.
+                    self.drain_owed().await;
+                    self.disconnect_with(
+                        ReasonCode::MessageRateTooHigh,
+                        "publishing faster than mqtt.max_publish_rate",
+                    )
+                    .await;
+                    self.linger().await;
+                    return Err(());
+                }
+            } else if let Some(wait) = bucket.take_owing(now) {
+                // 3.1.1 has no code for it: this message is taken, and the socket is not read
+                // until the rate allows the next, so TCP slows the client down.
+                self.shared.refused.rate.increment(1);
+                self.paused_until = Some(now + wait);
+            }
         }
         if !self.acl.may_publish(&p.topic) {
             self.shared.refused.publish.increment(1);

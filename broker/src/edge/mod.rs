@@ -6,10 +6,12 @@
 //! - [`connection`]: one task per socket, the protocol state machine;
 //! - [`session`]: sessions that outlive connections, takeover, expiry, delayed wills;
 //! - [`router`]: the feeder and subscriber links to rumqttd, and the interest index;
-//! - [`tls`]: TLS listeners (rustls), client certificates, reloading.
+//! - [`tls`]: TLS listeners (rustls), client certificates, reloading;
+//! - [`limit`]: publish rate per connection, connection rate per source address.
 
 pub mod codec;
 pub mod connection;
+pub mod limit;
 pub mod router;
 pub mod session;
 pub mod tls;
@@ -52,6 +54,10 @@ pub struct Settings {
     pub max_session_expiry: Duration,
     /// Inbound topic aliases a client may use (MQTT 5 Topic Alias Maximum).
     pub topic_alias_max: u16,
+    /// Publishes per second per connection, and the burst above it (0: no limit).
+    pub publish_rate: (u32, u32),
+    /// New connections per second per source address, and the burst (0: no limit).
+    pub connect_rate: (u32, u32),
 }
 
 impl Settings {
@@ -64,6 +70,8 @@ impl Settings {
             max_queued: c.max_queued_messages,
             max_session_expiry: Duration::from_secs(c.max_session_expiry_secs),
             topic_alias_max: c.topic_alias_maximum,
+            publish_rate: (c.max_publish_rate, c.publish_burst),
+            connect_rate: (c.max_connect_rate_per_ip, c.connect_burst_per_ip),
         }
     }
 
@@ -83,6 +91,7 @@ pub struct Shared {
     pub auth: Arc<Authenticator>,
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
+    connect_rate: limit::ConnectRate,
     /// `messina_mqtt_publishes_total` by QoS, looked up once.
     pub publishes: [metrics::Counter; 3],
     /// `messina_mqtt_refused_total` by what was refused: a connect, a will, a publish, a
@@ -96,6 +105,8 @@ pub struct Refused {
     pub will: metrics::Counter,
     pub publish: metrics::Counter,
     pub subscribe: metrics::Counter,
+    /// Connections refused or ended for their rate.
+    pub rate: metrics::Counter,
 }
 
 impl Refused {
@@ -107,6 +118,7 @@ impl Refused {
             will: counter("will"),
             publish: counter("publish"),
             subscribe: counter("subscribe"),
+            rate: counter("rate"),
         }
     }
 }
@@ -207,6 +219,7 @@ impl Edge {
         }
         let shared = Arc::new(Shared {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
+            connect_rate: limit::ConnectRate::new(settings.connect_rate.0, settings.connect_rate.1),
             settings,
             log,
             router,
@@ -254,6 +267,13 @@ async fn accept(
         };
         let _ = stream.set_nodelay(true);
         let permit = Arc::clone(&shared.connections).try_acquire_owned().ok();
+        let admission = if permit.is_none() {
+            connection::Admission::Busy
+        } else if !shared.connect_rate.admit(peer.ip()) {
+            connection::Admission::RateExceeded
+        } else {
+            connection::Admission::Admitted
+        };
         let shared = Arc::clone(&shared);
         let connected = connected.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
@@ -289,7 +309,7 @@ async fn accept(
                     }
                 }
             };
-            connection::run(shared, stream, peer, permit.is_some(), certificate).await;
+            connection::run(shared, stream, peer, admission, certificate).await;
             connected.decrement(1.0);
             drop(permit);
         });
