@@ -121,6 +121,24 @@ async fn next_v5<T>(
     .expect("an answer within 10 s")
 }
 
+/// The reason of the next PUBACK, or `None` when the connection ends first.
+async fn puback(eventloop: &mut v5::EventLoop) -> Option<v5::PubAckReason> {
+    next_v5(eventloop, |p| match p {
+        v5::Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+}
+
+/// The codes of the next SUBACK, or `None` when the connection ends first.
+async fn suback(eventloop: &mut v5::EventLoop) -> Option<Vec<v5::SubscribeReasonCode>> {
+    next_v5(eventloop, |p| match p {
+        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
+        _ => None,
+    })
+    .await
+}
+
 fn reading(seq: u64) -> Vec<u8> {
     mp(&json!({"ts": now_ms(), "seq": seq, "battery": 50}))
 }
@@ -253,12 +271,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
             .publish(topic, v5::QoS::AtLeastOnce, retain, reading(1))
             .await
             .unwrap();
-        let reason = next_v5(&mut el, |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await
-        .expect("still connected");
+        let reason = puback(&mut el).await.expect("still connected");
         assert_eq!(reason, v5::PubAckReason::NotAuthorized, "{topic}");
     }
     client
@@ -270,12 +283,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
         )
         .await
         .unwrap();
-    let reason = next_v5(&mut el, |p| match p {
-        v5::Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await
-    .unwrap();
+    let reason = puback(&mut el).await.unwrap();
     assert_eq!(reason, v5::PubAckReason::Success);
 
     // Subscriptions: the device's inbox is granted, everything else is 0x87.
@@ -291,12 +299,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
         ])
         .await
         .unwrap();
-    let codes = next_v5(&mut el, |p| match p {
-        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
-        _ => None,
-    })
-    .await
-    .unwrap();
+    let codes = suback(&mut el).await.unwrap();
     assert_eq!(
         codes,
         vec![
@@ -374,12 +377,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
     ])
     .await
     .unwrap();
-    let codes = next_v5(&mut fel, |p| match p {
-        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
-        _ => None,
-    })
-    .await
-    .unwrap();
+    let codes = suback(&mut fel).await.unwrap();
     assert_eq!(
         codes,
         vec![
@@ -396,12 +394,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
     )
     .await
     .unwrap();
-    let reason = next_v5(&mut fel, |p| match p {
-        v5::Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await
-    .unwrap();
+    let reason = puback(&mut fel).await.unwrap();
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
 
     // Only dev-a's own reading was stored; dev-b has nothing, no fake alert is retained.
@@ -459,12 +452,9 @@ async fn a_connect_without_the_secret_cannot_take_a_session_over() {
         )
         .await
         .unwrap();
-    let reason = next_v5(&mut el, |p| match p {
-        v5::Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await
-    .expect("not disconnected by the failed attempt");
+    let reason = puback(&mut el)
+        .await
+        .expect("not disconnected by the failed attempt");
     assert_eq!(reason, v5::PubAckReason::Success);
     // With the secret, a second connection does take over (the normal MQTT behaviour).
     let _second = connect_v5(v5_options(
@@ -826,12 +816,7 @@ async fn paced_device(port: u16, id: String, n: usize, every: Duration) -> usize
     });
     let mut acked = 0;
     while acked < n {
-        match next_v5(&mut el, |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await
-        {
+        match puback(&mut el).await {
             Some(v5::PubAckReason::Success) => acked += 1,
             Some(other) => panic!("{id}: PUBACK {other:?}"),
             None => break,

@@ -2326,33 +2326,68 @@ impl Drop for MosquittoSub {
     }
 }
 
-async fn bridge_in_retained(cx: &Cx, _v: Version) -> Outcome {
-    let alert = r#"{"rule":"battery_low","state":"raised"}"#;
+/// Raises a real `battery_low` alert on Messina for `device` (only Messina publishes alert
+/// state: a client's publish on `alerts/{id}/{rule}` is refused) by publishing a low reading.
+fn raise_battery_low(cx: &Cx, device: &str) -> Result<(), String> {
+    let file = cx.dir.join(format!("{device}-low.msgpack"));
+    std::fs::write(
+        &file,
+        mp(&json!({"ts": now_ms() - 1000, "seq": 1, "battery": 4})),
+    )
+    .map_err(|e| e.to_string())?;
     mosquitto_pub(
         cx.server.mqtt,
-        &["-r", "-t", "alerts/conf-bridge/battery_low", "-m", alert],
-    )?;
+        &[
+            "-t",
+            &format!("devices/{device}/telemetry"),
+            "-f",
+            &file.to_string_lossy(),
+        ],
+    )
+}
+
+/// The payload of a line `alerts/{device}/battery_low {json}` if it says raised.
+fn raised_for(line: &str, device: &str) -> bool {
+    line.strip_prefix(&format!("alerts/{device}/battery_low "))
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+        .is_some_and(|a| a["state"] == "raised" && a["device_id"] == device)
+}
+
+async fn bridge_in_retained(cx: &Cx, _v: Version) -> Outcome {
+    let device = "conf-bridge-r";
+    raise_battery_low(cx, device)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = cx
+            .server
+            .get(&format!("/v1/alerts?state=active&device={device}"))
+            .await;
+        if page["items"].as_array().is_some_and(|i| !i.is_empty()) {
+            break;
+        }
+        check!(
+            Instant::now() < deadline,
+            "no alert raised for {device} within 10 s: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mosquitto = cx.mosquitto().await?;
     let mut sub = MosquittoSub::start(mosquitto.port, "alerts/#").await?;
     // The bridge connects and subscribes on its own schedule; the retained alert arrives once
     // it has.
-    let expected = format!("alerts/conf-bridge/battery_low {alert}");
-    sub.line(|l| l == expected, Duration::from_secs(10))
+    sub.line(|l| raised_for(l, device), Duration::from_secs(10))
         .await
         .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))?;
     Ok(())
 }
 
 async fn bridge_in(cx: &Cx, _v: Version) -> Outcome {
+    let device = "conf-bridge-live";
     let mosquitto = cx.mosquitto().await?;
-    let mut sub = MosquittoSub::start(mosquitto.port, "alerts/conf-bridge/offline").await?;
-    let alert = r#"{"rule":"offline","state":"raised"}"#;
-    mosquitto_pub(
-        cx.server.mqtt,
-        &["-t", "alerts/conf-bridge/offline", "-m", alert],
-    )?;
-    let expected = format!("alerts/conf-bridge/offline {alert}");
-    sub.line(|l| l == expected, Duration::from_secs(5))
+    let mut sub =
+        MosquittoSub::start(mosquitto.port, &format!("alerts/{device}/battery_low")).await?;
+    raise_battery_low(cx, device)?;
+    sub.line(|l| raised_for(l, device), Duration::from_secs(10))
         .await
         .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))?;
     Ok(())
