@@ -1,15 +1,19 @@
-//! The HTTP side-port: JSON queries under `/v1`, device data posted over HTTP (`ingest`), health,
-//! readiness and Prometheus metrics. Handlers read through the storage trait; every error is
+//! The HTTP side-port: JSON queries under `/v1`, device data posted over HTTP (`ingest`), the
+//! device registry (`admin`), health, readiness and Prometheus metrics. Every route but
+//! `/healthz` and `/readyz` passes `auth` (API keys with roles, or a device's own
+//! credentials). Handlers read through the storage trait; every error is
 //! `application/problem+json` that names the problem.
 
+pub mod admin;
+pub mod auth;
 pub mod ingest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,7 +37,12 @@ use time::OffsetDateTime;
 pub struct AppState {
     pub storage: Arc<dyn Storage>,
     pub metrics: Option<PrometheusHandle>,
-    pub api_key: Option<String>,
+    /// The API keys, and the check of device credentials.
+    pub access: auth::Access,
+    /// The MQTT edge's sessions, so revoking an identity ends its live connections.
+    pub sessions: Arc<crate::edge::session::Registry>,
+    /// Origins allowed by CORS (`http.cors_origins`); empty sends no CORS headers.
+    pub cors_origins: Vec<String>,
     pub default_page_size: usize,
     pub max_page_size: usize,
     pub low_battery_percent: f64,
@@ -76,21 +85,60 @@ pub fn app(state: Arc<AppState>) -> Router {
             post(complete_upload),
         )
         .route("/uploads/{upload}", get(one_upload))
+        .merge(admin::routes())
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            require_api_key,
+            auth::authorize,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
     let (timeout, max_concurrent) = (state.request_timeout, state.max_concurrent_requests);
+    let cors = cors(&state.cors_origins);
     let router = Router::new()
         .nest("/v1", v1)
+        .route(
+            "/metrics",
+            get(prometheus).route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::authorize,
+            )),
+        )
+        // Load balancers and orchestrators probe these without credentials.
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(prometheus))
         .fallback(not_found)
         .with_state(state);
-    with_limits(router, timeout, max_concurrent)
+    let router = with_limits(router, timeout, max_concurrent);
+    // Outermost, so refusals and 503s carry CORS headers too and preflights are answered here.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// The CORS layer for `http.cors_origins` (checked at load), `None` when there are none.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PATCH])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([
+                header::WWW_AUTHENTICATE,
+                header::RETRY_AFTER,
+                header::LOCATION,
+            ])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
 }
 
 /// A span per request, a concurrency limit that sheds what is over it (503 with `Retry-After`
@@ -252,38 +300,6 @@ type ApiResult<T> = Result<T, ApiError>;
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", request.uri().path()))
-}
-
-async fn require_api_key(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Some(key) = &state.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            let mut response = ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                title: "Unauthorized",
-                detail: "send the API key as `Authorization: Bearer <key>`".into(),
-                parameter: None,
-            }
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
-    }
-    next.run(request).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -895,10 +911,11 @@ async fn anomalies(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{HeaderMap, Request};
+    use messina_config::{Anonymous, ApiKey, ApiRole};
     use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
     use tower::ServiceExt;
 
@@ -928,21 +945,139 @@ mod tests {
         )
     }
 
-    fn state(dir: &std::path::Path, api_key: Option<&str>) -> Arc<AppState> {
+    /// An answer as a test looks at it.
+    #[derive(Debug)]
+    pub(crate) struct Answer {
+        pub status: StatusCode,
+        pub headers: HeaderMap,
+        pub body: Value,
+    }
+
+    /// Sends one request; `authorization` is the whole header value (`Bearer …`, `Basic …`).
+    pub(crate) async fn send(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        authorization: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&b).unwrap())),
+            None => req.body(Body::empty()),
+        };
+        let res = app.clone().oneshot(req.unwrap()).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        if status.is_client_error() || status.is_server_error() {
+            assert_eq!(
+                headers[header::CONTENT_TYPE],
+                "application/problem+json",
+                "{status}: {body}"
+            );
+        }
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `Authorization` for an API key.
+    pub(crate) fn bearer(key: &str) -> String {
+        format!("Bearer {key}")
+    }
+
+    /// `Authorization` for a device's own credentials, as HTTP Basic.
+    pub(crate) fn basic(id: &str, secret: &str) -> String {
+        format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))
+    }
+
+    /// What a test builds the app from.
+    #[derive(Default)]
+    pub(crate) struct Setup<'a> {
+        pub keys: &'a [(&'a str, ApiRole)],
+        /// An ingest log in the directory, so device data over HTTP is accepted.
+        pub ingest: bool,
+        pub cors_origins: &'a [&'a str],
+    }
+
+    pub(crate) fn state_with(dir: &std::path::Path, setup: Setup<'_>) -> Arc<AppState> {
+        let storage: Arc<dyn Storage> =
+            Arc::new(EmbeddedStorage::open(&EmbeddedOptions::new(dir.join("db"))).unwrap());
+        let keys: Vec<ApiKey> = setup
+            .keys
+            .iter()
+            .map(|(key, role)| ApiKey {
+                name: format!("{role}-key"),
+                role: *role,
+                key: key.to_string(),
+            })
+            .collect();
+        let devices = Arc::new(crate::security::Authenticator::new(
+            Arc::clone(&storage),
+            Anonymous::Loopback,
+            1000,
+        ));
+        let ingest = setup.ingest.then(|| {
+            let (log, _) = messina_log::Log::open(messina_log::Options {
+                dir: dir.join("log"),
+                segment_bytes: 1 << 20,
+                max_bytes: 16 << 20,
+                max_batch_bytes: 1 << 20,
+                memory_bytes: 1 << 20,
+                durability: messina_log::Durability::Fsync,
+            })
+            .unwrap();
+            ingest::Ingest {
+                log,
+                limits: messina_bridge::Settings::from_config(
+                    &messina_config::BridgeConfig::default(),
+                )
+                .limits,
+            }
+        });
         Arc::new(AppState {
-            storage: Arc::new(EmbeddedStorage::open(&EmbeddedOptions::new(dir)).unwrap()),
-            metrics: None,
-            api_key: api_key.map(str::to_string),
+            storage,
+            metrics: Some(
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .build_recorder()
+                    .handle(),
+            ),
+            access: auth::Access::new(&keys, devices),
+            sessions: Arc::new(crate::edge::session::Registry::default()),
+            cors_origins: setup.cors_origins.iter().map(|o| o.to_string()).collect(),
             default_page_size: 100,
             max_page_size: 1000,
             low_battery_percent: 20.0,
             alerts: None,
             uploads: None,
-            ingest: None,
+            ingest,
             max_body_bytes: 1 << 20,
             request_timeout: std::time::Duration::from_secs(30),
             max_concurrent_requests: 64,
         })
+    }
+
+    fn state(dir: &std::path::Path, api_key: Option<&str>) -> Arc<AppState> {
+        let keys = api_key.map(|k| [(k, ApiRole::Admin)]);
+        state_with(
+            dir,
+            Setup {
+                keys: keys.as_ref().map_or(&[][..], |k| &k[..]),
+                ..Setup::default()
+            },
+        )
     }
 
     #[tokio::test]

@@ -89,6 +89,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         metrics::describe_counter!(name, help);
     }
     metrics::describe_counter!(
+        "messina_http_refused_total",
+        "HTTP requests refused for their credentials: 401 (none or unknown) and 403 (not allowed there), by status."
+    );
+    metrics::describe_counter!(
         "messina_uploads_requested_total",
         "Upload URLs handed out, by kind."
     );
@@ -194,13 +198,8 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api_key = config.api_key()?;
-    if api_key.is_none() && !config.http.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %config.http.listen,
-            "the HTTP API is open to the network without an API key; set `http.api_key_file`"
-        );
-    }
+    let api_keys = config.api_keys()?;
+    check_http_exposure(&config, &api_keys)?;
     let storage = open_storage(&config).await?;
     security::check_exposure(&config, &storage).await?;
     let (log, recovered) = open_log(&config)?;
@@ -328,7 +327,9 @@ pub async fn serve(
     let state = Arc::new(http::AppState {
         storage: Arc::clone(&storage),
         metrics,
-        api_key,
+        access: http::auth::Access::new(&api_keys, Arc::clone(&edge.shared.auth)),
+        sessions: Arc::clone(&edge.shared.sessions),
+        cors_origins: config.http.cors_origins.clone(),
         default_page_size: config.http.default_page_size,
         max_page_size: config.http.max_page_size,
         low_battery_percent: f64::from(config.http.low_battery_percent),
@@ -353,6 +354,7 @@ pub async fn serve(
         mqtt = %config.mqtt.listen,
         mqtt_alias = %config.mqtt.listen_v5,
         http = %config.http.listen,
+        http_api_keys = api_keys.len(),
         storage = ?config.storage.backend,
         s3 = embedded_s3.as_ref().map(|s| s.endpoint.as_str()).unwrap_or(config.uploads.endpoint.as_str()),
         "messina is serving"
@@ -415,6 +417,27 @@ pub async fn serve(
         tracing::info!("stopped cleanly");
     }
     Ok(())
+}
+
+/// Refuses to serve the HTTP API to the network without any API key, as Mosquitto 2 refuses
+/// anonymous network listeners: anyone who reached it could read the fleet's data, post as any
+/// device and manage the registry. Opting in (`http.open = true`) is allowed, loudly.
+fn check_http_exposure(config: &Config, api_keys: &[messina_config::ApiKey]) -> anyhow::Result<()> {
+    let listen = config.http.listen;
+    if !api_keys.is_empty() || listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if config.http.open {
+        tracing::warn!(%listen, "the HTTP API is open to the network without an API key (`http.open = true`): anyone who reaches it may read all data, post as any device and manage the device registry");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "`http.listen` {listen} is reachable from the network, but no API key is configured, so \
+         anyone could read the fleet's data and manage its devices. Configure a key, e.g. \
+         `api_keys = [{{ key_file = \"/run/secrets/messina-admin\", role = \"admin\" }}]` in \
+         `[http]` (`http.api_keys`; or set MESSINA__HTTP__API_KEY), or serve it open on a closed \
+         network with `http.open = true`, or listen on 127.0.0.1"
+    )
 }
 
 /// Opens (recovering when needed) the ingest log.

@@ -100,10 +100,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => match load(config.as_deref()) {
-            Ok(_) => {
-                println!("configuration is valid");
-                ExitCode::SUCCESS
-            }
+            // The API key files and variables a server reads at start, too.
+            Ok(config) => match config.api_keys() {
+                Ok(_) => {
+                    println!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("messina: {e}");
+                    ExitCode::from(2)
+                }
+            },
             Err(code) => code,
         },
         Command::Devices(args) => {

@@ -298,18 +298,116 @@ section! {
     }
 }
 
+/// What an HTTP API key may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiRole {
+    /// Every `GET` under `/v1/...` (queries, the registry without credentials) and `/metrics`.
+    Read,
+    /// Read, and device data posted for any device, alert acknowledgements and upload URLs.
+    Write,
+    /// Write, and the device registry under `/v1/admin/...`.
+    Admin,
+}
+
+impl ApiRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiRole::Read => "read",
+            ApiRole::Write => "write",
+            ApiRole::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for ApiRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of `http.api_keys`: a key from exactly one source, and its role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The key itself (at least 16 printable ASCII characters without spaces).
+    #[serde(default)]
+    pub key: String,
+    /// A file whose first line is the key (e.g. a mounted secret).
+    #[serde(default)]
+    pub key_file: String,
+    /// An environment variable holding the key.
+    #[serde(default)]
+    pub key_env: String,
+    /// `read`, `write` or `admin`.
+    pub role: ApiRole,
+    /// A name for the logs (never the key); by default its place, `http.api_keys[N]`.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// An HTTP API key resolved from its source. `Debug` does not show the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// What the logs call it: the entry's `name`, or the key that configured it.
+    pub name: String,
+    pub role: ApiRole,
+    pub key: String,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shortest API key accepted.
+pub const MIN_API_KEY_LEN: usize = 16;
+
 section! {
-    /// The HTTP side-port: queries and device data (`/v1/...`), `/healthz`, `/readyz` and
-    /// Prometheus `/metrics`.
+    /// The HTTP side-port: queries and device data (`/v1/...`), the device registry
+    /// (`/v1/admin/devices`), `/healthz`, `/readyz` and Prometheus `/metrics`.
+    ///
+    /// Callers send an API key as `Authorization: Bearer <key>`. A `read` key may `GET`
+    /// everything under `/v1/...` and `/metrics`; a `write` key may also post device data for
+    /// any device, acknowledge alerts and ask for upload URLs; an `admin` key may also manage
+    /// the device registry under `/v1/admin/...`. A registered device may post its own data
+    /// and ask for its own upload URLs with its own credentials instead: HTTP Basic with the
+    /// device id as user name and its secret as password, or `Authorization: Bearer
+    /// <device-id>:<secret>`. `/healthz` and `/readyz` are always open. With no key at all
+    /// every route is open and nothing is checked, which Messina allows only on a loopback
+    /// `listen` unless `open = true`.
     pub struct HttpConfig at "http" {
-        /// Address of the HTTP listener.
+        /// Address of the HTTP listener. Without any API key, a non-loopback address refuses
+        /// to start unless `open = true`.
         pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
-        /// API key required as `Authorization: Bearer <key>` on `/v1/...`; empty leaves the API open
-        /// (acceptable only on a loopback address). Prefer `api_key_file` or the environment variable
-        /// `MESSINA__HTTP__API_KEY` over writing the key here.
+        /// API keys and their roles, e.g. `api_keys = [{ key_file = "/run/secrets/admin",
+        /// role = "admin" }, { key_env = "ANALYTICS_KEY", role = "read", name = "analytics" }]`.
+        /// Each entry gives exactly one of `key` (the key itself), `key_file` (a file whose
+        /// first line is the key) or `key_env` (an environment variable holding it), a `role`
+        /// ("read", "write" or "admin"; each includes the ones before it) and optionally a
+        /// `name` for the logs. Keys are at least 16 printable ASCII characters without spaces
+        /// and are read once at start. To rotate one, add the new key, restart, move the
+        /// callers to it, then remove the old one and restart again.
+        pub api_keys: Vec<ApiKeyConfig> = Vec::new(),
+        /// One more API key, with the admin role (the single key of earlier versions; kept
+        /// working). Prefer `api_key_file` or the environment variable `MESSINA__HTTP__API_KEY`
+        /// over writing the key here.
         pub api_key: String = String::new(),
-        /// File whose first line is the API key; used when `api_key` is empty. Empty for none.
+        /// File whose first line is the admin key of `api_key`; used when `api_key` is empty.
+        /// Empty for none.
         pub api_key_file: String = String::new(),
+        /// Serve the API with no API key on a non-loopback `listen` (anyone who reaches it may
+        /// read, post and manage devices): an explicit opt-in for closed networks, logged as a
+        /// warning. No effect once a key is configured.
+        pub open: bool = false,
+        /// Origins allowed to call the API from a browser (CORS), e.g.
+        /// `["https://console.example.com"]`, or `["*"]` for any; empty sends no CORS headers.
+        /// Browsers still need an API key; CORS only lets their pages read the answers.
+        pub cors_origins: Vec<String> = Vec::new(),
         /// Largest `limit` a query may ask for; also the page size when `limit` is not given is
         /// `default_page_size`.
         pub max_page_size: usize = 1_000,
@@ -685,6 +783,9 @@ impl Config {
             log: LogConfig::extract(&figment, &mut errors),
         };
         config.validate(&mut errors);
+        // Key files and variables are read by `api_keys`, when a server starts: other commands
+        // (`messina devices`) need not be able to read them.
+        config.resolve_api_keys(false, &mut errors);
         config.validate_alerts(&mut errors);
         config.validate_uploads(&mut errors);
         if errors.is_empty() {
@@ -843,11 +944,16 @@ impl Config {
             "http.low_battery_percent",
             format!("must be between 0 and 100, got {}", h.low_battery_percent),
         );
-        check(
-            h.api_key.is_empty() || h.api_key.len() >= 16,
-            "http.api_key",
-            "must be at least 16 characters long".into(),
-        );
+        for (i, origin) in h.cors_origins.iter().enumerate() {
+            check(
+                valid_origin(origin),
+                &format!("http.cors_origins[{i}]"),
+                format!(
+                    "{origin:?} is not an origin like \"https://console.example.com\" (scheme, \
+                     host and optional port, no path) or \"*\""
+                ),
+            );
+        }
         check(
             self.storage.embedded.path != Path::new(""),
             "storage.embedded.path",
@@ -1203,34 +1309,133 @@ impl Config {
             })
     }
 
-    /// The API key required on `/v1/...`, read from `http.api_key` or `http.api_key_file`.
-    pub fn api_key(&self) -> Result<Option<String>, ConfigErrors> {
-        if !self.http.api_key.is_empty() {
-            return Ok(Some(self.http.api_key.clone()));
+    /// Every HTTP API key with its role: `http.api_keys`, and `http.api_key` (or
+    /// `http.api_key_file`) as one admin key. Key files and environment variables are read
+    /// now (loading checks only what the configuration itself holds); every problem is
+    /// reported, each naming its key.
+    pub fn api_keys(&self) -> Result<Vec<ApiKey>, ConfigErrors> {
+        let mut errors = Vec::new();
+        let keys = self.resolve_api_keys(true, &mut errors);
+        if errors.is_empty() {
+            Ok(keys)
+        } else {
+            Err(ConfigErrors(errors))
         }
-        if self.http.api_key_file.is_empty() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&self.http.api_key_file).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "http.api_key_file".into(),
-                message: format!("cannot read {}: {e}", self.http.api_key_file),
-                source: None,
-            }])
-        })?;
-        let key = text.lines().next().unwrap_or("").trim().to_string();
-        if key.len() < 16 {
-            return Err(ConfigErrors(vec![ConfigError {
-                key: "http.api_key_file".into(),
-                message: format!(
-                    "the first line of {} must hold a key of at least 16 characters",
-                    self.http.api_key_file
-                ),
-                source: None,
-            }]));
-        }
-        Ok(Some(key))
     }
+
+    /// The keys, checked; with `read` false, key files and environment variables are not read
+    /// and their keys are left out.
+    fn resolve_api_keys(&self, read: bool, errors: &mut Vec<ConfigError>) -> Vec<ApiKey> {
+        let h = &self.http;
+        // Each source in order: the config key that names it in errors, and the key's name,
+        // role and value (or why it could not be read).
+        let mut sources: Vec<(String, String, ApiRole, Result<String, String>)> = Vec::new();
+        if !h.api_key.is_empty() {
+            let key = "http.api_key".to_string();
+            sources.push((key.clone(), key, ApiRole::Admin, Ok(h.api_key.clone())));
+        } else if !h.api_key_file.is_empty() && read {
+            let key = "http.api_key_file".to_string();
+            let value = first_line(&h.api_key_file);
+            sources.push((key.clone(), key, ApiRole::Admin, value));
+        }
+        for (i, entry) in h.api_keys.iter().enumerate() {
+            let at = format!("http.api_keys[{i}]");
+            let given: Vec<&str> = [
+                ("key", &entry.key),
+                ("key_file", &entry.key_file),
+                ("key_env", &entry.key_env),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+            let value = match given[..] {
+                ["key"] => Ok(entry.key.clone()),
+                [_] if !read => continue,
+                ["key_file"] => first_line(&entry.key_file),
+                ["key_env"] => std::env::var(&entry.key_env)
+                    .map(|k| k.trim().to_string())
+                    .map_err(|_| {
+                        format!(
+                            "the environment variable {} is not set (or not UTF-8)",
+                            entry.key_env
+                        )
+                    }),
+                _ => {
+                    errors.push(ConfigError {
+                        key: at,
+                        message: format!(
+                            "give exactly one of `key`, `key_file` or `key_env`, got {}",
+                            if given.is_empty() {
+                                "none".to_string()
+                            } else {
+                                given.join(" and ")
+                            }
+                        ),
+                        source: None,
+                    });
+                    continue;
+                }
+            };
+            let source = format!("{at}.{}", given[0]);
+            let name = if entry.name.is_empty() {
+                at
+            } else {
+                entry.name.clone()
+            };
+            sources.push((source, name, entry.role, value));
+        }
+        let mut keys: Vec<(String, ApiKey)> = Vec::with_capacity(sources.len());
+        for (source, name, role, value) in sources {
+            let problem = match &value {
+                Err(why) => Some(why.clone()),
+                Ok(k) if k.len() < MIN_API_KEY_LEN => Some(format!(
+                    "the key must be at least {MIN_API_KEY_LEN} characters long"
+                )),
+                Ok(k) if !k.bytes().all(|b| b.is_ascii_graphic()) => Some(
+                    "the key must be printable ASCII without spaces (it is sent in an HTTP header)"
+                        .to_string(),
+                ),
+                Ok(k) => keys
+                    .iter()
+                    .find(|(_, other)| &other.key == k)
+                    .map(|(first, _)| {
+                        format!("the same key as `{first}`; give each key one entry and one role")
+                    }),
+            };
+            match (problem, value) {
+                (Some(message), _) => errors.push(ConfigError {
+                    key: source,
+                    message,
+                    source: None,
+                }),
+                (None, Ok(key)) => keys.push((source, ApiKey { name, role, key })),
+                (None, Err(_)) => unreachable!("an unreadable key is a problem"),
+            }
+        }
+        keys.into_iter().map(|(_, k)| k).collect()
+    }
+}
+
+/// The first line of a secret file, trimmed.
+fn first_line(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().next().unwrap_or("").trim().to_string())
+        .map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+/// `*`, or `scheme://host[:port]` as a browser sends it in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '*'])
+        && rest.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn collect_leaves(prefix: &str, dict: &Dict, out: &mut Vec<String>) {
@@ -1412,6 +1617,122 @@ mod tests {
             assert!(e.to_string().contains("MESSINA__"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type.
+    fn api_keys_come_from_config_files_and_the_environment_with_their_roles() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("admin.key", "admin-key-from-a-file-0001\nignored\n")?;
+            jail.set_env("ANALYTICS_KEY", "read-key-from-the-env-0001");
+            jail.create_file(
+                "m.toml",
+                "[http]\napi_key = \"legacy-admin-key-00001\"\napi_keys = [\
+                 { key = \"write-key-inline-000001\", role = \"write\" },\
+                 { key_file = \"admin.key\", role = \"admin\", name = \"ops\" },\
+                 { key_env = \"ANALYTICS_KEY\", role = \"read\" }]\n",
+            )?;
+            let c = Config::load(Some(Path::new("m.toml"))).unwrap();
+            let keys: Vec<(String, ApiRole, String)> = c
+                .api_keys()
+                .unwrap()
+                .into_iter()
+                .map(|k| (k.name, k.role, k.key))
+                .collect();
+            let expected = [
+                ("http.api_key", ApiRole::Admin, "legacy-admin-key-00001"),
+                (
+                    "http.api_keys[0]",
+                    ApiRole::Write,
+                    "write-key-inline-000001",
+                ),
+                ("ops", ApiRole::Admin, "admin-key-from-a-file-0001"),
+                (
+                    "http.api_keys[2]",
+                    ApiRole::Read,
+                    "read-key-from-the-env-0001",
+                ),
+            ]
+            .map(|(n, r, k)| (n.to_string(), r, k.to_string()));
+            assert_eq!(keys, expected);
+            assert!(ApiRole::Admin > ApiRole::Write && ApiRole::Write > ApiRole::Read);
+            let shown = format!("{:?}", c.api_keys().unwrap());
+            assert!(!shown.contains("key-from"), "Debug hides keys: {shown}");
+
+            // The whole list from one environment variable.
+            jail.set_env(
+                "MESSINA__HTTP__API_KEYS",
+                "[{key_env=\"ANALYTICS_KEY\",role=\"write\"}]",
+            );
+            let c = Config::load(None).unwrap();
+            let keys = c.api_keys().unwrap();
+            assert_eq!(keys.len(), 1);
+            assert_eq!(keys[0].role, ApiRole::Write);
+            assert_eq!(keys[0].key, "read-key-from-the-env-0001");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_api_keys_and_origins_are_refused_naming_the_key() {
+        let text = "[http]\napi_key_file = \"/nonexistent/admin.key\"\napi_keys = [\
+             { key = \"short\", role = \"read\" },\
+             { key_file = \"/nonexistent/k\", role = \"admin\" },\
+             { key_env = \"MESSINA_TEST_UNSET_KEY_VARIABLE\", role = \"read\" },\
+             { role = \"read\" },\
+             { key = \"with a space in it 0001\", role = \"read\" },\
+             { key = \"abcdefghijklmnop\", key_env = \"X\", role = \"read\" },\
+             { key = \"same-key-twice-000001\", role = \"read\" },\
+             { key = \"same-key-twice-000001\", role = \"admin\" }]\n\
+             cors_origins = [\"https://ok.example.com:8443\", \"https://x.example.com/path\", \"ftp://x\"]\n";
+        // Loading checks what the configuration holds...
+        let e = errors(text);
+        for key in [
+            "http.api_keys[0].key",
+            "http.api_keys[3]",
+            "http.api_keys[4].key",
+            "http.api_keys[5]",
+            "http.api_keys[7].key",
+            "http.cors_origins[1]",
+            "http.cors_origins[2]",
+        ] {
+            assert!(e.mentions(key), "{key} not reported in:\n{e}");
+        }
+        for key in [
+            "http.api_key_file",
+            "http.api_keys[1].key_file",
+            "http.api_keys[2].key_env",
+        ] {
+            assert!(!e.mentions(key), "{key} is read only at start:\n{e}");
+        }
+        assert!(!e.mentions("http.cors_origins[0]"), "{e}");
+        // ...and a server, at start, reads the files and variables it names too.
+        let parsed: toml::Value = toml::from_str(text).unwrap();
+        let mut config = Config::default();
+        config.http.api_key_file = "/nonexistent/admin.key".into();
+        config.http.api_keys = parsed["http"]["api_keys"].clone().try_into().unwrap();
+        let e = config.api_keys().unwrap_err();
+        for key in [
+            "http.api_key_file",
+            "http.api_keys[0].key",
+            "http.api_keys[1].key_file",
+            "http.api_keys[2].key_env",
+            "http.api_keys[3]",
+            "http.api_keys[4].key",
+            "http.api_keys[5]",
+            "http.api_keys[7].key",
+        ] {
+            assert!(e.mentions(key), "{key} not reported in:\n{e}");
+        }
+        let text = e.to_string();
+        assert!(text.contains("/nonexistent/k"), "the file is named: {text}");
+        assert!(
+            !text.contains("same-key-twice"),
+            "keys are never shown: {text}"
+        );
+        let e = errors("[http]\napi_keys = [{ key = \"abcdefghijklmnopq\", role = \"root\" }]\n");
+        assert!(e.mentions("http.api_keys"), "{e}");
+        assert!(e.to_string().contains("admin"), "the roles are named: {e}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`acl`]: the publish and subscribe rules of each role, compiled per connection;
 //! - [`provision`]: adding, rotating, revoking and importing identities ([`cli`] is its command);
 //! - [`Authenticator`]: the edge's CONNECT check against the device registry, with a cache of
-//!   verified credentials and at most one hash verification per core at a time.
+//!   verified credentials and at most one hash verification per core at a time; the HTTP
+//!   side-port checks a device's own credentials through it too (`verify_device_secret`).
 
 pub mod acl;
 pub mod cli;
@@ -19,6 +20,7 @@ use anyhow::Context;
 use messina_config::{Anonymous, Config};
 use messina_storage::{
     Credential, DeviceId, DeviceQuery, DeviceStatus, PageRequest, RegisteredDevice, Role, Storage,
+    StorageError,
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -267,6 +269,35 @@ impl Authenticator {
                 tracing::error!(device = %id, error = %e, "the registry holds a credential that cannot be checked; rotate the device's secret with `messina devices rotate`");
                 Err(ReasonCode::NotAuthorized)
             }
+        }
+    }
+
+    /// Checks a device's own credentials given over HTTP (its id and secret), with the same
+    /// registry, cache and hash limit as a CONNECT: the active registry entry when the secret
+    /// is its own, `None` for an unknown or revoked id, a certificate identity or a wrong
+    /// secret. `Err` only when the registry cannot be read (retry later).
+    pub async fn verify_device_secret(
+        &self,
+        id: &DeviceId,
+        secret: &[u8],
+    ) -> Result<Option<RegisteredDevice>, StorageError> {
+        let Some(device) = self.storage.registered_device(id).await? else {
+            return Ok(None);
+        };
+        if device.status != DeviceStatus::Active {
+            return Ok(None);
+        }
+        let Credential::Secret { hash } = &device.credential else {
+            return Ok(None);
+        };
+        match self.verify(id, hash, secret).await {
+            Ok(true) => Ok(Some(device)),
+            Ok(false) => Ok(None),
+            Err(ReasonCode::ServerUnavailable) => Err(StorageError::Unavailable(
+                "the credential check was interrupted".into(),
+            )),
+            // A stored credential that cannot be checked is logged by `verify`.
+            Err(_) => Ok(None),
         }
     }
 

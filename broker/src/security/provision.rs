@@ -199,12 +199,21 @@ pub fn prepare(new: &NewDevice) -> Result<Provisioned, ProvisionError> {
     })
 }
 
+/// Runs `f` (argon2 hashing) on the blocking pool: a running server must not hash on the
+/// threads that serve its connections.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 /// Registers `new`; fails when the id is taken.
 pub async fn add(
     storage: &Arc<dyn Storage>,
     new: &NewDevice,
 ) -> Result<Provisioned, ProvisionError> {
-    let provisioned = prepare(new)?;
+    let new = new.clone();
+    let provisioned = off_thread(move || prepare(&new)).await?;
     if !storage.register_device(&provisioned.device).await? {
         return Err(ProvisionError::Exists(provisioned.device.id));
     }
@@ -228,8 +237,9 @@ pub async fn rotate(
 ) -> Result<Provisioned, ProvisionError> {
     let mut device = existing(storage, id).await?;
     let s = secret::generate();
+    let plain = s.clone();
     device.credential = Credential::Secret {
-        hash: secret::hash(&s),
+        hash: off_thread(move || secret::hash(&plain)).await,
     };
     device.status = DeviceStatus::Active;
     device.updated_at = now_millis();
@@ -406,6 +416,35 @@ pub fn prepare_import(items: &[NewDevice]) -> Result<Vec<Provisioned>, Provision
         })?);
     }
     Ok(out)
+}
+
+/// What an import did: the identities it registered, each with its secret, and the ids that
+/// were registered already (left as they are, so an import can be run again).
+#[derive(Debug)]
+pub struct Imported {
+    pub registered: Vec<Provisioned>,
+    pub existing: Vec<DeviceId>,
+}
+
+/// Registers every device of `items`, all checked first (see [`prepare_import`]).
+pub async fn import(
+    storage: &Arc<dyn Storage>,
+    items: &[NewDevice],
+) -> Result<Imported, ProvisionError> {
+    let items = items.to_vec();
+    let prepared = off_thread(move || prepare_import(&items)).await?;
+    let mut imported = Imported {
+        registered: Vec::with_capacity(prepared.len()),
+        existing: Vec::new(),
+    };
+    for p in prepared {
+        if storage.register_device(&p.device).await? {
+            imported.registered.push(p);
+        } else {
+            imported.existing.push(p.device.id);
+        }
+    }
+    Ok(imported)
 }
 
 /// A registered identity as shown by the CLI and the HTTP API: everything but the credential's

@@ -1,0 +1,460 @@
+//! The HTTP side-port's security against the real binary: API keys from a file, the
+//! environment and the old single-key setting, each with its role, on every route class;
+//! devices posting with their own credentials; a network listener without any key refusing to
+//! start (and starting, loudly, with `http.open = true`); and the admin API revoking a device
+//! that is connected over MQTT, which ends its session at once.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use messina_mosquitto_tests::{free_port, messina_bin, now_ms, wait_for, Server};
+use serde_json::{json, Value};
+
+const READ_KEY: &str = "analytics-read-key-0001";
+const WRITE_KEY: &str = "ingest-write-key-00001";
+const ADMIN_KEY: &str = "ops-admin-key-from-a-file";
+const LEGACY_KEY: &str = "legacy-single-admin-key";
+
+/// One request with optional credentials: (status, JSON body or text, `WWW-Authenticate`).
+async fn call(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    auth: Auth<'_>,
+    body: Option<Value>,
+) -> (u16, Value, Option<String>) {
+    let mut r = reqwest::Client::new().request(method, server.url(path));
+    r = match auth {
+        Auth::None => r,
+        Auth::Key(k) => r.bearer_auth(k),
+        Auth::Device(id, secret) => r.basic_auth(id, Some(secret)),
+    };
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("HTTP request");
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    if status >= 400 {
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+    }
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body, challenge)
+}
+
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    None,
+    Key(&'a str),
+    Device(&'a str, &'a str),
+}
+
+fn reading(seq: u64) -> Value {
+    json!({"ts": now_ms() - 1_000, "seq": seq, "battery": 77})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{ADMIN_KEY}\n")).unwrap();
+    let keys = format!(
+        "[{{key_file=\"{}\",role=\"admin\",name=\"ops\"}},{{key_env=\"ANALYTICS_KEY\",role=\"read\"}},\
+         {{key_env=\"INGEST_KEY\",role=\"write\"}}]",
+        key_file.display()
+    );
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[
+            ("MESSINA__HTTP__API_KEYS", &keys),
+            ("ANALYTICS_KEY", READ_KEY),
+            ("INGEST_KEY", WRITE_KEY),
+            ("MESSINA__HTTP__API_KEY", LEGACY_KEY),
+        ],
+    )
+    .await;
+    use reqwest::Method;
+
+    // No key, or one the server does not know: 401 with the Bearer challenge.
+    for auth in [Auth::None, Auth::Key("not-a-key-of-this-server")] {
+        for path in ["/v1/devices", "/metrics", "/v1/admin/devices"] {
+            let (status, body, challenge) = call(&server, Method::GET, path, auth, None).await;
+            assert_eq!(status, 401, "{path}: {body}");
+            assert_eq!(challenge.as_deref(), Some("Bearer"), "{path}");
+        }
+    }
+    // Probes stay open.
+    for path in ["/healthz", "/readyz"] {
+        let (status, _, _) = call(&server, Method::GET, path, Auth::None, None).await;
+        assert_eq!(status, 200, "{path}");
+    }
+
+    // The admin key from the file, and the old single key, manage the registry.
+    for (key, id) in [(ADMIN_KEY, "http-a"), (LEGACY_KEY, "http-b")] {
+        let (status, body, _) = call(
+            &server,
+            Method::POST,
+            "/v1/admin/devices",
+            Auth::Key(key),
+            Some(json!({"id": id, "labels": ["http"]})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // The read key from the environment reads, and nothing more.
+    let (status, body, _) = call(
+        &server,
+        Method::GET,
+        "/v1/registry/devices?label=http",
+        Auth::Key(READ_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 2, "{body}");
+    let (status, metrics, _) =
+        call(&server, Method::GET, "/metrics", Auth::Key(READ_KEY), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("messina_http_refused_total"),
+        "the refusals above are counted"
+    );
+    let (status, body, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-a/telemetry",
+        Auth::Key(READ_KEY),
+        Some(reading(1)),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("`write`"),
+        "{body}"
+    );
+    // The write key posts for any device, but cannot manage the registry.
+    let (status, body, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-a/telemetry",
+        Auth::Key(WRITE_KEY),
+        Some(reading(1)),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _, _) = call(
+        &server,
+        Method::POST,
+        "/v1/admin/devices/http-a/revoke",
+        Auth::Key(WRITE_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // A device posts its own data with its own secret, and only its own.
+    let (_, added, _) = call(
+        &server,
+        Method::POST,
+        "/v1/admin/devices/http-a/rotate",
+        Auth::Key(ADMIN_KEY),
+        None,
+    )
+    .await;
+    let secret = added["secret"].as_str().unwrap().to_string();
+    let (status, body, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-a/telemetry",
+        Auth::Device("http-a", &secret),
+        Some(reading(2)),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-b/telemetry",
+        Auth::Device("http-a", &secret),
+        Some(reading(3)),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-a/telemetry",
+        Auth::Device("http-a", "not-its-secret"),
+        Some(reading(4)),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // What was accepted is stored: readings 1 (write key) and 2 (the device itself).
+    wait_for("both readings stored", || async {
+        let (_, page, _) = call(
+            &server,
+            Method::GET,
+            "/v1/devices/http-a/telemetry?order=oldest",
+            Auth::Key(READ_KEY),
+            None,
+        )
+        .await;
+        let seqs: Vec<u64> = page["items"]
+            .as_array()
+            .map(|items| items.iter().filter_map(|r| r["seq"].as_u64()).collect())
+            .unwrap_or_default();
+        seqs == [1, 2]
+    })
+    .await;
+}
+
+/// Waits for `child` to exit, or kills it after `within`; `None` when it was still running.
+fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let config = |extra: &str| {
+        let path = dir.path().join("exposed.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[mqtt]\nlisten = \"127.0.0.1:{}\"\nlisten_v5 = \"127.0.0.1:{}\"\n\
+                 [http]\nlisten = \"0.0.0.0:{http}\"\n{extra}\
+                 [storage.embedded]\npath = \"{}\"\n",
+                free_port(),
+                free_port(),
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let mut child = Command::new(messina_bin())
+        .args(["serve", "-c"])
+        .arg(config(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("messina served HTTP to the network without any API key");
+    };
+    assert!(!status.success(), "must not start");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("no API key is configured")
+            && said.contains("http.api_keys")
+            && said.contains("http.open = true"),
+        "says how to configure a key or opt in: {said}"
+    );
+
+    // Opting in starts, with a warning.
+    let log = dir.path().join("open.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(messina_bin())
+        .args(["serve", "-c"])
+        .arg(config("open = true\n"))
+        .stdout(Stdio::from(log_file.try_clone().unwrap()))
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/v1/devices");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "exited with {status}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        if let Ok(r) = client.get(&url).send().await {
+            assert_eq!(r.status(), 200, "open: no key needed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not serving after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = exit_within(&mut child, Duration::from_secs(30));
+    if stopped.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("WARN") && text.contains("http.open = true"),
+        "{text}"
+    );
+    assert!(stopped.is_some_and(|s| s.success()), "{text}");
+}
+
+mod v5 {
+    pub use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{
+        AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError,
+    };
+}
+
+/// Connects over MQTT 5 as `id` with `secret`: the client on success, the refusal otherwise.
+async fn connect(
+    port: u16,
+    id: &str,
+    secret: &str,
+) -> Result<(v5::AsyncClient, v5::EventLoop), v5::ConnectReturnCode> {
+    let mut options = v5::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_credentials(id, secret);
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
+    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+        .await
+        .expect("a CONNACK within 10 s")
+    {
+        Ok(v5::Event::Incoming(v5::Packet::ConnAck(_))) => Ok((client, eventloop)),
+        Err(v5::ConnectionError::ConnectionRefused(code)) => Err(code),
+        other => panic!("expected a CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[
+            ("MESSINA__MQTT__ANONYMOUS", "deny"),
+            ("MESSINA__HTTP__API_KEY", LEGACY_KEY),
+        ],
+    )
+    .await;
+    use reqwest::Method;
+    let admin = |method: Method, path: &'static str, body: Option<Value>| {
+        call(&server, method, path, Auth::Key(LEGACY_KEY), body)
+    };
+    let (status, added, _) = admin(
+        Method::POST,
+        "/v1/admin/devices",
+        Some(json!([{"id": "live-1"}, {"id": "live-2"}])),
+    )
+    .await;
+    assert_eq!(status, 201, "{added}");
+    let secret = |id: &str| {
+        added["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (s1, s2) = (secret("live-1"), secret("live-2"));
+
+    // Connected, and publishing: a QoS 1 reading is acknowledged.
+    let (client, mut eventloop) = connect(server.mqtt, "live-1", &s1).await.unwrap();
+    let (_bystander, mut bystander_loop) = connect(server.mqtt, "live-2", &s2).await.unwrap();
+    let payload = rmp_serde::to_vec_named(&reading(1)).unwrap();
+    client
+        .publish(
+            "devices/live-1/telemetry",
+            v5::QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let v5::Event::Incoming(v5::Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("PUBACK");
+
+    let (status, body, _) = admin(Method::POST, "/v1/admin/devices/live-1/revoke", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "revoked");
+    assert_eq!(body["disconnected"], 1, "{body}");
+    // The live session ends now with 0x87, not at its next reconnect.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Err(e) = eventloop.poll().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the revoked connection ends within 5 s");
+    assert!(
+        matches!(
+            ended,
+            v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code: v5::DisconnectReasonCode::NotAuthorized,
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+    // It cannot come back, over MQTT or HTTP; the other device is untouched.
+    assert_eq!(
+        connect(server.mqtt, "live-1", &s1).await.err(),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    let (status, _, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/live-1/telemetry",
+        Auth::Device("live-1", &s1),
+        Some(reading(2)),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let alive = tokio::time::timeout(Duration::from_millis(500), bystander_loop.poll()).await;
+    assert!(
+        alive.is_err() || alive.unwrap().is_ok(),
+        "the other device stays connected"
+    );
+
+    // Rotation over the admin API: the old secret is refused at the next CONNECT.
+    let (status, rotated, _) = admin(Method::POST, "/v1/admin/devices/live-2/rotate", None).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert_eq!(
+        connect(server.mqtt, "live-2", &s2).await.err(),
+        Some(v5::ConnectReturnCode::BadUserNamePassword)
+    );
+    assert!(connect(server.mqtt, "live-2", new_secret).await.is_ok());
+}
