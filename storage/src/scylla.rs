@@ -1978,7 +1978,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 11);
+        assert_eq!(statements.len(), 12);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
