@@ -107,15 +107,6 @@ fn key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not key=value"))
 }
 
-fn json_of(text: &str) -> Value {
-    match provision::parse_profile_value(text) {
-        messina_storage::AttrValue::Bool(b) => Value::from(b),
-        messina_storage::AttrValue::Int(i) => Value::from(i),
-        messina_storage::AttrValue::Float(f) => Value::from(f),
-        messina_storage::AttrValue::Text(t) => Value::from(t),
-    }
-}
-
 async fn open(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     crate::open_storage(config).await.with_context(|| {
         if config.storage.backend == StorageBackend::Embedded {
@@ -179,7 +170,7 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
                 labels: labels.into_iter().collect(),
                 profile: profile
                     .iter()
-                    .map(|(k, v)| (k.clone(), json_of(v)))
+                    .map(|(k, v)| (k.clone(), provision::profile_json(v)))
                     .collect(),
                 certificate_sha256,
             };
@@ -249,7 +240,9 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
                 ..Changes::default()
             };
             for (k, v) in &profile {
-                changes.profile.insert(k.clone(), json_of(v));
+                changes
+                    .profile
+                    .insert(k.clone(), provision::profile_json(v));
             }
             for k in remove_profile {
                 changes.profile.insert(k, Value::Null);

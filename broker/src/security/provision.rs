@@ -105,6 +105,11 @@ pub fn parse_profile_value(text: &str) -> AttrValue {
     }
 }
 
+/// [`parse_profile_value`] as the JSON a [`NewDevice`] or [`Changes`] carries.
+pub fn profile_json(text: &str) -> Value {
+    json!(parse_profile_value(text))
+}
+
 /// A profile value from JSON: a string, number or boolean.
 pub fn profile_value(field: &str, v: &Value) -> Result<AttrValue, ProvisionError> {
     match v {
@@ -378,13 +383,7 @@ pub fn parse_import(text: &str, json_format: bool) -> Result<Vec<NewDevice>, Pro
                 }
                 "certificate_sha256" => device.certificate_sha256 = Some(cell.to_string()),
                 field => {
-                    let v = match parse_profile_value(cell) {
-                        AttrValue::Bool(b) => json!(b),
-                        AttrValue::Int(i) => json!(i),
-                        AttrValue::Float(f) => json!(f),
-                        AttrValue::Text(t) => json!(t),
-                    };
-                    device.profile.insert(field.to_string(), v);
+                    device.profile.insert(field.to_string(), profile_json(cell));
                 }
             }
         }
@@ -450,19 +449,6 @@ pub async fn import(
 /// A registered identity as shown by the CLI and the HTTP API: everything but the credential's
 /// value (a hash is nobody's business; a fingerprint is shown).
 pub fn device_json(d: &RegisteredDevice) -> Value {
-    let profile: serde_json::Map<String, Value> = d
-        .profile
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                AttrValue::Bool(b) => json!(b),
-                AttrValue::Int(i) => json!(i),
-                AttrValue::Float(f) => json!(f),
-                AttrValue::Text(t) => json!(t),
-            };
-            (k.clone(), v)
-        })
-        .collect();
     json!({
         "id": d.id.as_str(),
         "role": d.role.as_str(),
@@ -474,7 +460,7 @@ pub fn device_json(d: &RegisteredDevice) -> Value {
         "name": d.name,
         "model": d.model,
         "labels": d.labels,
-        "profile": profile,
+        "profile": d.profile,
         "photo_upload": d.photo_upload,
         "created_at": crate::http::rfc3339(d.created_at),
         "updated_at": crate::http::rfc3339(d.updated_at),
