@@ -152,17 +152,7 @@ impl Authenticator {
         let Ok(id) = DeviceId::new(username) else {
             return Err(ReasonCode::NotAuthorized);
         };
-        let device = match self.storage.registered_device(&id).await {
-            Ok(Some(d)) => d,
-            Ok(None) => return Err(ReasonCode::NotAuthorized),
-            Err(e) => {
-                tracing::warn!(device = %id, error = %e, "cannot read the device registry; the connection is refused as server unavailable");
-                return Err(ReasonCode::ServerUnavailable);
-            }
-        };
-        if device.status == DeviceStatus::Revoked {
-            return Err(ReasonCode::NotAuthorized);
-        }
+        let device = self.active_device(&id).await?;
         let Credential::Secret { hash } = &device.credential else {
             // A certificate identity authenticates only with its certificate, over mutual TLS.
             return Err(ReasonCode::NotAuthorized);
@@ -172,6 +162,19 @@ impl Authenticator {
             return Err(ReasonCode::BadUserNameOrPassword);
         }
         principal(connect, device)
+    }
+
+    /// The active registry entry `id`; unknown or revoked is "not authorized", an unreadable
+    /// registry "server unavailable".
+    async fn active_device(&self, id: &DeviceId) -> Result<RegisteredDevice, ReasonCode> {
+        match self.storage.registered_device(id).await {
+            Ok(Some(d)) if d.status == DeviceStatus::Active => Ok(d),
+            Ok(_) => Err(ReasonCode::NotAuthorized),
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "cannot read the device registry; the connection is refused as server unavailable");
+                Err(ReasonCode::ServerUnavailable)
+            }
+        }
     }
 
     async fn by_certificate(
@@ -193,14 +196,7 @@ impl Authenticator {
         {
             return Err(ReasonCode::NotAuthorized);
         }
-        let device = match self.storage.registered_device(&id).await {
-            Ok(Some(d)) if d.status == DeviceStatus::Active => d,
-            Ok(_) => return Err(ReasonCode::NotAuthorized),
-            Err(e) => {
-                tracing::warn!(device = %id, error = %e, "cannot read the device registry; the connection is refused as server unavailable");
-                return Err(ReasonCode::ServerUnavailable);
-            }
-        };
+        let device = self.active_device(&id).await?;
         if let Credential::Certificate { sha256 } = &device.credential {
             if !bool::from(sha256.as_bytes().ct_eq(cert.sha256.as_bytes())) {
                 return Err(ReasonCode::NotAuthorized);
