@@ -93,6 +93,9 @@ impl Storage for Recording {
     async fn update_device(&self, d: &RegisteredDevice) -> Result<()> {
         self.inner.update_device(d).await
     }
+    async fn registry_changes(&self, since: Millis, limit: usize) -> Result<Vec<RegistryChange>> {
+        self.inner.registry_changes(since, limit).await
+    }
     async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>> {
         self.inner.registered_device(id).await
     }

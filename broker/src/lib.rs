@@ -245,6 +245,15 @@ pub async fn serve(
         shutdown.clone(),
     )
     .await?;
+    let registry_watch = (config.mqtt.registry_poll_secs > 0).then(|| {
+        security::watch::spawn(
+            Arc::clone(&storage),
+            Arc::clone(&edge.shared.sessions),
+            Arc::clone(&edge.shared.auth),
+            Duration::from_secs(config.mqtt.registry_poll_secs),
+            shutdown.clone(),
+        )
+    });
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| {
@@ -390,6 +399,9 @@ pub async fn serve(
     }
     if let Some(ticker) = ticker {
         let _ = ticker.await;
+    }
+    if let Some(watch) = registry_watch {
+        let _ = watch.await;
     }
     // The bridge has fed its last batch to the rules: save their state, so a restart resumes
     // streaks, holding times and anomaly windows exactly.

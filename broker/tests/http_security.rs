@@ -7,6 +7,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use messina_mosquitto_tests::clients::{connect_device_v5, disconnect_reason, ended_v5, v5};
 use messina_mosquitto_tests::{free_port, messina_bin, now_ms, wait_for, Server};
 use serde_json::{json, Value};
 
@@ -318,33 +319,6 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
     assert!(stopped.is_some_and(|s| s.success()), "{text}");
 }
 
-mod v5 {
-    pub use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet};
-    pub use rumqttc::v5::mqttbytes::QoS;
-    pub use rumqttc::v5::{
-        AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError,
-    };
-}
-
-/// Connects over MQTT 5 as `id` with `secret`: the client on success, the refusal otherwise.
-async fn connect(
-    port: u16,
-    id: &str,
-    secret: &str,
-) -> Result<(v5::AsyncClient, v5::EventLoop), v5::ConnectReturnCode> {
-    let mut options = v5::MqttOptions::new(id, "127.0.0.1", port);
-    options.set_credentials(id, secret);
-    let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
-    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
-        .await
-        .expect("a CONNACK within 10 s")
-    {
-        Ok(v5::Event::Incoming(v5::Packet::ConnAck(_))) => Ok((client, eventloop)),
-        Err(v5::ConnectionError::ConnectionRefused(code)) => Err(code),
-        other => panic!("expected a CONNACK, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -382,8 +356,8 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
     let (s1, s2) = (secret("live-1"), secret("live-2"));
 
     // Connected, and publishing: a QoS 1 reading is acknowledged.
-    let (client, mut eventloop) = connect(server.mqtt, "live-1", &s1).await.unwrap();
-    let (_bystander, mut bystander_loop) = connect(server.mqtt, "live-2", &s2).await.unwrap();
+    let (client, mut eventloop) = connect_device_v5(server.mqtt, "live-1", &s1).await.unwrap();
+    let (_other, mut bystander_loop) = connect_device_v5(server.mqtt, "live-2", &s2).await.unwrap();
     let payload = rmp_serde::to_vec_named(&reading(1)).unwrap();
     client
         .publish(
@@ -409,28 +383,15 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
     assert_eq!(body["status"], "revoked");
     assert_eq!(body["disconnected"], 1, "{body}");
     // The live session ends now with 0x87, not at its next reconnect.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Err(e) = eventloop.poll().await {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("the revoked connection ends within 5 s");
-    assert!(
-        matches!(
-            ended,
-            v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
-                reason_code: v5::DisconnectReasonCode::NotAuthorized,
-                ..
-            })
-        ),
+    let ended = ended_v5(&mut eventloop, Duration::from_secs(5)).await;
+    assert_eq!(
+        disconnect_reason(&ended),
+        Some(v5::DisconnectReasonCode::NotAuthorized),
         "{ended:?}"
     );
     // It cannot come back, over MQTT or HTTP; the other device is untouched.
     assert_eq!(
-        connect(server.mqtt, "live-1", &s1).await.err(),
+        connect_device_v5(server.mqtt, "live-1", &s1).await.err(),
         Some(v5::ConnectReturnCode::NotAuthorized)
     );
     let (status, _, _) = call(
@@ -448,13 +409,23 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
         "the other device stays connected"
     );
 
-    // Rotation over the admin API: the old secret is refused at the next CONNECT.
+    // Rotation over the admin API: the connection made with the old secret ends now, and the
+    // old secret is refused at the next CONNECT; the new one resumes.
     let (status, rotated, _) = admin(Method::POST, "/v1/admin/devices/live-2/rotate", None).await;
     assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["disconnected"], 1, "{rotated}");
+    let ended = ended_v5(&mut bystander_loop, Duration::from_secs(5)).await;
+    assert_eq!(
+        disconnect_reason(&ended),
+        Some(v5::DisconnectReasonCode::NotAuthorized),
+        "{ended:?}"
+    );
     let new_secret = rotated["secret"].as_str().unwrap();
     assert_eq!(
-        connect(server.mqtt, "live-2", &s2).await.err(),
+        connect_device_v5(server.mqtt, "live-2", &s2).await.err(),
         Some(v5::ConnectReturnCode::BadUserNamePassword)
     );
-    assert!(connect(server.mqtt, "live-2", new_secret).await.is_ok());
+    assert!(connect_device_v5(server.mqtt, "live-2", new_secret)
+        .await
+        .is_ok());
 }

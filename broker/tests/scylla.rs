@@ -3,6 +3,11 @@
 //! `scripts/cassandra start` starts the node (scripts/test does); `$MESSINA_SCYLLA_NODES` points
 //! elsewhere; only `MESSINA_SKIP_SCYLLA_TESTS=1` skips this test.
 
+use std::time::Duration;
+
+use messina_mosquitto_tests::clients::{
+    add_device, connect_device_v5, disconnect_reason, ended_v5, messina_devices, v5,
+};
 use messina_mosquitto_tests::{
     mp, now_ms, publish_v4, publish_v5, scylla_backend_toml, wait_rows, Server,
 };
@@ -161,6 +166,67 @@ async fn mqtt_to_cassandra_to_http_and_plain_cql() {
     )
     .await;
     assert_eq!(versions, vec![(1,)]);
+
+    drop(server);
+    let _ = analyst
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+        .await;
+}
+
+/// A device rotated or revoked on the command line, in the ScyllaDB registry a running server
+/// shares (as every node of a cluster does), loses its live connections there within
+/// `mqtt.registry_poll_secs`; the other devices keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(messina_skip_scylla, ignore = "MESSINA_SKIP_SCYLLA_TESTS=1")]
+async fn the_command_line_rotates_and_revokes_devices_a_running_server_serves() {
+    let analyst = test_node::analyst().await;
+    let ks = test_node::fresh_keyspace("registry").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        &scylla_backend_toml(&ks, &test_node::nodes()),
+        &[
+            ("MESSINA__MQTT__ANONYMOUS", "deny"),
+            ("MESSINA__MQTT__REGISTRY_POLL_SECS", "1"),
+        ],
+    )
+    .await;
+    let (port, cli) = (server.mqtt, &server.config);
+    let s1 = add_device(cli, "cli-1", &[]);
+    let s2 = add_device(cli, "cli-2", &[]);
+    let s3 = add_device(cli, "cli-3", &[]);
+    let (_c1, mut l1) = connect_device_v5(port, "cli-1", &s1).await.unwrap();
+    let (_c2, mut l2) = connect_device_v5(port, "cli-2", &s2).await.unwrap();
+    let (_c3, mut l3) = connect_device_v5(port, "cli-3", &s3).await.unwrap();
+    let not_authorized = Some(v5::DisconnectReasonCode::NotAuthorized);
+
+    let new1 = messina_devices(cli, &["rotate", "cli-1"])
+        .trim()
+        .to_string();
+    let ended = ended_v5(&mut l1, Duration::from_secs(15)).await;
+    assert_eq!(disconnect_reason(&ended), not_authorized, "{ended:?}");
+    assert_eq!(
+        connect_device_v5(port, "cli-1", &s1).await.err(),
+        Some(v5::ConnectReturnCode::BadUserNamePassword)
+    );
+    let (_c1, mut l1) = connect_device_v5(port, "cli-1", &new1).await.unwrap();
+
+    messina_devices(cli, &["revoke", "cli-2"]);
+    let ended = ended_v5(&mut l2, Duration::from_secs(15)).await;
+    assert_eq!(disconnect_reason(&ended), not_authorized, "{ended:?}");
+    assert_eq!(
+        connect_device_v5(port, "cli-2", &s2).await.err(),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+
+    // Two more polls: the reconnected device with its new secret and the untouched one stay.
+    for l in [&mut l1, &mut l3] {
+        let alive = tokio::time::timeout(Duration::from_millis(1500), l.poll()).await;
+        assert!(
+            alive.is_err() || alive.unwrap().is_ok(),
+            "a device whose credential holds stays connected"
+        );
+    }
 
     drop(server);
     let _ = analyst

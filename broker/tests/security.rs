@@ -7,137 +7,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use messina_mosquitto_tests::clients::{
+    add_device, connect_v4, connect_v5, embedded_cli_config, messina_devices, puback, suback, v5,
+    v5_options,
+};
 use messina_mosquitto_tests::{free_port, messina_bin, mp, now_ms, wait_for, Server};
 use serde_json::json;
 
 /// Every test here authenticates: anonymous clients are refused even on loopback.
 const DENY_ANONYMOUS: [(&str, &str); 1] = [("MESSINA__MQTT__ANONYMOUS", "deny")];
-
-/// Runs `messina devices …` on the embedded store at `data`, returning stdout (must succeed).
-fn devices(data: &Path, args: &[&str]) -> String {
-    let config = data.with_extension("cli.toml");
-    std::fs::write(
-        &config,
-        format!("[storage.embedded]\npath = \"{}\"\n", data.display()),
-    )
-    .unwrap();
-    let out = Command::new(messina_bin())
-        .args(["devices", "--config"])
-        .arg(&config)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "messina devices {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Adds a device and returns its secret (the one line `add` prints).
-fn add(data: &Path, id: &str, extra: &[&str]) -> String {
-    let mut args = vec!["add", id];
-    args.extend_from_slice(extra);
-    let out = devices(data, &args);
-    let secret = out.trim().to_string();
-    assert_eq!(secret.len(), 43, "a 256-bit base64url secret: {out:?}");
-    secret
-}
-
-mod v5 {
-    pub use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, LastWill, Packet, PubAckReason, SubscribeReasonCode,
-    };
-    pub use rumqttc::v5::mqttbytes::QoS;
-    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-}
-
-fn v5_options(port: u16, client_id: &str, credentials: Option<(&str, &str)>) -> v5::MqttOptions {
-    let mut o = v5::MqttOptions::new(client_id, "127.0.0.1", port);
-    if let Some((u, p)) = credentials {
-        o.set_credentials(u, p);
-    }
-    o
-}
-
-/// Connects over MQTT 5: the CONNACK's assigned client id on success, the refusal code otherwise.
-async fn connect_v5(
-    options: v5::MqttOptions,
-) -> Result<(v5::AsyncClient, v5::EventLoop, Option<String>), v5::ConnectReturnCode> {
-    let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
-    let event = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
-        .await
-        .expect("a CONNACK within 10 s");
-    match event {
-        Ok(v5::Event::Incoming(v5::Packet::ConnAck(ack))) => {
-            let assigned = ack.properties.and_then(|p| p.assigned_client_identifier);
-            Ok((client, eventloop, assigned))
-        }
-        Err(v5::ConnectionError::ConnectionRefused(code)) => Err(code),
-        other => panic!("expected a CONNACK, got {other:?}"),
-    }
-}
-
-async fn connect_v4(
-    port: u16,
-    client_id: &str,
-    credentials: Option<(&str, &str)>,
-) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), rumqttc::ConnectReturnCode> {
-    let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-    if let Some((u, p)) = credentials {
-        o.set_credentials(u, p);
-    }
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
-    let event = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
-        .await
-        .expect("a CONNACK within 10 s");
-    match event {
-        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok((client, eventloop)),
-        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Err(code),
-        other => panic!("expected a CONNACK, got {other:?}"),
-    }
-}
-
-/// Polls until `pick` finds the packet it wants, or the connection ends (`None`).
-async fn next_v5<T>(
-    eventloop: &mut v5::EventLoop,
-    mut pick: impl FnMut(&v5::Packet) -> Option<T>,
-) -> Option<T> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(v5::Event::Incoming(p)) => {
-                    if let Some(t) = pick(&p) {
-                        return Some(t);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    })
-    .await
-    .expect("an answer within 10 s")
-}
-
-/// The reason of the next PUBACK, or `None` when the connection ends first.
-async fn puback(eventloop: &mut v5::EventLoop) -> Option<v5::PubAckReason> {
-    next_v5(eventloop, |p| match p {
-        v5::Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await
-}
-
-/// The codes of the next SUBACK, or `None` when the connection ends first.
-async fn suback(eventloop: &mut v5::EventLoop) -> Option<Vec<v5::SubscribeReasonCode>> {
-    next_v5(eventloop, |p| match p {
-        v5::Packet::SubAck(s) => Some(s.return_codes.clone()),
-        _ => None,
-    })
-    .await
-}
 
 fn reading(seq: u64) -> Vec<u8> {
     mp(&json!({"ts": now_ms(), "seq": seq, "battery": 50}))
@@ -147,9 +25,10 @@ fn reading(seq: u64) -> Vec<u8> {
 async fn only_registered_devices_with_their_secret_connect() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let secret = add(&data, "dev-a", &["--name", "Kitchen button"]);
-    let revoked = add(&data, "dev-r", &[]);
-    devices(&data, &["revoke", "dev-r"]);
+    let cli = embedded_cli_config(&data);
+    let secret = add_device(&cli, "dev-a", &["--name", "Kitchen button"]);
+    let revoked = add_device(&cli, "dev-r", &[]);
+    messina_devices(&cli, &["revoke", "dev-r"]);
     let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
     let (p4, p5) = (server.mqtt, server.mqtt_v5);
 
@@ -226,7 +105,9 @@ async fn only_registered_devices_with_their_secret_connect() {
     // on the embedded store, so rotation goes through the store once it is stopped).
     let mut server = server;
     server.terminate().await;
-    let rotated = devices(&data, &["rotate", "dev-a"]).trim().to_string();
+    let rotated = messina_devices(&cli, &["rotate", "dev-a"])
+        .trim()
+        .to_string();
     server.restart().await;
     let r = connect_v5(v5_options(
         server.mqtt_v5,
@@ -251,8 +132,9 @@ async fn only_registered_devices_with_their_secret_connect() {
 async fn a_device_writes_and_reads_only_its_own_topics() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let secret = add(&data, "dev-a", &[]);
-    let manager = add(&data, "ops", &["--role", "fleet_manager"]);
+    let cli = embedded_cli_config(&data);
+    let secret = add_device(&cli, "dev-a", &[]);
+    let manager = add_device(&cli, "ops", &["--role", "fleet_manager"]);
     let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
     let creds = Some(("dev-a", secret.as_str()));
 
@@ -426,7 +308,8 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
 async fn a_connect_without_the_secret_cannot_take_a_session_over() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let secret = add(&data, "dev-a", &[]);
+    let cli = embedded_cli_config(&data);
+    let secret = add_device(&cli, "dev-a", &[]);
     let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
     let (client, mut el, _) = connect_v5(v5_options(
         server.mqtt_v5,
@@ -490,7 +373,8 @@ async fn a_connect_without_the_secret_cannot_take_a_session_over() {
 async fn mosquitto_clients_authenticate_with_username_and_password() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let secret = add(&data, "mq-dev", &[]);
+    let cli = embedded_cli_config(&data);
+    let secret = add_device(&cli, "mq-dev", &[]);
     let server = Server::start_with_env(&data, "", &DENY_ANONYMOUS).await;
     let file = dir.path().join("reading.msgpack");
     std::fs::write(&file, reading(7)).unwrap();
@@ -678,9 +562,10 @@ async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
     std::fs::copy(pki.join("server.key"), pki.join("live.key")).unwrap();
 
     let data = dir.path().join("data");
-    let secret = add(&data, "dev-a", &[]);
+    let cli = embedded_cli_config(&data);
+    let secret = add_device(&cli, "dev-a", &[]);
     // dev-t: any certificate for it from the devices CA; dev-u: only the one pinned here.
-    add(&data, "dev-t", &[]);
+    add_device(&cli, "dev-t", &[]);
     let fingerprint = Command::new("openssl")
         .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
         .arg(pki.join("dev-u.pem"))
@@ -688,8 +573,8 @@ async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
         .unwrap();
     let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
     let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_string();
-    let out = devices(
-        &data,
+    let out = messina_devices(
+        &cli,
         &["add", "dev-u", "--certificate-sha256", &fingerprint],
     );
     assert!(

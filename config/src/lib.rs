@@ -252,6 +252,11 @@ section! {
         /// Verified credentials kept in memory, so a reconnecting fleet costs one hash
         /// verification per device per process lifetime, not one per connection.
         pub credential_cache_entries: usize = 100_000,
+        /// Seconds between reads of the registry's recent changes (0: never): a device revoked
+        /// or given a new secret anywhere else (another node sharing the ScyllaDB registry,
+        /// `messina devices` on the command line) is disconnected here within this time, with
+        /// 0x87 "not authorized". Changes made through this node's admin API act at once.
+        pub registry_poll_secs: u64 = 2,
         /// Publishes per second one connection may send (0: no limit). An MQTT 5 client over it
         /// (after its burst) is disconnected with 0x96 "message rate too high", without the
         /// message being accepted; a 3.1.1 client, which has no such code, has its socket paused

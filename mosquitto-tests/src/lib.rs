@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod clients;
 pub mod load;
 pub mod raw;
 
@@ -56,7 +57,7 @@ pub struct Server {
     pub http: u16,
     pub data: PathBuf,
     pub log: PathBuf,
-    config: PathBuf,
+    pub config: PathBuf,
     env: Vec<(String, String)>,
     client: reqwest::Client,
 }

@@ -14,7 +14,9 @@ use crate::query::{
     AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetQuery, Order, Page,
     PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
-use crate::registry::{Credential, DeviceQuery, DeviceStatus, RegisteredDevice, Role};
+use crate::registry::{
+    Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role,
+};
 use crate::{Storage, StorageError};
 
 /// Opens a backend for the suite. Every call to `open` on one harness opens the *same* data, so
@@ -38,7 +40,8 @@ macro_rules! contract_suite {
             events_by_kind_page_exactly_once, fleet_pages_and_counts, dead_letters_newest_first,
             alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire,
             alert_states_replace_per_device_and_survive_reopen,
-            registry_registers_each_id_once, registry_updates_lists_and_filters);
+            registry_registers_each_id_once, registry_updates_lists_and_filters,
+            registry_changes_are_read_in_order_for_a_week);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -908,4 +911,68 @@ pub async fn registry_updates_lists_and_filters(h: &dyn Harness) {
         .await
         .expect_err("a registry cursor is not a fleet cursor");
     assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
+}
+
+/// Every update is a change, read back oldest first (ties by device id) from any time in the
+/// last week, across hours; older ones are gone.
+pub async fn registry_changes_are_read_in_order_for_a_week(h: &dyn Harness) {
+    let s = h.open().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let hour = 3_600_000;
+    for id in ["c1", "c2", "c3"] {
+        assert!(s
+            .register_device(&registered(id, Role::Device, &[], &[]))
+            .await
+            .unwrap());
+    }
+    let change = |id: &str, at: i64| RegistryChange {
+        at,
+        device: dev(id),
+    };
+    let updates = [
+        change("c3", now - 8 * 24 * hour),
+        change("c1", now - 2 * hour),
+        change("c2", now - 1000),
+        change("c1", now - 1000),
+        change("c3", now),
+    ];
+    for c in &updates {
+        let mut d = s.registered_device(&c.device).await.unwrap().unwrap();
+        d.updated_at = c.at;
+        d.status = DeviceStatus::Revoked;
+        s.update_device(&d).await.unwrap();
+    }
+    assert!(
+        s.registry_changes(now - 9 * 24 * hour, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.at >= now - RegistryChange::KEPT_MS),
+        "changes older than a week are not read"
+    );
+    assert_eq!(
+        s.registry_changes(now - 3 * hour, 100).await.unwrap(),
+        [
+            change("c1", now - 2 * hour),
+            change("c1", now - 1000),
+            change("c2", now - 1000),
+            change("c3", now),
+        ]
+    );
+    assert_eq!(
+        s.registry_changes(now - 1000, 100).await.unwrap(),
+        [
+            change("c1", now - 1000),
+            change("c2", now - 1000),
+            change("c3", now)
+        ]
+    );
+    assert_eq!(
+        s.registry_changes(now - 3 * hour, 1).await.unwrap(),
+        [change("c1", now - 2 * hour)]
+    );
+    assert!(s.registry_changes(now + 1, 100).await.unwrap().is_empty());
 }

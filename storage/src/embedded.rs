@@ -11,6 +11,7 @@
 //! - `uploads_pending`: `expires_at id` → empty, the pending uploads the expiry sweep looks at
 //! - `alert_states`: `device` → the alert engine's encoded state
 //! - `devices`: `device` → `RegisteredDevice` (the registry)
+//! - `registry_changes`: `updated_at device` → empty, what changed in the registry (a week of it)
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
@@ -32,7 +33,7 @@ use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
     Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
-use crate::registry::{DeviceQuery, RegisteredDevice};
+use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
 
 /// Settings of the embedded backend.
@@ -73,6 +74,8 @@ struct Inner {
     alert_states: Keyspace,
     /// The device registry, by device id.
     devices: Keyspace,
+    /// Registry changes by time, for the nodes' watch of revocations and rotations.
+    registry_changes: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -119,6 +122,11 @@ type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 fn time_key(ts: Millis) -> [u8; 8] {
     ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn from_time_key(bytes: &[u8]) -> Option<Millis> {
+    let bytes = <[u8; 8]>::try_from(bytes).ok()?;
+    Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as Millis)
 }
 
 fn device_prefix(device: &DeviceId) -> Vec<u8> {
@@ -319,6 +327,7 @@ impl EmbeddedStorage {
             uploads_pending: ks("uploads_pending")?,
             alert_states: ks("alert_states")?,
             devices: ks("devices")?,
+            registry_changes: ks("registry_changes")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -583,7 +592,49 @@ impl Storage for EmbeddedStorage {
                 device.id.as_str().as_bytes(),
                 encode(&device)?,
             );
+            wb.insert(
+                &inner.registry_changes,
+                [
+                    &time_key(device.updated_at)[..],
+                    device.id.as_str().as_bytes(),
+                ]
+                .concat(),
+                [],
+            );
+            // Changes older than a week go, a few at a time, as new ones come.
+            let expired = ..time_key(device.updated_at - RegistryChange::KEPT_MS).to_vec();
+            for guard in inner.registry_changes.range::<Vec<u8>, _>(expired).take(16) {
+                wb.remove(&inner.registry_changes, guard.key().map_err(io)?);
+            }
             wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn registry_changes(&self, since: Millis, limit: usize) -> Result<Vec<RegistryChange>> {
+        self.blocking(move |inner| {
+            let mut found = Vec::new();
+            let range = time_key(since).to_vec()..;
+            for guard in inner
+                .registry_changes
+                .range::<Vec<u8>, _>(range)
+                .take(limit)
+            {
+                let key = guard.key().map_err(io)?;
+                let (at, device) = key.split_at(8.min(key.len()));
+                let device = std::str::from_utf8(device)
+                    .ok()
+                    .and_then(|s| DeviceId::new(s).ok());
+                match (from_time_key(at), device) {
+                    (Some(at), Some(device)) => found.push(RegistryChange { at, device }),
+                    _ => {
+                        return Err(StorageError::Fatal(
+                            "a registry change has a malformed key".into(),
+                        ))
+                    }
+                }
+            }
+            Ok(found)
         })
         .await
     }

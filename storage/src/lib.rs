@@ -20,7 +20,9 @@ pub use query::{
     AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage,
     FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
-pub use registry::{Credential, DeviceQuery, DeviceStatus, RegisteredDevice, Role, UnknownName};
+pub use registry::{
+    Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role, UnknownName,
+};
 pub use scylla::ScyllaStorage;
 
 /// What went wrong in storage; each variant says what the caller should do.
@@ -92,8 +94,12 @@ pub trait Storage: Send + Sync + 'static {
     /// registered already (even by a concurrent caller).
     async fn register_device(&self, device: &RegisteredDevice) -> Result<bool>;
 
-    /// Replaces a registered identity's record (rotation, revocation, attribute changes).
+    /// Replaces a registered identity's record (rotation, revocation, attribute changes) and
+    /// records a [`RegistryChange`] at its `updated_at`.
     async fn update_device(&self, device: &RegisteredDevice) -> Result<()>;
+
+    /// Up to `limit` registry changes at or after `since`, oldest first (ties by device id).
+    async fn registry_changes(&self, since: Millis, limit: usize) -> Result<Vec<RegistryChange>>;
 
     /// One registered identity; `None` when the id is not registered.
     async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>>;

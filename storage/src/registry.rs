@@ -190,3 +190,19 @@ impl DeviceQuery {
             && self.status.is_none_or(|s| d.status == s)
     }
 }
+
+/// A record in the registry changed: written by every update, so each node learns within seconds
+/// that a device was revoked or given a new credential elsewhere (another node, the command
+/// line) and ends the sessions that no longer hold. Kept for [`RegistryChange::KEPT_MS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryChange {
+    /// The record's `updated_at`.
+    pub at: Millis,
+    pub device: DeviceId,
+}
+
+impl RegistryChange {
+    /// How long changes are kept: a node that cannot read them for longer than this misses
+    /// some (its sessions are then checked again at their next CONNECT only).
+    pub const KEPT_MS: Millis = 7 * 86_400_000;
+}

@@ -32,7 +32,7 @@ use crate::query::{
     AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
     Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
-use crate::registry::{Credential, DeviceQuery, RegisteredDevice};
+use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
 
 /// The schema applied at start; see the file for the tables.
@@ -81,6 +81,7 @@ impl ScyllaOptions {
 /// 5 KiB batch-size warning for typical readings.
 const ROWS_PER_BATCH: usize = 32;
 const DAY_MS: i64 = 86_400_000;
+const HOUR_MS: i64 = 3_600_000;
 /// Owner of the fleet-wide (dead letters, alerts) partition index entries; device ids cannot
 /// contain '*'.
 const DEAD_LETTER_OWNER: &str = "*";
@@ -124,6 +125,8 @@ struct Statements {
     delete_alert_state: PreparedStatement,
     alert_states: PreparedStatement,
     insert_device: PreparedStatement,
+    insert_registry_change: PreparedStatement,
+    registry_changes: PreparedStatement,
     register_device: PreparedStatement,
     registered_device: PreparedStatement,
     registered_devices: PreparedStatement,
@@ -852,6 +855,14 @@ impl Statements {
                 .await?,
             insert_device: prepare(format!(
                 "INSERT INTO {ks}.devices ({DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            insert_registry_change: prepare(format!(
+                "INSERT INTO {ks}.registry_changes (hour, at, device_id) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            registry_changes: prepare(format!(
+                "SELECT at, device_id FROM {ks}.registry_changes WHERE hour = ? AND at >= ? LIMIT ?"
             ))
             .await?,
             register_device: prepare(format!(
@@ -1649,13 +1660,65 @@ impl Storage for ScyllaStorage {
 
     async fn update_device(&self, d: &RegisteredDevice) -> Result<()> {
         self.check_open()?;
+        let session = &self.inner.session;
+        // The change first: if the record's write then fails, nodes look at an unchanged
+        // record, which is harmless; the other order could hide a revocation.
+        let st = &self.inner.st.insert_registry_change;
+        session
+            .execute_unpaged(
+                st,
+                (
+                    d.updated_at.div_euclid(HOUR_MS),
+                    ts(d.updated_at),
+                    d.id.as_str(),
+                ),
+            )
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?;
         let st = &self.inner.st.insert_device;
-        self.inner
-            .session
+        session
             .execute_unpaged(st, device_values(d)?)
             .await
             .map_err(|e| classify(st.get_statement(), e))?;
         Ok(())
+    }
+
+    async fn registry_changes(&self, since: Millis, limit: usize) -> Result<Vec<RegistryChange>> {
+        self.check_open()?;
+        let st = &self.inner.st.registry_changes;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as Millis);
+        let oldest = since.max(now - RegistryChange::KEPT_MS);
+        let mut found = Vec::new();
+        // One partition per hour, from the one `since` falls in to the current one (and the
+        // next, for a writer whose clock is a little ahead).
+        for hour in oldest.div_euclid(HOUR_MS)..=(now + 60_000).div_euclid(HOUR_MS) {
+            if found.len() >= limit {
+                break;
+            }
+            let left = i32::try_from(limit - found.len()).unwrap_or(i32::MAX);
+            let rows = self
+                .inner
+                .session
+                .execute_unpaged(st, (hour, ts(since), left))
+                .await
+                .map_err(|e| classify(st.get_statement(), e))?
+                .into_rows_result()
+                .map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?;
+            for row in rows
+                .rows::<(CqlTimestamp, String)>()
+                .map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?
+            {
+                let (at, device) =
+                    row.map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?;
+                let device = DeviceId::new(device).map_err(|e| {
+                    StorageError::Fatal(format!("registry_changes holds a bad device id: {e}"))
+                })?;
+                found.push(RegistryChange { at: at.0, device });
+            }
+        }
+        Ok(found)
     }
 
     async fn registered_device(&self, id: &DeviceId) -> Result<Option<RegisteredDevice>> {
@@ -1978,7 +2041,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 12);
+        assert_eq!(statements.len(), 13);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));

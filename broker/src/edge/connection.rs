@@ -54,6 +54,8 @@ enum End {
     TakenOver(oneshot::Sender<(Option<Session>, Option<Will>)>),
     /// The identity was revoked: no will, no session kept.
     Revoked,
+    /// The identity's credential was rotated: the will is published, the session kept.
+    CredentialChanged,
     /// The server is stopping.
     Shutdown,
 }
@@ -175,7 +177,10 @@ pub async fn run(
     };
     let expiry = asked.min(max_expiry);
 
-    let claim = shared.sessions.claim(&key, connect.clean_start).await;
+    let claim = shared
+        .sessions
+        .claim(&key, connect.clean_start, principal.credential.clone())
+        .await;
     if let Some(will) = claim.will_to_publish {
         publish_will(&shared, will).await;
     }
@@ -319,6 +324,7 @@ impl Connection {
                 Some(kick) = kicks.recv() => match kick {
                     Kick::TakeOver { reply } => break End::TakenOver(reply),
                     Kick::Revoke => break End::Revoked,
+                    Kick::CredentialChanged => break End::CredentialChanged,
                 },
                 changed = durable.changed(), if owed_pending => {
                     if changed.is_err() {
@@ -929,6 +935,17 @@ impl Connection {
                 tracing::info!(client_id, device = ?self.device, "disconnected: the identity was revoked");
                 self.expiry = Duration::ZERO;
                 will_due = false;
+            }
+            End::CredentialChanged => {
+                let durable = shared.log.durable();
+                let _ = self.send_owed(durable).await;
+                self.disconnect_with(
+                    ReasonCode::NotAuthorized,
+                    "the credential was rotated; connect with the new one",
+                )
+                .await;
+                tracing::info!(client_id, device = ?self.device, "disconnected: the credential it connected with was rotated");
+                will_due = true;
             }
             End::Disconnected { keep_will } => {
                 self.drain_owed().await;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use messina_storage::Credential;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Filter, Packet, RetainForwardRule, Subscribe, SubscribeProperties};
 use tokio::sync::{mpsc, oneshot};
@@ -243,12 +244,17 @@ pub enum Kick {
     },
     /// The identity was revoked: the connection ends with "not authorized" and its session.
     Revoke,
+    /// The identity's credential changed (rotated): the connection ends with "not authorized";
+    /// its session stays, for the device to resume with its new credential.
+    CredentialChanged,
 }
 
 enum Slot {
     Live {
         epoch: u64,
         kick: mpsc::Sender<Kick>,
+        /// The registry credential the connection authenticated with (`None`: anonymous).
+        credential: Option<Credential>,
     },
     Parked {
         epoch: u64,
@@ -277,9 +283,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Takes the client id for a new connection: takes over a live one (which gets DISCONNECT
-    /// 0x8E), resumes a parked session unless `clean_start`, or starts afresh.
-    pub async fn claim(&self, client_id: &str, clean_start: bool) -> Claim {
+    /// Takes the client id for a new connection that authenticated with `credential`: takes
+    /// over a live one (which gets DISCONNECT 0x8E), resumes a parked session unless
+    /// `clean_start`, or starts afresh.
+    pub async fn claim(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        credential: Option<Credential>,
+    ) -> Claim {
         let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
         let (kick_tx, kicks) = mpsc::channel(1);
         let previous = {
@@ -289,6 +301,7 @@ impl Registry {
                 Slot::Live {
                     epoch,
                     kick: kick_tx,
+                    credential,
                 },
             )
         };
@@ -389,6 +402,39 @@ impl Registry {
     /// sessions are dropped with their pending wills. Returns how many live connections were
     /// asked to end.
     pub fn revoke(&self, identity: &str) -> usize {
+        self.kick_live(identity, || Kick::Revoke, true, |_| true)
+    }
+
+    /// Ends the live connections of `identity` that authenticated with another credential than
+    /// `current` (it was rotated) with [`Kick::CredentialChanged`]; their sessions stay. Returns
+    /// how many were asked to end.
+    pub fn end_stale(&self, identity: &str, current: &Credential) -> usize {
+        self.kick_live(
+            identity,
+            || Kick::CredentialChanged,
+            false,
+            |c| c.is_some_and(|c| c != current),
+        )
+    }
+
+    /// The identities with a live connection here.
+    pub fn live_identities(&self) -> HashSet<String> {
+        let slots = self.slots.lock().expect("session registry");
+        slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Live { .. }))
+            .filter_map(|(key, _)| key.split_once('\0').map(|(id, _)| id.to_string()))
+            .filter(|id| !id.is_empty())
+            .collect()
+    }
+
+    fn kick_live(
+        &self,
+        identity: &str,
+        kick: fn() -> Kick,
+        drop_parked: bool,
+        stale: impl Fn(Option<&Credential>) -> bool,
+    ) -> usize {
         let prefix = format!("{identity}\0");
         let mut kicks = Vec::new();
         {
@@ -398,17 +444,21 @@ impl Registry {
                     return true;
                 }
                 match slot {
-                    Slot::Live { kick, .. } => {
-                        kicks.push(kick.clone());
+                    Slot::Live {
+                        kick, credential, ..
+                    } => {
+                        if stale(credential.as_ref()) {
+                            kicks.push(kick.clone());
+                        }
                         true
                     }
-                    Slot::Parked { .. } => false,
+                    Slot::Parked { .. } => !drop_parked,
                 }
             });
         }
         kicks
             .into_iter()
-            .filter(|k| k.try_send(Kick::Revoke).is_ok())
+            .filter(|k| k.try_send(kick()).is_ok())
             .count()
     }
 }

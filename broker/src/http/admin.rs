@@ -243,8 +243,9 @@ async fn change(
     Ok(Json(provision::device_json(&device)))
 }
 
-/// A new secret, in this answer only; the old one is refused from now on (connections already
-/// authenticated with it stay until they end; revoke ends them).
+/// A new secret, in this answer only; the old one is refused from now on, and the live MQTT
+/// connections that authenticated with it end now (their sessions stay, for the device to
+/// resume with the new secret; other nodes end theirs within `mqtt.registry_poll_secs`).
 async fn rotate(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -253,8 +254,13 @@ async fn rotate(
     let id = device_id(id)?;
     let rotated = provision::rotate(&state.storage, &id).await?;
     state.access.devices.forget(&id);
-    tracing::info!(by = %caller, device = %id, "device secret rotated");
-    Ok(Json(with_secret(&rotated)))
+    let disconnected = state
+        .sessions
+        .end_stale(id.as_str(), &rotated.device.credential);
+    tracing::info!(by = %caller, device = %id, disconnected, "device secret rotated");
+    let mut v = with_secret(&rotated);
+    v["disconnected"] = json!(disconnected);
+    Ok(Json(v))
 }
 
 /// Revokes an identity: new connections and requests are refused, and its live MQTT

@@ -118,6 +118,7 @@ mod tests {
             identity: None,
             device: device.map(|d| DeviceId::new(d).unwrap()),
             role,
+            credential: None,
         })
     }
 

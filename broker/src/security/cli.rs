@@ -252,11 +252,11 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
         }
         Action::Rotate { id } => {
             print_secret(&provision::rotate(storage, &device_id(&id)?).await?);
-            eprintln!("messina: a running server refuses the old secret from now on; connected sessions with it stay until they reconnect, or revoke and rotate through the admin HTTP API to end them at once");
+            eprintln!("messina: running servers refuse the old secret from now on and end the connections made with it within `mqtt.registry_poll_secs`");
         }
         Action::Revoke { id } => {
             provision::revoke(storage, &device_id(&id)?).await?;
-            eprintln!("messina: `{id}` is revoked; new connections are refused (a running server ends its live sessions when revoked through the admin HTTP API)");
+            eprintln!("messina: `{id}` is revoked; running servers refuse new connections and end its live ones within `mqtt.registry_poll_secs`");
         }
         Action::Import { file, format } => {
             let text = std::fs::read_to_string(&file)

@@ -3,6 +3,8 @@
 //! - [`secret`]: generated device secrets and their argon2id hashes;
 //! - [`acl`]: the publish and subscribe rules of each role, compiled per connection;
 //! - [`provision`]: adding, rotating, revoking and importing identities ([`cli`] is its command);
+//! - [`watch`]: following the registry's changes, so revocations and rotations made elsewhere
+//!   end the live connections here;
 //! - [`Authenticator`]: the edge's CONNECT check against the device registry, with a cache of
 //!   verified credentials and at most one hash verification per core at a time; the HTTP
 //!   side-port checks a device's own credentials through it too (`verify_device_secret`).
@@ -11,6 +13,7 @@ pub mod acl;
 pub mod cli;
 pub mod provision;
 pub mod secret;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +42,9 @@ pub struct Principal {
     /// loopback the device its client id names (if it is a valid id).
     pub device: Option<DeviceId>,
     pub role: Role,
+    /// The registry credential it proved (`None`: anonymous): a rotation ends the connections
+    /// that proved the old one.
+    pub credential: Option<Credential>,
 }
 
 /// The identity a connection authenticated as, when it did: its session is kept apart from
@@ -60,6 +66,7 @@ fn principal(connect: &Connect, device: RegisteredDevice) -> Result<Principal, R
         device: (device.role == Role::Device).then(|| device.id.clone()),
         identity: Some(device.id),
         role: device.role,
+        credential: Some(device.credential),
     })
 }
 
@@ -218,6 +225,7 @@ impl Authenticator {
             identity: None,
             device: DeviceId::new(&*connect.client_id).ok(),
             role: Role::Service,
+            credential: None,
         })
     }
 
