@@ -27,6 +27,7 @@ use messina_storage::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::tls::PeerCertificate;
 use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -114,6 +115,29 @@ pub fn app(state: Arc<AppState>) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// The service of one HTTP connection: the API, with the client certificate its TLS handshake
+/// verified (if any) in every request's extensions, where [`auth`] finds it.
+pub fn connection_service(
+    app: Router,
+    certificate: Option<PeerCertificate>,
+) -> hyper_util::service::TowerToHyperService<
+    tower::util::MapRequest<
+        Router,
+        impl FnMut(hyper::Request<hyper::body::Incoming>) -> hyper::Request<hyper::body::Incoming>
+            + Clone,
+    >,
+> {
+    use tower::ServiceExt;
+    hyper_util::service::TowerToHyperService::new(app.map_request(
+        move |mut request: hyper::Request<hyper::body::Incoming>| {
+            if let Some(c) = &certificate {
+                request.extensions_mut().insert(c.clone());
+            }
+            request
+        },
+    ))
 }
 
 /// The CORS layer for `http.cors_origins` (checked at load), `None` when there are none.

@@ -4,14 +4,15 @@
 
 pub mod edge;
 pub mod http;
+pub mod http_server;
 pub mod ingest;
 pub mod inspect;
 pub mod mqtt;
 pub mod security;
 pub mod simulate;
+pub mod tls;
 pub mod uploads;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,14 +219,12 @@ pub async fn serve(
     }
     if let Some(addr) = config.mqtt.tls_addr() {
         let m = &config.mqtt;
-        let tls = edge::tls::Tls::load(edge::tls::TlsFiles {
-            cert: m.tls_cert_file.clone().into(),
-            key: m.tls_key_file.clone().into(),
-            client_ca: (!m.tls_client_ca_file.is_empty())
-                .then(|| m.tls_client_ca_file.clone().into()),
-        })
-        .context("`mqtt.tls_*`")?;
-        tls.watch(Duration::from_secs(m.tls_reload_secs), shutdown.clone());
+        let tls = tls::Tls::start(
+            "mqtt",
+            tls::TlsFiles::new(&m.tls_cert_file, &m.tls_key_file, &m.tls_client_ca_file),
+            Duration::from_secs(m.tls_reload_secs),
+            &shutdown,
+        )?;
         addresses.push(edge::Listener {
             key: "mqtt.tls_listen",
             addr,
@@ -354,15 +353,32 @@ pub async fn serve(
     });
     // Kept to save the alert rules' state once the bridge has drained.
     let alerts_at_shutdown = alerts;
-    let http = tokio::spawn(
-        axum::serve(listener, http::app(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let https = (!config.http.tls_cert_file.is_empty())
+        .then(|| {
+            let h = &config.http;
+            tls::Tls::start(
+                "http",
+                tls::TlsFiles::new(&h.tls_cert_file, &h.tls_key_file, &h.tls_client_ca_file),
+                Duration::from_secs(h.tls_reload_secs),
+                &shutdown,
+            )
+        })
+        .transpose()?;
+    let scheme = if https.is_some() { "https" } else { "http" };
+    let app = http::app(state);
+    let http = tokio::spawn(http_server::serve(
+        listener,
+        https,
+        move |certificate| http::connection_service(app.clone(), certificate),
+        shutdown.clone(),
+        HTTP_DRAIN_TIMEOUT,
+        "http.listen",
+    ));
     tracing::info!(
         mqtt = %config.mqtt.listen,
         mqtt_alias = %config.mqtt.listen_v5,
         http = %config.http.listen,
+        scheme,
         http_api_keys = api_keys.len(),
         storage = ?config.storage.backend,
         s3 = embedded_s3.as_ref().map(|s| s.endpoint.as_str()).unwrap_or(config.uploads.endpoint.as_str()),

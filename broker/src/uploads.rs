@@ -773,33 +773,15 @@ impl EmbeddedS3 {
                 )
             })?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let http =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-            loop {
-                let socket = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((socket, _)) => socket,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "embedded S3 endpoint: accept failed");
-                            continue;
-                        }
-                    },
-                };
-                // Small responses (HEAD, errors) must not wait for Nagle's algorithm.
-                let _ = socket.set_nodelay(true);
-                let conn =
-                    http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone());
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            // Transfers in progress get a moment to finish; a device retries the rest.
-            let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
-        });
+        // Transfers in progress get a moment to finish at shutdown; a device retries the rest.
+        let task = tokio::spawn(crate::http_server::serve(
+            listener,
+            None,
+            move |_| service.clone(),
+            shutdown,
+            Duration::from_secs(5),
+            "uploads.s3_listen",
+        ));
         Ok(EmbeddedS3 {
             endpoint: format!("http://{addr}"),
             addr,

@@ -2,12 +2,17 @@
 //! environment and the old single-key setting, each with its role, on every route class;
 //! devices posting with their own credentials; a network listener without any key refusing to
 //! start (and starting, loudly, with `http.open = true`); and the admin API revoking a device
-//! that is connected over MQTT, which ends its session at once.
+//! that is connected over MQTT, which ends its session at once; HTTPS, with devices
+//! authenticating by their client certificates.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use messina_mosquitto_tests::clients::{connect_device_v5, disconnect_reason, ended_v5, v5};
+use messina_mosquitto_tests::clients::{
+    add_device, connect_device_v5, disconnect_reason, embedded_cli_config, ended_v5,
+    messina_devices, v5,
+};
+use messina_mosquitto_tests::pki::{fingerprint, issue, CLIENT_EXT, SERVER_EXT};
 use messina_mosquitto_tests::{free_port, messina_bin, now_ms, wait_for, Server};
 use serde_json::{json, Value};
 
@@ -24,7 +29,19 @@ async fn call(
     auth: Auth<'_>,
     body: Option<Value>,
 ) -> (u16, Value, Option<String>) {
-    let mut r = reqwest::Client::new().request(method, server.url(path));
+    call_as(server.client(), server, method, path, auth, body).await
+}
+
+/// [`call`] with another client (one presenting a client certificate).
+async fn call_as(
+    client: &reqwest::Client,
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    auth: Auth<'_>,
+    body: Option<Value>,
+) -> (u16, Value, Option<String>) {
+    let mut r = client.request(method, server.url(path));
     r = match auth {
         Auth::None => r,
         Auth::Key(k) => r.bearer_auth(k),
@@ -428,4 +445,147 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
     assert!(connect_device_v5(server.mqtt, "live-2", new_secret)
         .await
         .is_ok());
+}
+
+/// An HTTPS client trusting the server's CA and presenting `{name}.pem` from `pki`.
+fn client_with_certificate(pki: &std::path::Path, name: &str) -> reqwest::Client {
+    let mut pem = std::fs::read(pki.join(format!("{name}.pem"))).unwrap();
+    pem.extend(std::fs::read(pki.join(format!("{name}.key"))).unwrap());
+    reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(pki.join("ca.pem")).unwrap()).unwrap(),
+        )
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// HTTPS on the side-port: API keys work over it and a plain-HTTP client gets no answer; a
+/// device presenting a certificate from `http.tls_client_ca_file` posts its own data with it
+/// and nobody else's, a pinned device only with its pinned certificate, and a certificate that
+/// names nobody registered, or comes from another CA, authenticates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_api_keys_and_device_certificates() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    issue(&pki, "ca", "server", "localhost", SERVER_EXT);
+    for (name, cn) in [
+        ("dev-h", "dev-h"),
+        ("dev-p", "dev-p"),
+        ("dev-p-other", "dev-p"),
+        ("stranger", "stranger"),
+    ] {
+        issue(&pki, "devices-ca", name, cn, CLIENT_EXT);
+    }
+    issue(&pki, "rogue-ca", "rogue", "dev-h", CLIENT_EXT);
+    let data = dir.path().join("data");
+    let cli = embedded_cli_config(&data);
+    // dev-h: any certificate for it from the devices CA; dev-p: only the one pinned here.
+    add_device(&cli, "dev-h", &[]);
+    messina_devices(
+        &cli,
+        &[
+            "add",
+            "dev-p",
+            "--certificate-sha256",
+            &fingerprint(&pki, "dev-p"),
+        ],
+    );
+    let file = |f: &str| pki.join(f).display().to_string();
+    let server = Server::start_https(
+        &data,
+        "",
+        &[
+            ("MESSINA__HTTP__API_KEY", LEGACY_KEY),
+            ("MESSINA__HTTP__TLS_CERT_FILE", &file("server.pem")),
+            ("MESSINA__HTTP__TLS_KEY_FILE", &file("server.key")),
+            ("MESSINA__HTTP__TLS_CLIENT_CA_FILE", &file("devices-ca.pem")),
+        ],
+        &pki.join("ca.pem"),
+    )
+    .await;
+
+    // API keys over HTTPS; nothing without one.
+    let (status, body, _) = call(
+        &server,
+        Method::GET,
+        "/v1/devices",
+        Auth::Key(LEGACY_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = call(&server, Method::GET, "/v1/devices", Auth::None, None).await;
+    assert_eq!(status, 401);
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", server.http))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP is not served on the HTTPS listener"
+    );
+
+    let post = |name: &str, device: &str, seq: u64| {
+        let client = client_with_certificate(&pki, name);
+        let path = format!("/v1/devices/{device}/telemetry");
+        let server = &server;
+        async move {
+            call_as(
+                &client,
+                server,
+                Method::POST,
+                &path,
+                Auth::None,
+                Some(reading(seq)),
+            )
+            .await
+        }
+    };
+    let (status, body, _) = post("dev-h", "dev-h", 1).await;
+    assert_eq!(
+        status, 202,
+        "dev-h posts its own data with its certificate: {body}"
+    );
+    let (status, body, _) = post("dev-h", "dev-p", 2).await;
+    assert_eq!(status, 403, "and nobody else's: {body}");
+    let (status, body, _) = post("dev-p", "dev-p", 3).await;
+    assert_eq!(status, 202, "the pinned certificate: {body}");
+    let (status, body, _) = post("dev-p-other", "dev-p", 4).await;
+    assert_eq!(
+        status, 401,
+        "another certificate for a pinned device: {body}"
+    );
+    let (status, body, _) = post("stranger", "stranger", 5).await;
+    assert_eq!(
+        status, 401,
+        "a certificate naming nobody registered: {body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("stranger"),
+        "{body}"
+    );
+    // A certificate from a CA the server does not trust fails the handshake.
+    let rogue = client_with_certificate(&pki, "rogue")
+        .post(server.url("/v1/devices/dev-h/telemetry"))
+        .json(&reading(6))
+        .send()
+        .await;
+    assert!(
+        rogue.is_err(),
+        "an untrusted client certificate is refused: {rogue:?}"
+    );
+
+    // What was accepted is stored, under the devices that posted it.
+    for device in ["dev-h", "dev-p"] {
+        let path = format!("/v1/devices/{device}/telemetry");
+        wait_for("the posted readings stored", || async {
+            let (_, page, _) = call(&server, Method::GET, &path, Auth::Key(LEGACY_KEY), None).await;
+            page["items"].as_array().map(Vec::len) == Some(1)
+        })
+        .await;
+    }
 }

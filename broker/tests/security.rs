@@ -3,7 +3,6 @@
 //! nothing stored, sessions that cannot be taken over without the secret, Mosquitto's clients
 //! with a username and password, and a network listener nobody could use refusing to start.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use messina_mosquitto_tests::clients::{
     add_device, connect_v4, connect_v5, embedded_cli_config, messina_devices, puback, suback, v5,
     v5_options,
 };
+use messina_mosquitto_tests::pki::{fingerprint, issue, CLIENT_EXT, SERVER_EXT};
 use messina_mosquitto_tests::{free_port, messina_bin, mp, now_ms, wait_for, Server};
 use serde_json::json;
 
@@ -461,94 +461,6 @@ fn a_network_listener_that_nobody_could_use_refuses_to_start() {
     );
 }
 
-/// Runs openssl with `args` in `dir` (must succeed).
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (Debian's `openssl` package)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA `{ca}.pem`/`{ca}.key`, and a certificate `{name}.pem`/`{name}.key` it signs with
-/// subject CN `cn` and the extensions `ext` (a server's SAN, a client's usage).
-fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
-    if !dir.join(format!("{ca}.pem")).exists() {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={ca}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-    }
-    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
-}
-
-const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-                          keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
-const CLIENT_EXT: &str =
-    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,13 +478,7 @@ async fn mqtt_over_tls_with_secrets_and_client_certificates_and_reloading() {
     let secret = add_device(&cli, "dev-a", &[]);
     // dev-t: any certificate for it from the devices CA; dev-u: only the one pinned here.
     add_device(&cli, "dev-t", &[]);
-    let fingerprint = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(pki.join("dev-u.pem"))
-        .output()
-        .unwrap();
-    let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
-    let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_string();
+    let fingerprint = fingerprint(&pki, "dev-u");
     let out = messina_devices(
         &cli,
         &["add", "dev-u", "--certificate-sha256", &fingerprint],

@@ -389,6 +389,19 @@ section! {
         /// Address of the HTTP listener. Without any API key, a non-loopback address refuses
         /// to start unless `open = true`.
         pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// The server's certificate chain (PEM, leaf first): with `tls_key_file`, `listen`
+        /// serves HTTPS only (rustls, TLS 1.2 and 1.3). Empty: plain HTTP.
+        pub tls_cert_file: String = String::new(),
+        /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+        pub tls_key_file: String = String::new(),
+        /// CA certificates (PEM) that sign device certificates: over HTTPS, a device that
+        /// presents one authenticates its own ingest and upload routes as the certificate's
+        /// Common Name, as over MQTT (a pinned fingerprint must match). Empty: none asked for.
+        pub tls_client_ca_file: String = String::new(),
+        /// Seconds between checks of the TLS files; changed files are loaded for new
+        /// connections without a restart (a set that does not load is logged and the previous
+        /// one kept).
+        pub tls_reload_secs: u64 = 60,
         /// API keys and their roles, e.g. `api_keys = [{ key_file = "/run/secrets/admin",
         /// role = "admin" }, { key_env = "ANALYTICS_KEY", role = "read", name = "analytics" }]`.
         /// Each entry gives exactly one of `key` (the key itself), `key_file` (a file whose
@@ -852,6 +865,23 @@ impl Config {
         check(
             m.tls_reload_secs >= 1,
             "mqtt.tls_reload_secs",
+            "must be at least 1".into(),
+        );
+        let h = &self.http;
+        check(
+            h.tls_cert_file.is_empty() == h.tls_key_file.is_empty(),
+            "http.tls_cert_file",
+            "HTTPS needs both `http.tls_cert_file` and `http.tls_key_file` (PEM files); give both or neither".into(),
+        );
+        check(
+            h.tls_client_ca_file.is_empty() || !h.tls_cert_file.is_empty(),
+            "http.tls_client_ca_file",
+            "client certificates need HTTPS: set `http.tls_cert_file` and `http.tls_key_file`"
+                .into(),
+        );
+        check(
+            h.tls_reload_secs >= 1,
+            "http.tls_reload_secs",
             "must be at least 1".into(),
         );
         check(
@@ -1591,6 +1621,7 @@ mod tests {
     fn inconsistent_values_are_rejected() {
         let e = errors(
             "[http]\ndefault_page_size = 5000\nlow_battery_percent = 150\napi_key = \"short\"\n\
+             tls_key_file = \"key.pem\"\ntls_client_ca_file = \"ca.pem\"\ntls_reload_secs = 0\n\
              [uploads]\nphoto_max_bytes = 0\nlog_max_bytes = 6000000000\n",
         );
         for key in [
@@ -1599,6 +1630,9 @@ mod tests {
             "http.default_page_size",
             "http.low_battery_percent",
             "http.api_key",
+            "http.tls_cert_file",
+            "http.tls_client_ca_file",
+            "http.tls_reload_secs",
         ] {
             assert!(e.mentions(key), "{key} not reported in:\n{e}");
         }

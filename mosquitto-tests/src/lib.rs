@@ -11,6 +11,7 @@ use serde_json::Value;
 
 pub mod clients;
 pub mod load;
+pub mod pki;
 pub mod raw;
 
 /// The `messina` binary under test: `$MESSINA_BIN`, or the one cargo built beside the running test
@@ -59,6 +60,8 @@ pub struct Server {
     pub log: PathBuf,
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    /// `http` or `https`.
+    scheme: &'static str,
     client: reqwest::Client,
 }
 
@@ -72,6 +75,35 @@ impl Server {
     /// keys of sections the generated config already opens (`[mqtt]`, `[http]`), which extra TOML
     /// cannot repeat.
     pub async fn start_with_env(data: &Path, extra_toml: &str, env: &[(&str, &str)]) -> Server {
+        Server::launch(data, extra_toml, env, None).await
+    }
+
+    /// Like [`Server::start_with_env`] for a server whose HTTP side-port serves HTTPS with a
+    /// certificate signed by the CA in `ca_pem` (the env sets `MESSINA__HTTP__TLS_*`).
+    pub async fn start_https(
+        data: &Path,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+        ca_pem: &Path,
+    ) -> Server {
+        Server::launch(data, extra_toml, env, Some(ca_pem)).await
+    }
+
+    async fn launch(
+        data: &Path,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+        ca_pem: Option<&Path>,
+    ) -> Server {
+        let client = match ca_pem {
+            None => reqwest::Client::new(),
+            Some(ca) => reqwest::Client::builder()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+                )
+                .build()
+                .unwrap(),
+        };
         let (mqtt, mqtt_v5, http) = (free_port(), free_port(), free_port());
         let config = data.with_extension("toml");
         let toml = format!(
@@ -93,7 +125,8 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            client: reqwest::Client::new(),
+            scheme: if ca_pem.is_some() { "https" } else { "http" },
+            client,
         };
         server.spawn().await;
         server
@@ -137,12 +170,17 @@ impl Server {
         }
     }
 
+    /// The HTTP client that trusts this server (its CA, for HTTPS).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.http)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

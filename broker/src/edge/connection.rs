@@ -28,10 +28,10 @@ use super::codec::{
 };
 use super::router::Tag;
 use super::session::{InFlight, Kick, PendingWill, Session};
-use super::tls::PeerCertificate;
 use super::Shared;
 use crate::security::acl::Acl;
 use crate::security::session_key;
+use crate::tls::PeerCertificate;
 use messina_storage::{DeviceId, Role};
 
 /// How long shutdown and takeover wait for the log to make owed acknowledgements durable.

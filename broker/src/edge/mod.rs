@@ -14,7 +14,6 @@ pub mod connection;
 pub mod limit;
 pub mod router;
 pub mod session;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +31,7 @@ use messina_bridge::topics::Topic;
 
 use crate::ingest::{Meta, KIND_PUBLISH};
 use crate::security::Authenticator;
+use crate::tls;
 use codec::Publish;
 use router::{Feed, Router, Tag};
 use session::Registry;

@@ -19,12 +19,13 @@ use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use messina_config::{ApiKey, ApiRole};
-use messina_storage::{DeviceId, Role};
+use messina_storage::{DeviceId, RegisteredDevice, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::security::Authenticator;
+use crate::tls::PeerCertificate;
 
 /// The configured API keys, and the check of device credentials.
 pub struct Access {
@@ -257,10 +258,15 @@ async fn check(state: &AppState, parts: &mut Parts) -> Result<Caller, Response> 
         Err(_) => None,
     };
     match credentials(&parts.headers) {
-        None => Err(unauthorized(
-            need,
-            format!("{what} needs credentials: {}", how(need)),
-        )),
+        None => match parts.extensions.get::<PeerCertificate>().cloned() {
+            Some(certificate) => {
+                device_by_certificate(state, need, &what, target, &certificate).await
+            }
+            None => Err(unauthorized(
+                need,
+                format!("{what} needs credentials: {}", how(need)),
+            )),
+        },
         Some(Credentials::Unreadable(why)) => {
             Err(unauthorized(need, format!("{why}; {}", how(need))))
         }
@@ -324,26 +330,66 @@ async fn device(
         Ok(None) => return Err(refused()),
         Err(e) => return Err(ApiError::from(e).into_response()),
     };
+    device_may(need, what, target, device).map_err(forbidden)
+}
+
+/// Checks the client certificate an HTTPS connection verified, as a CONNECT over mutual TLS
+/// would, and that this route is one its device may call for itself.
+async fn device_by_certificate(
+    state: &AppState,
+    need: Need,
+    what: &str,
+    target: Option<String>,
+    certificate: &PeerCertificate,
+) -> Result<Caller, Response> {
+    match state
+        .access
+        .devices
+        .verify_device_certificate(certificate)
+        .await
+    {
+        Ok(Some(device)) => device_may(need, what, target, device).map_err(forbidden),
+        Ok(None) => Err(unauthorized(
+            need,
+            format!(
+                "the client certificate (CN {:?}) names no active registered device that                  accepts it; register the device with its certificate (`messina devices add                  ID --certificate-sha256 ...`), or {}",
+                certificate.common_name.as_deref().unwrap_or(""),
+                how(need)
+            ),
+        )),
+        Err(e) => Err(ApiError::from(e).into_response()),
+    }
+}
+
+/// Whether an authenticated device may call this route: only a device identity, only the
+/// routes a device calls for itself, only for its own id; otherwise why not (for a 403).
+fn device_may(
+    need: Need,
+    what: &str,
+    target: Option<String>,
+    device: RegisteredDevice,
+) -> Result<Caller, String> {
+    let id = device.id;
     if device.role != Role::Device {
-        return Err(forbidden(format!(
+        return Err(format!(
             "`{id}` is a {} identity; its credentials are for MQTT, and {what} needs an API key \
              with role `{}`",
             device.role, need.role
-        )));
+        ));
     }
     if !need.device {
-        return Err(forbidden(format!(
+        return Err(format!(
             "device credentials may only post the device's own data and ask for its own upload \
              URLs; {what} needs an API key with role `{}`",
             need.role
-        )));
+        ));
     }
     if target.as_deref() != Some(id.as_str()) {
-        return Err(forbidden(format!(
+        return Err(format!(
             "device `{id}` may post only for itself, not for `{}`; each device uses its own \
              credentials",
             target.unwrap_or_default()
-        )));
+        ));
     }
     Ok(Caller::Device(id))
 }

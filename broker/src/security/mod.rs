@@ -31,7 +31,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::edge::codec::{Connect, ReasonCode};
-use crate::edge::tls::PeerCertificate;
+use crate::tls::PeerCertificate;
 
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +189,20 @@ impl Authenticator {
         connect: &Connect,
         cert: &PeerCertificate,
     ) -> Result<Principal, ReasonCode> {
+        let device = self.certified(cert).await?;
+        if connect
+            .username
+            .as_deref()
+            .is_some_and(|u| u != device.id.as_str())
+        {
+            return Err(ReasonCode::NotAuthorized);
+        }
+        principal(connect, device)
+    }
+
+    /// The active registry entry a verified certificate names by its Common Name, when the
+    /// entry pins no other certificate.
+    async fn certified(&self, cert: &PeerCertificate) -> Result<RegisteredDevice, ReasonCode> {
         let Some(id) = cert
             .common_name
             .as_deref()
@@ -196,20 +210,29 @@ impl Authenticator {
         else {
             return Err(ReasonCode::NotAuthorized);
         };
-        if connect
-            .username
-            .as_deref()
-            .is_some_and(|u| u != id.as_str())
-        {
-            return Err(ReasonCode::NotAuthorized);
-        }
         let device = self.active_device(&id).await?;
         if let Credential::Certificate { sha256 } = &device.credential {
             if !bool::from(sha256.as_bytes().ct_eq(cert.sha256.as_bytes())) {
                 return Err(ReasonCode::NotAuthorized);
             }
         }
-        principal(connect, device)
+        Ok(device)
+    }
+
+    /// Checks a client certificate an HTTPS connection verified, as a CONNECT over mutual TLS
+    /// would: the active registry entry it names, `None` when it names none (or the entry
+    /// pins another certificate). `Err` only when the registry cannot be read.
+    pub async fn verify_device_certificate(
+        &self,
+        cert: &PeerCertificate,
+    ) -> Result<Option<RegisteredDevice>, StorageError> {
+        match self.certified(cert).await {
+            Ok(device) => Ok(Some(device)),
+            Err(ReasonCode::ServerUnavailable) => Err(StorageError::Unavailable(
+                "the device registry cannot be read".into(),
+            )),
+            Err(_) => Ok(None),
+        }
     }
 
     fn anonymous(&self, connect: &Connect, peer: SocketAddr) -> Result<Principal, ReasonCode> {

@@ -1,6 +1,7 @@
-//! TLS for the MQTT edge (rustls): the server certificate and key from PEM files, optional
-//! client certificates verified against a CA (mutual TLS, the certificate's CN being the device
-//! id), and reloading when the files change, without a restart.
+//! TLS for the MQTT edge and the HTTP side-port (rustls): the server certificate and key from
+//! PEM files, optional client certificates verified against a CA (mutual TLS, the
+//! certificate's CN being the device id), and reloading when the files change, without a
+//! restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -24,6 +25,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA certificates (PEM) that sign device certificates; `None`: no client certificates.
     pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files of one `[section]`'s `tls_cert_file`, `tls_key_file` and `tls_client_ca_file`
+    /// (empty: no client certificates).
+    pub fn new(cert: &str, key: &str, client_ca: &str) -> TlsFiles {
+        TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: (!client_ca.is_empty()).then(|| client_ca.into()),
+        }
+    }
 }
 
 /// What a verified client certificate says about its holder.
@@ -133,6 +146,19 @@ impl Tls {
         let config = server_config(&files)?;
         let current = RwLock::new((TlsAcceptor::from(Arc::new(config)), stamp(&files)));
         Ok(Arc::new(Tls { files, current }))
+    }
+
+    /// Loads the files of `[section]` and checks them for changes every `reload` until
+    /// `shutdown`.
+    pub fn start(
+        section: &str,
+        files: TlsFiles,
+        reload: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Arc<Tls>> {
+        let tls = Tls::load(files).with_context(|| format!("`{section}.tls_*`"))?;
+        tls.watch(reload, shutdown.clone());
+        Ok(tls)
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
