@@ -744,12 +744,19 @@ async fn one_alert(
 async fn ack_alert(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
     let service = alerts_service(&state)?;
-    // The body is optional: `{"by": "name"}` records who acknowledged.
+    // The body is optional: `{"by": "name"}` records who acknowledged; without it, the
+    // caller's API key name (or "api" on an open API).
+    let by_caller = match &caller {
+        auth::Caller::Open => "api".to_string(),
+        auth::Caller::Key { name, .. } => name.clone(),
+        auth::Caller::Device(id) => id.to_string(),
+    };
     let by = if body.is_empty() {
-        "api".to_string()
+        by_caller
     } else {
         let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -759,7 +766,7 @@ async fn ack_alert(
         })?;
         match &v["by"] {
             Value::String(s) if !s.is_empty() && s.len() <= 128 => s.clone(),
-            Value::Null => "api".to_string(),
+            Value::Null => by_caller,
             _ => {
                 return Err(ApiError {
                     status: StatusCode::BAD_REQUEST,
@@ -771,7 +778,10 @@ async fn ack_alert(
         }
     };
     match service.ack(&id, &by, crate::mqtt::now_millis()).await {
-        Ok(alert) => Ok(Json(alert_json(&alert))),
+        Ok(alert) => {
+            tracing::info!(%caller, alert = %id, by, "alert acknowledged");
+            Ok(Json(alert_json(&alert)))
+        }
         Err(AckError::NotActive(_)) => match state.storage.alert(&id).await? {
             Some(a) => Err(ApiError {
                 status: StatusCode::CONFLICT,
@@ -1034,6 +1044,8 @@ pub(crate) mod tests {
         /// An ingest log in the directory, so device data over HTTP is accepted.
         pub ingest: bool,
         pub cors_origins: &'a [&'a str],
+        /// Requests per second of each key and device (0: no limit).
+        pub rate: u32,
     }
 
     pub(crate) fn state_with(dir: &std::path::Path, setup: Setup<'_>) -> Arc<AppState> {
@@ -1046,6 +1058,7 @@ pub(crate) mod tests {
                 name: format!("{role}-key"),
                 role: *role,
                 key: key.to_string(),
+                max_request_rate: setup.rate,
             })
             .collect();
         let devices = Arc::new(crate::security::Authenticator::new(
@@ -1078,7 +1091,7 @@ pub(crate) mod tests {
                     .build_recorder()
                     .handle(),
             ),
-            access: auth::Access::new(&keys, devices),
+            access: auth::Access::new(&keys, devices, setup.rate, 0),
             sessions: Arc::new(crate::edge::session::Registry::default()),
             cors_origins: setup.cors_origins.iter().map(|o| o.to_string()).collect(),
             default_page_size: 100,

@@ -7,6 +7,7 @@ pub mod http;
 pub mod http_server;
 pub mod ingest;
 pub mod inspect;
+pub mod limit;
 pub mod mqtt;
 pub mod security;
 pub mod simulate;
@@ -335,7 +336,12 @@ pub async fn serve(
     let state = Arc::new(http::AppState {
         storage: Arc::clone(&storage),
         metrics,
-        access: http::auth::Access::new(&api_keys, Arc::clone(&edge.shared.auth)),
+        access: http::auth::Access::new(
+            &api_keys,
+            Arc::clone(&edge.shared.auth),
+            config.http.max_request_rate,
+            config.http.request_burst,
+        ),
         sessions: Arc::clone(&edge.shared.sessions),
         cors_origins: config.http.cors_origins.clone(),
         default_page_size: config.http.default_page_size,
@@ -365,6 +371,14 @@ pub async fn serve(
         })
         .transpose()?;
     let scheme = if https.is_some() { "https" } else { "http" };
+    let key_watch = (config.http.key_reload_secs > 0 && config.http.has_key_files()).then(|| {
+        http::auth::watch_keys(
+            Arc::clone(&state),
+            config.clone(),
+            Duration::from_secs(config.http.key_reload_secs),
+            shutdown.clone(),
+        )
+    });
     let app = http::app(state);
     let http = tokio::spawn(http_server::serve(
         listener,
@@ -417,6 +431,9 @@ pub async fn serve(
         let _ = ticker.await;
     }
     if let Some(watch) = registry_watch {
+        let _ = watch.await;
+    }
+    if let Some(watch) = key_watch {
         let _ = watch.await;
     }
     // The bridge has fed its last batch to the rules: save their state, so a restart resumes

@@ -236,6 +236,37 @@ async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_ro
         seqs == [1, 2]
     })
     .await;
+
+    // An acknowledgement without a body records the name of the key that made it.
+    let (status, body, _) = call(
+        &server,
+        Method::POST,
+        "/v1/devices/http-low/telemetry",
+        Auth::Key(WRITE_KEY),
+        Some(json!({"ts": now_ms() - 1_000, "battery": 3})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let alerts = || async {
+        call(
+            &server,
+            Method::GET,
+            "/v1/alerts?device=http-low",
+            Auth::Key(READ_KEY),
+            None,
+        )
+        .await
+        .1
+    };
+    wait_for("the low-battery alert", || async {
+        alerts().await["items"][0].is_object()
+    })
+    .await;
+    let alert = alerts().await["items"][0].clone();
+    let path = format!("/v1/alerts/{}/ack", alert["id"].as_str().unwrap());
+    let (status, acked, _) = call(&server, Method::POST, &path, Auth::Key(ADMIN_KEY), None).await;
+    assert_eq!(status, 200, "{acked}");
+    assert_eq!(acked["acked_by"], "ops", "{acked}");
 }
 
 /// Waits for `child` to exit, or kills it after `within`; `None` when it was still running.
@@ -588,4 +619,66 @@ async fn https_with_api_keys_and_device_certificates() {
         })
         .await;
     }
+}
+
+/// A key file is read again every `http.key_reload_secs`: a second line adds a key beside the
+/// old one while callers move, removing the old line retires it, and a file that no longer
+/// holds a key is logged while the keys in force stay. No restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_files_are_read_again_so_keys_rotate_without_a_restart() {
+    use reqwest::Method;
+    const NEW_KEY: &str = "dashboard-key-rotated-0002";
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("dashboard.key");
+    std::fs::write(&key_file, format!("{READ_KEY}\n")).unwrap();
+    let keys = format!(
+        "[{{key_file=\"{}\",role=\"read\",name=\"dashboard\"}}]",
+        key_file.display()
+    );
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[
+            ("MESSINA__HTTP__API_KEYS", &keys),
+            ("MESSINA__HTTP__KEY_RELOAD_SECS", "1"),
+        ],
+    )
+    .await;
+    let status = |key: &'static str| {
+        let server = &server;
+        async move {
+            call(server, Method::GET, "/v1/devices", Auth::Key(key), None)
+                .await
+                .0
+        }
+    };
+    assert_eq!(status(READ_KEY).await, 200);
+    assert_eq!(status(NEW_KEY).await, 401);
+
+    std::fs::write(&key_file, format!("{READ_KEY}\n{NEW_KEY}\n")).unwrap();
+    wait_for("the new key in force", || async {
+        status(NEW_KEY).await == 200
+    })
+    .await;
+    assert_eq!(
+        status(READ_KEY).await,
+        200,
+        "the old key works while callers move"
+    );
+
+    std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
+    wait_for("the old key retired", || async {
+        status(READ_KEY).await == 401
+    })
+    .await;
+    assert_eq!(status(NEW_KEY).await, 200);
+
+    // An emptied file is a mistake, not "no keys": the keys in force stay.
+    std::fs::write(&key_file, "").unwrap();
+    wait_for("the bad file logged", || async {
+        server.log_text().contains("do not resolve")
+    })
+    .await;
+    assert_eq!(status(NEW_KEY).await, 200);
+    assert_eq!(status(READ_KEY).await, 401);
 }

@@ -199,6 +199,14 @@ impl MqttConfig {
     }
 }
 
+impl HttpConfig {
+    /// Whether any API key comes from a file (which `key_reload_secs` reads again).
+    pub fn has_key_files(&self) -> bool {
+        (self.api_key.is_empty() && !self.api_key_file.is_empty())
+            || self.api_keys.iter().any(|k| !k.key_file.is_empty())
+    }
+}
+
 /// How much the process logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -349,6 +357,10 @@ pub struct ApiKeyConfig {
     /// A name for the logs (never the key); by default its place, `http.api_keys[N]`.
     #[serde(default)]
     pub name: String,
+    /// Requests per second this key may make, instead of `http.max_request_rate` (0: no
+    /// limit).
+    #[serde(default)]
+    pub max_request_rate: Option<u32>,
 }
 
 /// An HTTP API key resolved from its source. `Debug` does not show the key.
@@ -358,6 +370,8 @@ pub struct ApiKey {
     pub name: String,
     pub role: ApiRole,
     pub key: String,
+    /// Requests per second it may make (0: no limit).
+    pub max_request_rate: u32,
 }
 
 impl fmt::Debug for ApiKey {
@@ -407,17 +421,30 @@ section! {
         /// Each entry gives exactly one of `key` (the key itself), `key_file` (a file whose
         /// first line is the key) or `key_env` (an environment variable holding it), a `role`
         /// ("read", "write" or "admin"; each includes the ones before it) and optionally a
-        /// `name` for the logs. Keys are at least 16 printable ASCII characters without spaces
-        /// and are read once at start. To rotate one, add the new key, restart, move the
-        /// callers to it, then remove the old one and restart again.
+        /// `name` for the logs and optionally its own `max_request_rate`. Keys are at least 16
+        /// printable ASCII characters without spaces. Every non-empty line of a `key_file` is
+        /// a key with the entry's role, and key files are read again every `key_reload_secs`:
+        /// to rotate a key without a restart, add the new key as a second line, move the
+        /// callers to it, then remove the old line.
         pub api_keys: Vec<ApiKeyConfig> = Vec::new(),
         /// One more API key, with the admin role (the single key of earlier versions; kept
         /// working). Prefer `api_key_file` or the environment variable `MESSINA__HTTP__API_KEY`
         /// over writing the key here.
         pub api_key: String = String::new(),
-        /// File whose first line is the admin key of `api_key`; used when `api_key` is empty.
-        /// Empty for none.
+        /// File whose non-empty lines are admin keys, like a `key_file` of `api_keys`; used
+        /// when `api_key` is empty. Empty for none.
         pub api_key_file: String = String::new(),
+        /// Seconds between re-reads of the key files (`api_keys[].key_file`, `api_key_file`):
+        /// a changed file takes effect within this time, without a restart; a file that no
+        /// longer reads (or holds a bad key) is logged and the keys in force kept. 0: read at
+        /// start only.
+        pub key_reload_secs: u64 = 10,
+        /// Requests per second each API key and each device may make (0: no limit); over it,
+        /// requests are answered 429 with `Retry-After`, and nobody else is slowed. An
+        /// `api_keys` entry's own `max_request_rate` overrides it for that key.
+        pub max_request_rate: u32 = 0,
+        /// Requests a caller may make at once above the rate (0: one second's worth).
+        pub request_burst: u32 = 0,
         /// Serve the API with no API key on a non-loopback `listen` (anyone who reaches it may
         /// read, post and manage devices): an explicit opt-in for closed networks, logged as a
         /// warning. No effect once a key is configured.
@@ -1363,15 +1390,22 @@ impl Config {
     fn resolve_api_keys(&self, read: bool, errors: &mut Vec<ConfigError>) -> Vec<ApiKey> {
         let h = &self.http;
         // Each source in order: the config key that names it in errors, and the key's name,
-        // role and value (or why it could not be read).
-        let mut sources: Vec<(String, String, ApiRole, Result<String, String>)> = Vec::new();
+        // role, rate and values (or why they could not be read).
+        let mut sources: Vec<(String, String, ApiRole, u32, KeyValues)> = Vec::new();
+        let rate = h.max_request_rate;
         if !h.api_key.is_empty() {
             let key = "http.api_key".to_string();
-            sources.push((key.clone(), key, ApiRole::Admin, Ok(h.api_key.clone())));
+            sources.push((
+                key.clone(),
+                key,
+                ApiRole::Admin,
+                rate,
+                Ok(vec![h.api_key.clone()]),
+            ));
         } else if !h.api_key_file.is_empty() && read {
             let key = "http.api_key_file".to_string();
-            let value = first_line(&h.api_key_file);
-            sources.push((key.clone(), key, ApiRole::Admin, value));
+            let value = key_lines(&h.api_key_file);
+            sources.push((key.clone(), key, ApiRole::Admin, rate, value));
         }
         for (i, entry) in h.api_keys.iter().enumerate() {
             let at = format!("http.api_keys[{i}]");
@@ -1385,11 +1419,11 @@ impl Config {
             .map(|(k, _)| k)
             .collect();
             let value = match given[..] {
-                ["key"] => Ok(entry.key.clone()),
+                ["key"] => Ok(vec![entry.key.clone()]),
                 [_] if !read => continue,
-                ["key_file"] => first_line(&entry.key_file),
+                ["key_file"] => key_lines(&entry.key_file),
                 ["key_env"] => std::env::var(&entry.key_env)
-                    .map(|k| k.trim().to_string())
+                    .map(|k| vec![k.trim().to_string()])
                     .map_err(|_| {
                         format!(
                             "the environment variable {} is not set (or not UTF-8)",
@@ -1418,11 +1452,18 @@ impl Config {
             } else {
                 entry.name.clone()
             };
-            sources.push((source, name, entry.role, value));
+            let rate = entry.max_request_rate.unwrap_or(rate);
+            sources.push((source, name, entry.role, rate, value));
         }
         let mut keys: Vec<(String, ApiKey)> = Vec::with_capacity(sources.len());
-        for (source, name, role, value) in sources {
-            let problem = match &value {
+        for (source, name, role, rate, values) in sources {
+            let values = match values {
+                Ok(values) if values.is_empty() => vec![Err("holds no key".to_string())],
+                Ok(values) => values.into_iter().map(Ok).collect(),
+                Err(why) => vec![Err(why)],
+            };
+            for value in values {
+                let problem = match &value {
                 Err(why) => Some(why.clone()),
                 Ok(k) if k.len() < MIN_API_KEY_LEN => Some(format!(
                     "the key must be at least {MIN_API_KEY_LEN} characters long"
@@ -1438,24 +1479,42 @@ impl Config {
                         format!("the same key as `{first}`; give each key one entry and one role")
                     }),
             };
-            match (problem, value) {
-                (Some(message), _) => errors.push(ConfigError {
-                    key: source,
-                    message,
-                    source: None,
-                }),
-                (None, Ok(key)) => keys.push((source, ApiKey { name, role, key })),
-                (None, Err(_)) => unreachable!("an unreadable key is a problem"),
+                match (problem, value) {
+                    (Some(message), _) => errors.push(ConfigError {
+                        key: source.clone(),
+                        message,
+                        source: None,
+                    }),
+                    (None, Ok(key)) => keys.push((
+                        source.clone(),
+                        ApiKey {
+                            name: name.clone(),
+                            role,
+                            key,
+                            max_request_rate: rate,
+                        },
+                    )),
+                    (None, Err(_)) => unreachable!("an unreadable key is a problem"),
+                }
             }
         }
         keys.into_iter().map(|(_, k)| k).collect()
     }
 }
 
-/// The first line of a secret file, trimmed.
-fn first_line(path: &str) -> Result<String, String> {
+/// The keys one source gives, or why it gives none.
+type KeyValues = Result<Vec<String>, String>;
+
+/// The keys of a key file: its non-empty lines, trimmed.
+fn key_lines(path: &str) -> KeyValues {
     std::fs::read_to_string(path)
-        .map(|text| text.lines().next().unwrap_or("").trim().to_string())
+        .map(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
@@ -1662,7 +1721,11 @@ mod tests {
     #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type.
     fn api_keys_come_from_config_files_and_the_environment_with_their_roles() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("admin.key", "admin-key-from-a-file-0001\nignored\n")?;
+            // Every line is a key (two while a rotation moves callers), blank lines aside.
+            jail.create_file(
+                "admin.key",
+                "admin-key-from-a-file-0001\n\n  admin-key-from-a-file-0002  \n",
+            )?;
             jail.set_env("ANALYTICS_KEY", "read-key-from-the-env-0001");
             jail.create_file(
                 "m.toml",
@@ -1686,6 +1749,7 @@ mod tests {
                     "write-key-inline-000001",
                 ),
                 ("ops", ApiRole::Admin, "admin-key-from-a-file-0001"),
+                ("ops", ApiRole::Admin, "admin-key-from-a-file-0002"),
                 (
                     "http.api_keys[2]",
                     ApiRole::Read,
@@ -1701,13 +1765,20 @@ mod tests {
             // The whole list from one environment variable.
             jail.set_env(
                 "MESSINA__HTTP__API_KEYS",
-                "[{key_env=\"ANALYTICS_KEY\",role=\"write\"}]",
+                "[{key_env=\"ANALYTICS_KEY\",role=\"write\",max_request_rate=5},\
+                  {key=\"another-key-inline-0001\",role=\"read\"}]",
             );
+            jail.set_env("MESSINA__HTTP__MAX_REQUEST_RATE", "100");
             let c = Config::load(None).unwrap();
             let keys = c.api_keys().unwrap();
-            assert_eq!(keys.len(), 1);
+            assert_eq!(keys.len(), 2);
             assert_eq!(keys[0].role, ApiRole::Write);
             assert_eq!(keys[0].key, "read-key-from-the-env-0001");
+            assert_eq!(
+                (keys[0].max_request_rate, keys[1].max_request_rate),
+                (5, 100),
+                "a key's own rate, else `http.max_request_rate`"
+            );
             Ok(())
         });
     }

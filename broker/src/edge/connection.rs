@@ -225,7 +225,7 @@ pub async fn run(
         acl,
         device: principal.device,
         refusals: 0,
-        publish_rate: super::limit::Bucket::new(
+        publish_rate: crate::limit::Bucket::new(
             shared.settings.publish_rate.0,
             shared.settings.publish_rate.1,
         ),
@@ -265,7 +265,7 @@ struct Connection {
     /// DEBUG, so a client that keeps trying does not flood the log; all are counted).
     refusals: u64,
     /// Publishes this connection may still send (`mqtt.max_publish_rate`).
-    publish_rate: Option<super::limit::Bucket>,
+    publish_rate: Option<crate::limit::Bucket>,
     /// A 3.1.1 client over its rate: its socket is not read until then.
     paused_until: Option<Instant>,
 }

@@ -11,7 +11,6 @@
 
 pub mod codec;
 pub mod connection;
-pub mod limit;
 pub mod router;
 pub mod session;
 
@@ -31,7 +30,7 @@ use messina_bridge::topics::Topic;
 
 use crate::ingest::{Meta, KIND_PUBLISH};
 use crate::security::Authenticator;
-use crate::tls;
+use crate::{limit, tls};
 use codec::Publish;
 use router::{Feed, Router, Tag};
 use session::Registry;

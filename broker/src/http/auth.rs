@@ -9,7 +9,8 @@
 //! verification per process lifetime, as over MQTT.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::request::Parts;
@@ -24,55 +25,156 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
+use crate::limit::Rates;
 use crate::security::Authenticator;
 use crate::tls::PeerCertificate;
 
-/// The configured API keys, and the check of device credentials.
+/// The configured API keys, the check of device credentials, and each caller's request rate.
 pub struct Access {
-    keys: Vec<Key>,
+    /// Replaced whole when the key files change.
+    keys: RwLock<Arc<[Key]>>,
     /// Shared with the MQTT edge: one cache of verified secrets, one hash limit.
     pub devices: Arc<Authenticator>,
+    /// Requests per second a device may make (0: no limit).
+    device_rate: u32,
+    /// Requests any caller may make at once above its rate (0: one second's worth).
+    burst: u32,
+    rates: Rates<String>,
 }
 
+#[derive(Clone, PartialEq, Eq)]
 struct Key {
     digest: [u8; 32],
     role: ApiRole,
     name: String,
+    /// Requests per second (0: no limit).
+    rate: u32,
+}
+
+fn digest_keys(keys: &[ApiKey]) -> Arc<[Key]> {
+    keys.iter()
+        .map(|k| Key {
+            digest: Sha256::digest(k.key.as_bytes()).into(),
+            role: k.role,
+            name: k.name.clone(),
+            rate: k.max_request_rate,
+        })
+        .collect()
 }
 
 impl Access {
-    pub fn new(keys: &[ApiKey], devices: Arc<Authenticator>) -> Access {
+    /// `device_rate` and `burst` are `http.max_request_rate` and `http.request_burst`.
+    pub fn new(
+        keys: &[ApiKey],
+        devices: Arc<Authenticator>,
+        device_rate: u32,
+        burst: u32,
+    ) -> Access {
         Access {
-            keys: keys
-                .iter()
-                .map(|k| Key {
-                    digest: Sha256::digest(k.key.as_bytes()).into(),
-                    role: k.role,
-                    name: k.name.clone(),
-                })
-                .collect(),
+            keys: RwLock::new(digest_keys(keys)),
             devices,
+            device_rate,
+            burst,
+            rates: Rates::default(),
         }
     }
 
     /// True when no key is configured: every route is open and nothing is checked (allowed
     /// only on a loopback listener, or with `http.open = true`).
     pub fn is_open(&self) -> bool {
-        self.keys.is_empty()
+        self.current().is_empty()
+    }
+
+    fn current(&self) -> Arc<[Key]> {
+        Arc::clone(&self.keys.read().expect("API keys"))
+    }
+
+    /// Puts `keys` in force from the next request on; `false` when they are the keys in force.
+    pub fn replace_keys(&self, keys: &[ApiKey]) -> bool {
+        let new = digest_keys(keys);
+        let mut current = self.keys.write().expect("API keys");
+        if *current == new {
+            return false;
+        }
+        *current = new;
+        true
     }
 
     /// The configured key `given` is, if any.
-    fn key(&self, given: &str) -> Option<&Key> {
+    fn key(&self, given: &str) -> Option<Key> {
         let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
         // Every key is compared, so the time taken does not say which one matched.
         let mut found = None;
-        for k in &self.keys {
+        for k in self.current().iter() {
             if bool::from(k.digest.ct_eq(&digest)) {
-                found = Some(k);
+                found = Some(k.clone());
             }
         }
         found
     }
+
+    /// Takes one request from the caller's rate: `Err` is how long until it may make another.
+    fn admit(&self, caller: &Caller) -> Result<(), Duration> {
+        match caller {
+            Caller::Open => Ok(()),
+            Caller::Key { name, .. } => {
+                let rate = self
+                    .current()
+                    .iter()
+                    .find(|k| &k.name == name)
+                    .map_or(0, |k| k.rate);
+                self.rates.take(format!("key {name}"), rate, self.burst)
+            }
+            Caller::Device(id) => {
+                self.rates
+                    .take(format!("device {id}"), self.device_rate, self.burst)
+            }
+        }
+    }
+}
+
+/// Reads the key files of `config` again every `every` until `shutdown`, putting changed keys
+/// in force; a set that does not resolve (a file gone, a bad key) is logged once and the keys
+/// in force kept.
+pub fn watch_keys(
+    state: Arc<AppState>,
+    config: messina_config::Config,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut last_error = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let config = config.clone();
+            let Ok(resolved) = tokio::task::spawn_blocking(move || config.api_keys()).await else {
+                continue;
+            };
+            match resolved {
+                Ok(keys) => {
+                    last_error = None;
+                    if state.access.replace_keys(&keys) {
+                        let names: std::collections::BTreeSet<&str> =
+                            keys.iter().map(|k| k.name.as_str()).collect();
+                        tracing::info!(keys = keys.len(), names = ?names, "API keys reloaded from their files");
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::warn!(error = %text, "the API key files changed but do not resolve; the keys in force stay");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Who a request authenticated as; handlers read it from the request extensions (for logs).
@@ -211,6 +313,27 @@ fn unauthorized(need: Need, detail: String) -> Response {
     response
 }
 
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn too_many(caller: &Caller, wait: Duration) -> Response {
+    metrics::counter!("messina_http_refused_total", "status" => "429").increment(1);
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    tracing::debug!(%caller, retry_after = seconds, "request over its rate");
+    let mut response = ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        title: "Too Many Requests",
+        detail: format!(
+            "{caller} is over its request rate (`http.max_request_rate`, or the key's own \
+             `max_request_rate`); retry after {seconds} s"
+        ),
+        parameter: None,
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
 fn forbidden(detail: String) -> Response {
     metrics::counter!("messina_http_refused_total", "status" => "403").increment(1);
     ApiError {
@@ -223,8 +346,8 @@ fn forbidden(detail: String) -> Response {
 }
 
 /// The middleware: answers 401 (no or unknown credentials) or 403 (known, but not allowed
-/// here) as problems that say what to send instead, or passes the request on with its
-/// [`Caller`].
+/// here) as problems that say what to send instead, 429 when the caller is over its request
+/// rate, or passes the request on with its [`Caller`].
 pub async fn authorize(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -235,6 +358,9 @@ pub async fn authorize(
         Ok(caller) => caller,
         Err(refusal) => return refusal,
     };
+    if let Err(wait) = state.access.admit(&caller) {
+        return too_many(&caller, wait);
+    }
     parts.extensions.insert(caller);
     next.run(Request::from_parts(parts, body)).await
 }
@@ -285,8 +411,8 @@ async fn check(state: &AppState, parts: &mut Parts) -> Result<Caller, Response> 
                 None => Err(unauthorized(
                     need,
                     format!(
-                        "the API key is not one this server knows (keys are read at start from \
-                         `http.api_keys`); {}",
+                        "the API key is not one this server knows (`http.api_keys`; key files \
+                         are read again every `http.key_reload_secs`); {}",
                         how(need)
                     ),
                 )),
@@ -529,6 +655,119 @@ mod tests {
             let a = send(&app, Method::GET, uri, None, None).await;
             assert_eq!(a.status, StatusCode::OK, "{uri}");
         }
+    }
+
+    #[tokio::test]
+    async fn each_key_and_device_has_its_own_request_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(
+            dir.path(),
+            Setup {
+                keys: &KEYS,
+                ingest: true,
+                rate: 2,
+                ..Setup::default()
+            },
+        );
+        let app = crate::http::app(Arc::clone(&state));
+        let secret = provision::add(&state.storage, &NewDevice::new("d1"))
+            .await
+            .unwrap()
+            .secret
+            .unwrap();
+        let get = |auth: String| {
+            let app = app.clone();
+            async move { send(&app, Method::GET, "/v1/devices", Some(&auth), None).await }
+        };
+        // The burst (one second's worth), then 429 with when to retry.
+        for _ in 0..2 {
+            assert_eq!(get(bearer(READ)).await.status, StatusCode::OK);
+        }
+        let over = get(bearer(READ)).await;
+        assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS, "{}", over.body);
+        assert_eq!(over.headers[header::RETRY_AFTER], "1");
+        assert_eq!(
+            over.headers[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert!(
+            over.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("max_request_rate"),
+            "{}",
+            over.body
+        );
+        // Another key, and a device, are not slowed by it.
+        assert_eq!(get(bearer(WRITE)).await.status, StatusCode::OK);
+        let post = || {
+            let app = app.clone();
+            let auth = basic("d1", &secret);
+            async move {
+                send(
+                    &app,
+                    Method::POST,
+                    "/v1/devices/d1/telemetry",
+                    Some(&auth),
+                    reading(),
+                )
+                .await
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(post().await.status, StatusCode::ACCEPTED);
+        }
+        assert_eq!(post().await.status, StatusCode::TOO_MANY_REQUESTS);
+        // Probes have no rate.
+        for _ in 0..5 {
+            let a = send(&app, Method::GET, "/healthz", None, None).await;
+            assert_eq!(a.status, StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn replaced_keys_are_in_force_from_the_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(
+            dir.path(),
+            Setup {
+                keys: &KEYS,
+                ..Setup::default()
+            },
+        );
+        let app = crate::http::app(Arc::clone(&state));
+        let status = |key: &'static str| {
+            let app = app.clone();
+            async move {
+                send(&app, Method::GET, "/v1/devices", Some(&bearer(key)), None)
+                    .await
+                    .status
+            }
+        };
+        const NEW: &str = "rotated-read-key-0123456789";
+        assert_eq!(status(NEW).await, StatusCode::UNAUTHORIZED);
+        let key = |key: &str| ApiKey {
+            name: "analytics".into(),
+            role: ApiRole::Read,
+            key: key.into(),
+            max_request_rate: 0,
+        };
+        // Old and new side by side while callers move, then the new one alone.
+        assert!(state.access.replace_keys(&[key(READ), key(NEW)]));
+        assert!(
+            !state.access.replace_keys(&[key(READ), key(NEW)]),
+            "unchanged"
+        );
+        assert_eq!(status(READ).await, StatusCode::OK);
+        assert_eq!(status(NEW).await, StatusCode::OK);
+        assert!(state.access.replace_keys(&[key(NEW)]));
+        assert_eq!(status(READ).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(NEW).await, StatusCode::OK);
+        assert_eq!(
+            status(ADMIN).await,
+            StatusCode::UNAUTHORIZED,
+            "gone with the old set"
+        );
     }
 
     #[tokio::test]

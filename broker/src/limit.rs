@@ -1,7 +1,9 @@
-//! Rate limits at the edge: a token bucket per connection for publishes, and one per source
-//! address for new connections. Only the offender waits or is refused; nobody else is slowed.
+//! Rate limits: a token bucket per MQTT connection for publishes, one per source address for
+//! new MQTT connections, one per API key or device for HTTP requests. Only the offender waits
+//! or is refused; nobody else is slowed.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -59,11 +61,47 @@ impl Bucket {
     }
 }
 
+/// A token bucket per key, made on first use; full buckets are forgotten when there are many.
+pub struct Rates<K> {
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Hash + Eq> Default for Rates<K> {
+    fn default() -> Self {
+        Rates {
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Keys kept before the full buckets are forgotten.
+const KEPT_BUCKETS: usize = 100_000;
+
+impl<K: Hash + Eq> Rates<K> {
+    /// Takes a token from `key`'s bucket of `rate` a second (0: no limit) and `burst` (0: one
+    /// second's worth): `Err` is how long until there is one.
+    pub fn take(&self, key: K, rate: u32, burst: u32) -> Result<(), Duration> {
+        let Some(fresh) = Bucket::new(rate, burst) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        if buckets.len() > KEPT_BUCKETS {
+            // Full buckets say nothing a fresh one would not: forget them.
+            buckets.retain(|_, b| {
+                b.refill(now);
+                b.tokens < b.burst
+            });
+        }
+        buckets.entry(key).or_insert(fresh).take(now)
+    }
+}
+
 /// New connections per source address.
 pub struct ConnectRate {
     rate: u32,
     burst: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Rates<IpAddr>,
 }
 
 impl ConnectRate {
@@ -71,25 +109,13 @@ impl ConnectRate {
         ConnectRate {
             rate,
             burst,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Rates::default(),
         }
     }
 
     /// Whether `ip` may open a connection now.
     pub fn admit(&self, ip: IpAddr) -> bool {
-        let Some(fresh) = Bucket::new(self.rate, self.burst) else {
-            return true;
-        };
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("connect rate");
-        if buckets.len() > 100_000 {
-            // Full buckets say nothing a fresh one would not: forget them.
-            buckets.retain(|_, b| {
-                b.refill(now);
-                b.tokens < b.burst
-            });
-        }
-        buckets.entry(ip).or_insert(fresh).take(now).is_ok()
+        self.buckets.take(ip, self.rate, self.burst).is_ok()
     }
 }
 
