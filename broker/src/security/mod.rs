@@ -308,12 +308,15 @@ impl Authenticator {
         id: &DeviceId,
         secret: &[u8],
     ) -> Result<Option<RegisteredDevice>, StorageError> {
-        let Some(device) = self.storage.registered_device(id).await? else {
-            return Ok(None);
+        let device = match self.active_device(id).await {
+            Ok(device) => device,
+            Err(ReasonCode::ServerUnavailable) => {
+                return Err(StorageError::Unavailable(
+                    "the device registry cannot be read".into(),
+                ))
+            }
+            Err(_) => return Ok(None),
         };
-        if device.status != DeviceStatus::Active {
-            return Ok(None);
-        }
         let Credential::Secret { hash } = &device.credential else {
             return Ok(None);
         };
