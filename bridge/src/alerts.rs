@@ -736,20 +736,9 @@ impl AlertService {
             let mut last_seen = Vec::new();
             let mut page = PageRequest::first(1000);
             loop {
-                let fleet = storage
-                    .fleet(&FleetQuery {
-                        page: page.clone(),
-                        low_battery_percent: 0.0,
-                    })
-                    .await?;
-                last_seen.extend(
-                    fleet
-                        .devices
-                        .items
-                        .iter()
-                        .map(|d| (d.device.clone(), d.last_seen)),
-                );
-                match fleet.devices.next_cursor {
+                let fleet = storage.fleet(&FleetQuery { page: page.clone() }).await?;
+                last_seen.extend(fleet.items.iter().map(|d| (d.device.clone(), d.last_seen)));
+                match fleet.next_cursor {
                     Some(c) => page.cursor = Some(c),
                     None => break,
                 }

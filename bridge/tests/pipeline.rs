@@ -54,8 +54,23 @@ impl Storage for Recording {
     async fn device(&self, d: &DeviceId) -> Result<Option<DeviceState>> {
         self.inner.device(d).await
     }
-    async fn fleet(&self, q: &FleetQuery) -> Result<FleetPage> {
+    async fn fleet(&self, q: &FleetQuery) -> Result<Page<DeviceState>> {
         self.inner.fleet(q).await
+    }
+    async fn fleet_counts(&self) -> Result<FleetCounts> {
+        self.inner.fleet_counts().await
+    }
+    async fn report_node(&self, node: &str, connected: u64, ttl_ms: Millis) -> Result<()> {
+        self.inner.report_node(node, connected, ttl_ms).await
+    }
+    async fn connected_devices(&self) -> Result<u64> {
+        self.inner.connected_devices().await
+    }
+    async fn put_connections(&self, c: &[Connection]) -> Result<()> {
+        self.inner.put_connections(c).await
+    }
+    async fn connections(&self, d: &[DeviceId]) -> Result<Vec<Connection>> {
+        self.inner.connections(d).await
     }
     async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
         self.inner.telemetry(q).await

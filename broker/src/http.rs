@@ -21,7 +21,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
 use messina_storage::{
-    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Cursor, DeadLetter,
+    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Connection, Cursor, DeadLetter,
     DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery, Millis, Order, Page,
     PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange, UploadQuery,
 };
@@ -578,6 +578,16 @@ fn page_json<T>(page: Page<T>, f: impl Fn(&T) -> Value) -> PageJson {
     }
 }
 
+/// A device's connection as the edge saw it: connected now (on a node whose report holds), or
+/// not, with when that last changed and on which node; apart from the `online` it reports.
+fn connection_json(c: Option<&Connection>) -> Value {
+    json!({
+        "connected": c.is_some_and(|c| c.connected),
+        "changed_at": c.map(|c| rfc3339(c.at)),
+        "node": c.map(|c| c.node.as_str()),
+    })
+}
+
 async fn device(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -586,7 +596,12 @@ async fn device(
     Params::new(params, &[])?;
     let id = device_id(id)?;
     match state.storage.device(&id).await? {
-        Some(s) => Ok(Json(state_json(&s))),
+        Some(s) => {
+            let connections = state.storage.connections(std::slice::from_ref(&id)).await?;
+            let mut v = state_json(&s);
+            v["connection"] = connection_json(connections.first());
+            Ok(Json(v))
+        }
         None => Err(ApiError::not_found(format!(
             "device `{id}` has sent no telemetry"
         ))),
@@ -660,20 +675,32 @@ async fn fleet(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let p = Params::new(params, &["limit", "cursor"])?;
-    let page = state
-        .storage
-        .fleet(&FleetQuery {
-            page: p.page(&state)?,
-            low_battery_percent: state.low_battery_percent,
-        })
-        .await?;
-    let c = page.counts;
-    let devices = page_json(page.devices, state_json);
+    let storage = &state.storage;
+    let query = FleetQuery {
+        page: p.page(&state)?,
+    };
+    let (page, counts, connected) = tokio::try_join!(
+        storage.fleet(&query),
+        storage.fleet_counts(),
+        storage.connected_devices(),
+    )?;
+    let ids: Vec<DeviceId> = page.items.iter().map(|d| d.device.clone()).collect();
+    let connections: HashMap<DeviceId, Connection> = storage
+        .connections(&ids)
+        .await?
+        .into_iter()
+        .map(|c| (c.device.clone(), c))
+        .collect();
+    let devices = page_json(page, |d| {
+        let mut v = state_json(d);
+        v["connection"] = connection_json(connections.get(&d.device));
+        v
+    });
     Ok(Json(json!({
-        "total": c.total,
-        "online": c.online,
-        "offline": c.offline,
-        "low_battery": c.low_battery,
+        "total": counts.total,
+        "connected": connected,
+        "not_connected": counts.total.saturating_sub(connected),
+        "low_battery": counts.low_battery,
         "low_battery_percent": state.low_battery_percent,
         "items": devices.items,
         "next_cursor": devices.next_cursor,

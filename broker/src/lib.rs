@@ -158,6 +158,7 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
                 path: e.path.clone(),
                 fsync: e.fsync,
                 cache_bytes: e.cache_mib << 20,
+                low_battery_percent: f64::from(config.http.low_battery_percent),
             })?;
             Ok(Arc::new(storage))
         }
@@ -186,6 +187,7 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
                 write_attempts: sc.write_attempts,
                 credentials: (!sc.username.is_empty())
                     .then(|| (sc.username.clone(), password.unwrap_or_default())),
+                low_battery_percent: f64::from(config.http.low_battery_percent),
             };
             tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, "connecting to ScyllaDB");
             Ok(Arc::new(ScyllaStorage::connect(&options).await?))
@@ -245,6 +247,15 @@ pub async fn serve(
         shutdown.clone(),
     )
     .await?;
+    let presence = edge.shared.presence.spawn(
+        Arc::clone(&storage),
+        Arc::clone(&edge.shared.sessions),
+        shutdown.clone(),
+    );
+    tracing::info!(
+        node = edge.shared.presence.node(),
+        "this node's id in `nodes` and `device_connections`"
+    );
     let registry_watch = (config.mqtt.registry_poll_secs > 0).then(|| {
         security::watch::spawn(
             Arc::clone(&storage),
@@ -404,7 +415,10 @@ pub async fn serve(
     // The edge stops reading sockets and sends the acknowledgements the log allows; nothing more
     // is appended once it has stopped. Closing the log syncs what it holds, the consumer reads
     // it to the end and drops the last bridge handle, and the bridge then drains.
+    let shared = Arc::clone(&edge.shared);
     edge.stopped().await;
+    let _ = presence.await;
+    shared.presence.finish(&storage, &shared.sessions).await;
     log.close();
     let _ = consumer.await;
     // The consumer held the only job sender; the worker answers what it has and ends.

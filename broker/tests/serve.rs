@@ -102,17 +102,16 @@ async fn mqtt_311_and_5_publishes_read_back_exactly_over_http() {
     assert_eq!(b["battery"], 15.5);
     assert_eq!(b["metrics"]["lux"], 300.0);
 
-    // Fleet summary.
+    // Fleet summary: counts maintained as readings arrive; connected is the edge's, apart from
+    // the `online` field each device reports (dev-a said false, dev-b true).
     let fleet = server.json("/v1/devices?limit=1").await;
-    assert_eq!(
-        (
-            fleet["total"].as_u64(),
-            fleet["online"].as_u64(),
-            fleet["offline"].as_u64()
-        ),
-        (Some(2), Some(1), Some(1))
-    );
+    assert_eq!(fleet["total"], 2);
     assert_eq!(fleet["low_battery"], 1);
+    assert_eq!(
+        fleet["connected"].as_u64().unwrap() + fleet["not_connected"].as_u64().unwrap(),
+        2,
+        "{fleet}"
+    );
     assert_eq!(fleet["items"][0]["device_id"], "dev-a");
     let cursor = fleet["next_cursor"].as_str().unwrap();
     let fleet = server
@@ -413,4 +412,64 @@ fn print_config_output_is_a_valid_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Whether a device is connected comes from the edge, on the device and in the fleet summary,
+/// and is kept apart from the `online` field the device reports itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_comes_from_the_edge_not_from_the_device() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "").await;
+    // dev-c says it is offline, over a connection that stays open.
+    let (client, mut eventloop) =
+        AsyncClient::new(MqttOptions::new("dev-c", "127.0.0.1", server.mqtt), 10);
+    client
+        .publish(
+            "devices/dev-c/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            mp(&json!({"ts": now_ms(), "battery": 50, "online": false})),
+        )
+        .await
+        .unwrap();
+    let poller = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    wait_for("dev-c connected and stored", || async {
+        let (status, d) = server.get("/v1/devices/dev-c").await;
+        status == 200 && d["connection"]["connected"] == true
+    })
+    .await;
+    let d = server.json("/v1/devices/dev-c").await;
+    assert_eq!(d["online"], false, "what the device said stays its own");
+    assert!(d["connection"]["node"]
+        .as_str()
+        .unwrap()
+        .starts_with("messina-"));
+    wait_for("the fleet counts it connected", || async {
+        let f = server.json("/v1/devices").await;
+        f["connected"] == 1
+            && f["not_connected"] == 0
+            && f["items"][0]["connection"]["connected"] == true
+    })
+    .await;
+
+    client.disconnect().await.unwrap();
+    let _ = poller.await;
+    wait_for("dev-c disconnected", || async {
+        let d = server.json("/v1/devices/dev-c").await;
+        d["connection"]["connected"] == false && d["connection"]["changed_at"].is_string()
+    })
+    .await;
+    wait_for("the fleet counts it not connected", || async {
+        let f = server.json("/v1/devices").await;
+        f["connected"] == 0 && f["not_connected"] == 1
+    })
+    .await;
 }

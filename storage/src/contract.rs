@@ -8,11 +8,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::model::{
-    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, Event, Reading, Upload, UploadState,
+    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, Event, Reading, Upload,
+    UploadState,
 };
 use crate::query::{
-    AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order,
+    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{
     Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role,
@@ -41,7 +42,8 @@ macro_rules! contract_suite {
             alerts_upsert_by_id_filter_and_page, uploads_upsert_by_id_list_per_device_and_expire,
             alert_states_replace_per_device_and_survive_reopen,
             registry_registers_each_id_once, registry_updates_lists_and_filters,
-            registry_changes_are_read_in_order_for_a_week);
+            registry_changes_are_read_in_order_for_a_week,
+            connections_hold_while_their_node_reports);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -427,48 +429,134 @@ pub async fn events_by_kind_page_exactly_once(h: &dyn Harness) {
     }
 }
 
-pub async fn fleet_pages_and_counts(h: &dyn Harness) {
-    let s = h.open().await;
-    let rows: Vec<Reading> = (0..9)
-        .map(|i| {
-            let mut r = reading(&format!("dev-{i}"), 1, 0, if i < 3 { 5.0 } else { 80.0 });
-            r.online = Some(i % 2 == 0);
-            r
-        })
-        .collect();
-    write(&*s, rows).await;
-    let mut ids = Vec::new();
-    let mut page = PageRequest::first(4);
-    loop {
-        let got = s
-            .fleet(&FleetQuery {
-                page: page.clone(),
-                low_battery_percent: 20.0,
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            (
-                got.counts.total,
-                got.counts.online,
-                got.counts.offline,
-                got.counts.low_battery
-            ),
-            (9, 5, 4, 3),
-            "counts cover the whole fleet on every page"
-        );
-        ids.extend(got.devices.items.iter().map(|d| d.device.to_string()));
-        assert!(got.devices.items.len() <= 4);
-        match got.devices.next_cursor {
-            Some(c) => page.cursor = Some(c),
-            None => break,
+/// Waits until the backend's maintained counts are `expected` (ScyllaDB recounts a changed
+/// shard within a second or two), failing after 20 s with the last counts seen.
+async fn counts_become(s: &dyn Storage, expected: FleetCounts, what: &str) {
+    let mut last = None;
+    for _ in 0..200 {
+        let counts = s.fleet_counts().await.unwrap();
+        if counts == expected {
+            return;
         }
+        last = Some(counts);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    // Every device exactly once; the order is the backend's own (by id for the embedded backend,
-    // by token for ScyllaDB) but stable across pages.
-    ids.sort();
-    let expected: Vec<String> = (0..9).map(|i| format!("dev-{i}")).collect();
-    assert_eq!(ids, expected);
+    panic!("{what}: counts stayed {last:?}, expected {expected:?}");
+}
+
+/// Pages of the fleet hold every device once; the counts are maintained as readings arrive,
+/// follow each device's latest battery (not a late older one, not a redelivery), and survive a
+/// reopen.
+pub async fn fleet_pages_and_counts(h: &dyn Harness) {
+    let counts = |total, low_battery| FleetCounts { total, low_battery };
+    {
+        let s = h.open().await;
+        counts_become(&*s, counts(0, 0), "an empty fleet").await;
+        let rows: Vec<Reading> = (0..9)
+            .map(|i| reading(&format!("dev-{i}"), 10, 0, if i < 3 { 5.0 } else { 80.0 }))
+            .collect();
+        write(&*s, rows.clone()).await;
+        let mut ids = Vec::new();
+        let mut page = PageRequest::first(4);
+        loop {
+            let got = s.fleet(&FleetQuery { page: page.clone() }).await.unwrap();
+            ids.extend(got.items.iter().map(|d| d.device.to_string()));
+            assert!(got.items.len() <= 4);
+            match got.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => break,
+            }
+        }
+        // Every device exactly once; the order is the backend's own (by id for the embedded
+        // backend, by token for ScyllaDB) but stable across pages.
+        ids.sort();
+        let expected: Vec<String> = (0..9).map(|i| format!("dev-{i}")).collect();
+        assert_eq!(ids, expected);
+        counts_become(&*s, counts(9, 3), "nine devices, three low").await;
+
+        // Redelivered: nothing changes. A late, older reading does not lift dev-0 out of low
+        // battery; a newer one does; dev-5 drops below the threshold; dev-9 has no battery yet.
+        write(&*s, rows).await;
+        write(&*s, vec![reading("dev-0", 5, 1, 90.0)]).await;
+        counts_become(&*s, counts(9, 3), "a redelivery and a late reading").await;
+        let mut no_battery = reading("dev-9", 20, 0, 0.0);
+        no_battery.battery = None;
+        write(
+            &*s,
+            vec![
+                reading("dev-0", 20, 2, 90.0),
+                reading("dev-5", 20, 0, 1.0),
+                no_battery,
+            ],
+        )
+        .await;
+        counts_become(&*s, counts(10, 3), "dev-0 recharged, dev-5 low, dev-9 new").await;
+        write(
+            &*s,
+            vec![reading("dev-1", 30, 0, 95.0), reading("dev-2", 30, 0, 95.0)],
+        )
+        .await;
+        counts_become(&*s, counts(10, 1), "two more recharged").await;
+        s.close().await.unwrap();
+    }
+    let s = h.open().await;
+    counts_become(&*s, counts(10, 1), "after a reopen").await;
+    write(&*s, vec![reading("dev-9", 40, 0, 3.0)]).await;
+    counts_become(&*s, counts(10, 2), "dev-9's first battery is low").await;
+}
+
+/// Node reports hold for their TTL and are summed; a device's later connection change wins,
+/// and a connection on a node that stopped reporting is answered as not connected.
+pub async fn connections_hold_while_their_node_reports(h: &dyn Harness) {
+    let s = h.open().await;
+    let now = crate::model::now_millis();
+    s.report_node("node-a", 2, 60_000).await.unwrap();
+    s.report_node("node-b", 1, 1_000).await.unwrap();
+    assert_eq!(s.connected_devices().await.unwrap(), 3);
+    s.report_node("node-a", 4, 60_000).await.unwrap();
+    assert_eq!(
+        s.connected_devices().await.unwrap(),
+        5,
+        "a node's report replaces its last"
+    );
+    let c = |device: &str, node: &str, connected: bool, at: i64| Connection {
+        device: dev(device),
+        node: node.into(),
+        connected,
+        at,
+    };
+    s.put_connections(&[
+        c("d1", "node-a", true, now),
+        c("d2", "node-b", true, now),
+        c("d3", "node-a", false, now),
+    ])
+    .await
+    .unwrap();
+    // An older change arriving late does not win.
+    s.put_connections(&[c("d1", "node-a", false, now - 1_000)])
+        .await
+        .unwrap();
+    let sorted = |mut v: Vec<Connection>| {
+        v.sort_by(|a, b| a.device.cmp(&b.device));
+        v
+    };
+    let ids = [dev("d1"), dev("d2"), dev("d3"), dev("nobody")];
+    assert_eq!(
+        sorted(s.connections(&ids).await.unwrap()),
+        [
+            c("d1", "node-a", true, now),
+            c("d2", "node-b", true, now),
+            c("d3", "node-a", false, now)
+        ]
+    );
+    assert!(s.connections(&[]).await.unwrap().is_empty());
+    // node-b stops reporting: its device is no longer counted or shown connected.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    assert_eq!(s.connected_devices().await.unwrap(), 4);
+    assert_eq!(
+        sorted(s.connections(&ids).await.unwrap())[1],
+        c("d2", "node-b", false, now)
+    );
 }
 
 pub async fn dead_letters_newest_first(h: &dyn Harness) {
@@ -906,7 +994,6 @@ pub async fn registry_updates_lists_and_filters(h: &dyn Harness) {
                 limit: 1,
                 cursor: Some(cursor),
             },
-            low_battery_percent: 20.0,
         })
         .await
         .expect_err("a registry cursor is not a fleet cursor");

@@ -12,10 +12,13 @@
 //! - `alert_states`: `device` → the alert engine's encoded state
 //! - `devices`: `device` → `RegisteredDevice` (the registry)
 //! - `registry_changes`: `updated_at device` → empty, what changed in the registry (a week of it)
+//! - `fleet`: `counts` → the fleet's counts and the threshold they were counted at, written in
+//!   the same batch as the latest states they count
+//! - `connections`: `device 0x00 node` → the device's last `Connection` change on that node
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,10 +30,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::{
-    Alert, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading, Upload, UploadState,
+    now_millis, Alert, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event, Millis,
+    Reading, Upload, UploadState,
 };
 use crate::query::{
-    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
+    low_battery, AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order,
     Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
@@ -43,6 +47,8 @@ pub struct EmbeddedOptions {
     /// Fsync each batch before `write_batch` returns.
     pub fsync: bool,
     pub cache_bytes: u64,
+    /// Devices whose latest battery is below this percentage count as low on battery.
+    pub low_battery_percent: f64,
 }
 
 impl EmbeddedOptions {
@@ -51,6 +57,7 @@ impl EmbeddedOptions {
             path: path.as_ref().to_path_buf(),
             fsync: true,
             cache_bytes: 64 << 20,
+            low_battery_percent: 20.0,
         }
     }
 }
@@ -76,6 +83,15 @@ struct Inner {
     devices: Keyspace,
     /// Registry changes by time, for the nodes' watch of revocations and rotations.
     registry_changes: Keyspace,
+    /// The fleet's counts (one key).
+    fleet: Keyspace,
+    /// Each device's last connection change.
+    connections: Keyspace,
+    low_battery_percent: f64,
+    /// The counts as last committed; changed under `write_lock`.
+    counts: Mutex<FleetCounts>,
+    /// Node reports: connected devices, and until when the report holds.
+    nodes: Mutex<HashMap<String, (u64, Millis)>>,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -328,11 +344,17 @@ impl EmbeddedStorage {
             alert_states: ks("alert_states")?,
             devices: ks("devices")?,
             registry_changes: ks("registry_changes")?,
+            fleet: ks("fleet")?,
+            connections: ks("connections")?,
+            low_battery_percent: options.low_battery_percent,
+            counts: Mutex::new(FleetCounts::default()),
+            nodes: Mutex::new(HashMap::new()),
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
             write_lock: Mutex::new(()),
         };
+        inner.load_counts()?;
         Ok(EmbeddedStorage {
             inner: Arc::new(inner),
         })
@@ -360,29 +382,85 @@ impl Inner {
             .durability(self.fsync.then_some(PersistMode::SyncData))
     }
 
+    /// Reads the saved counts, or counts the fleet once when there are none yet (a store from
+    /// before counts were kept) or they were counted at another threshold.
+    fn load_counts(&self) -> Result<()> {
+        let saved: Option<FleetTally> = match self.fleet.get(FLEET_COUNTS).map_err(io)? {
+            Some(bytes) => Some(decode(&bytes)?),
+            None => None,
+        };
+        let counts = match saved {
+            Some(t) if t.low_battery_percent == self.low_battery_percent => t.counts,
+            _ => {
+                let mut counts = FleetCounts::default();
+                for guard in self.latest.iter() {
+                    let (_, value) = guard.into_inner().map_err(io)?;
+                    let state: DeviceState = decode(&value)?;
+                    counts.total += 1;
+                    counts.low_battery += u64::from(low_battery(&state, self.low_battery_percent));
+                }
+                let tally = FleetTally {
+                    low_battery_percent: self.low_battery_percent,
+                    counts,
+                };
+                let mut wb = self.batch();
+                wb.insert(&self.fleet, FLEET_COUNTS, encode(&tally)?);
+                wb.commit().map_err(io)?;
+                counts
+            }
+        };
+        *self.counts.lock().expect("fleet counts") = counts;
+        Ok(())
+    }
+
     fn write_batch(&self, batch: &Batch) -> Result<()> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut wb = self.batch();
-        let mut states: HashMap<&DeviceId, DeviceState> = HashMap::new();
+        // Each device's state before and after the batch.
+        let mut states: HashMap<&DeviceId, (Option<bool>, DeviceState)> = HashMap::new();
         for r in &batch.readings {
             wb.insert(&self.telemetry, row_key(&r.device, r.ts, r.seq), encode(r)?);
             match states.get_mut(&r.device) {
-                Some(state) => state.apply(r),
+                Some((_, state)) => state.apply(r),
                 None => {
-                    let state = match self.latest.get(r.device.as_str()).map_err(io)? {
+                    let (was_low, state) = match self.latest.get(r.device.as_str()).map_err(io)? {
                         Some(bytes) => {
                             let mut state: DeviceState = decode(&bytes)?;
+                            let was_low = low_battery(&state, self.low_battery_percent);
                             state.apply(r);
-                            state
+                            (Some(was_low), state)
                         }
-                        None => DeviceState::from_reading(r),
+                        None => (None, DeviceState::from_reading(r)),
                     };
-                    states.insert(&r.device, state);
+                    states.insert(&r.device, (was_low, state));
                 }
             }
         }
-        for (device, state) in &states {
+        let mut counts = *self.counts.lock().expect("fleet counts");
+        for (device, (was_low, state)) in &states {
             wb.insert(&self.latest, device.as_str(), encode(state)?);
+            let low = low_battery(state, self.low_battery_percent);
+            match *was_low {
+                None => {
+                    counts.total += 1;
+                    counts.low_battery += u64::from(low);
+                }
+                Some(was) if was != low => {
+                    if low {
+                        counts.low_battery += 1;
+                    } else {
+                        counts.low_battery = counts.low_battery.saturating_sub(1);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let tally = FleetTally {
+            low_battery_percent: self.low_battery_percent,
+            counts,
+        };
+        if !states.is_empty() {
+            wb.insert(&self.fleet, FLEET_COUNTS, encode(&tally)?);
         }
         for e in &batch.events {
             wb.insert(&self.events, row_key(&e.device, e.ts, e.seq), encode(e)?);
@@ -392,29 +470,33 @@ impl Inner {
             key.extend_from_slice(&d.id.to_be_bytes());
             wb.insert(&self.dead_letters, key, encode(d)?);
         }
-        wb.commit().map_err(io)
+        wb.commit().map_err(io)?;
+        // Committed with the states it counts; in force for readers from now on.
+        *self.counts.lock().expect("fleet counts") = counts;
+        Ok(())
     }
 
-    fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
-        let limit = query.page.limit;
+    fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>> {
         let lo = after_id(&query.page, CURSOR_FLEET, "the fleet listing")?;
-        let devices = scan::<DeviceState>(
+        scan::<DeviceState>(
             &self.latest,
             (lo, Bound::Unbounded),
             Order::OldestFirst,
-            limit,
+            query.page.limit,
             CURSOR_FLEET,
             |_| true,
-        )?;
-        // Counts cover the whole fleet, so they need a full pass over the (one row per device)
-        // latest-state keyspace.
-        let mut counts = FleetCounts::default();
-        for guard in self.latest.iter() {
-            let (_, value) = guard.into_inner().map_err(io)?;
-            counts.count(&decode(&value)?, query.low_battery_percent);
-        }
-        Ok(FleetPage { devices, counts })
+        )
     }
+}
+
+/// The key of the fleet's counts in the `fleet` keyspace.
+const FLEET_COUNTS: &[u8] = b"counts";
+
+/// The fleet's counts and the threshold they were counted at.
+#[derive(Serialize, serde::Deserialize)]
+struct FleetTally {
+    low_battery_percent: f64,
+    counts: FleetCounts,
 }
 
 #[async_trait]
@@ -438,9 +520,81 @@ impl Storage for EmbeddedStorage {
         .await
     }
 
-    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
+    async fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>> {
         let query = query.clone();
         self.blocking(move |inner| inner.fleet(&query)).await
+    }
+
+    async fn fleet_counts(&self) -> Result<FleetCounts> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Fatal("embedded store is closed".into()));
+        }
+        Ok(*self.inner.counts.lock().expect("fleet counts"))
+    }
+
+    async fn report_node(&self, node: &str, connected: u64, ttl_ms: Millis) -> Result<()> {
+        let now = now_millis();
+        let mut nodes = self.inner.nodes.lock().expect("node reports");
+        nodes.retain(|_, (_, until)| *until > now);
+        nodes.insert(node.to_string(), (connected, now + ttl_ms));
+        Ok(())
+    }
+
+    async fn connected_devices(&self) -> Result<u64> {
+        let now = now_millis();
+        let nodes = self.inner.nodes.lock().expect("node reports");
+        Ok(nodes
+            .values()
+            .filter(|(_, u)| *u > now)
+            .map(|(c, _)| c)
+            .sum())
+    }
+
+    async fn put_connections(&self, connections: &[Connection]) -> Result<()> {
+        let connections = connections.to_vec();
+        self.blocking(move |inner| {
+            let _writer = inner.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut wb = inner.batch();
+            for c in &connections {
+                let mut key = device_prefix(&c.device);
+                key.extend_from_slice(c.node.as_bytes());
+                let newer = match inner.connections.get(&key).map_err(io)? {
+                    Some(bytes) => decode::<Connection>(&bytes)?.at <= c.at,
+                    None => true,
+                };
+                if newer {
+                    wb.insert(&inner.connections, key, encode(c)?);
+                }
+            }
+            wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn connections(&self, devices: &[DeviceId]) -> Result<Vec<Connection>> {
+        let devices = devices.to_vec();
+        let now = now_millis();
+        let live: HashSet<String> = {
+            let nodes = self.inner.nodes.lock().expect("node reports");
+            nodes
+                .iter()
+                .filter(|(_, (_, until))| *until > now)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        self.blocking(move |inner| {
+            let mut found = Vec::new();
+            for d in &devices {
+                let mut rows = Vec::new();
+                for guard in inner.connections.prefix(device_prefix(d)) {
+                    let (_, value) = guard.into_inner().map_err(io)?;
+                    rows.push(decode::<Connection>(&value)?);
+                }
+                found.extend(Connection::resolve(rows, |n| live.contains(n)));
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>> {

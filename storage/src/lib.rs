@@ -13,11 +13,11 @@ use async_trait::async_trait;
 
 pub use embedded::EmbeddedStorage;
 pub use model::{
-    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, InvalidDeviceId,
-    Millis, Reading, Stamped, Upload, UploadState,
+    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
+    InvalidDeviceId, Millis, Reading, Stamped, Upload, UploadState,
 };
 pub use query::{
-    AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage,
+    low_battery, AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts,
     FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 pub use registry::{
@@ -61,8 +61,27 @@ pub trait Storage: Send + Sync + 'static {
     /// The latest state of one device, `None` when it never sent a reading.
     async fn device(&self, device: &DeviceId) -> Result<Option<DeviceState>>;
 
-    /// A page of the fleet ordered by device id, with counts over the whole fleet.
-    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage>;
+    /// A page of the fleet's latest states, in the backend's device order (by id embedded, by
+    /// token on ScyllaDB); each page reads only its own devices.
+    async fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>>;
+
+    /// The fleet's counts, maintained as readings are written: reading them costs the same for
+    /// ten devices or a million. `low_battery` uses the backend's `low_battery_percent`.
+    async fn fleet_counts(&self) -> Result<FleetCounts>;
+
+    /// Records that `node` has `connected` devices connected now; the report holds for `ttl`,
+    /// so a node that stops reporting drops out of [`Storage::connected_devices`].
+    async fn report_node(&self, node: &str, connected: u64, ttl_ms: Millis) -> Result<()>;
+
+    /// Devices connected over every node whose last report still holds.
+    async fn connected_devices(&self) -> Result<u64>;
+
+    /// Records connection changes, each for its device on its node (the later `at` wins).
+    async fn put_connections(&self, connections: &[Connection]) -> Result<()>;
+
+    /// The connection state of each of `devices` that has one: a connection on a node whose
+    /// report still holds (the latest, if several), else its latest change, as not connected.
+    async fn connections(&self, devices: &[DeviceId]) -> Result<Vec<Connection>>;
 
     /// Readings of one device in a time range.
     async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>>;

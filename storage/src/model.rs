@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = i64;
 
+/// The server's clock, in [`Millis`].
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
 /// A device id: 1 to 128 characters of `[A-Za-z0-9_.-]`, the `{id}` segment of `devices/{id}/...`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -162,6 +169,28 @@ fn merge<T: Copy>(slot: &mut Option<Stamped<T>>, value: Option<T>, ts: Millis) {
     }
 }
 
+impl Connection {
+    /// What `connections` answers for one device, from its row on each node and the nodes
+    /// whose reports hold.
+    pub fn resolve(
+        rows: impl IntoIterator<Item = Connection>,
+        live: impl Fn(&str) -> bool,
+    ) -> Option<Connection> {
+        let mut best: Option<Connection> = None;
+        for mut c in rows {
+            c.connected &= live(&c.node);
+            let better = match &best {
+                None => true,
+                Some(b) => (c.connected, c.at) > (b.connected, b.at),
+            };
+            if better {
+                best = Some(c);
+            }
+        }
+        best
+    }
+}
+
 impl DeviceState {
     /// The state of a device whose first reading is `r`.
     pub fn from_reading(r: &Reading) -> Self {
@@ -209,6 +238,18 @@ impl DeviceState {
     pub fn is_online(&self) -> bool {
         self.online.is_some_and(|o| o.value)
     }
+}
+
+/// A device's connection to a Messina node, as the edge saw it change: connected since `at`,
+/// or disconnected at `at`. Kept apart from the `online` field a device reports itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    pub device: DeviceId,
+    /// The node that saw the change (its process id, `node_id` in the logs).
+    pub node: String,
+    pub connected: bool,
+    /// Server time of the change.
+    pub at: Millis,
 }
 
 /// Where an alert is in its lifecycle: raised → acknowledged (optional) → cleared.

@@ -1,6 +1,7 @@
 //! Query types shared by every backend: time ranges, order, paging with opaque cursors.
 
 use crate::model::{Alert, AlertState, DeadLetter, DeviceId, DeviceState, Event, Millis};
+use serde::{Deserialize, Serialize};
 
 /// Which end of a time range comes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,42 +95,25 @@ impl DeadLetterQuery {
     }
 }
 
-/// The fleet: every device's latest state, by device id, with counts over the whole fleet.
+/// The fleet: every device's latest state, a page at a time in the backend's device order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetQuery {
     pub page: PageRequest,
-    /// Devices whose latest battery is below this percentage count as low on battery.
-    pub low_battery_percent: f64,
 }
 
-/// Counts over the whole fleet, whatever the page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Counts over the whole fleet, which each backend maintains as readings arrive (reading them
+/// costs the same for ten devices or a million).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FleetCounts {
+    /// Devices with at least one stored reading.
     pub total: u64,
-    pub online: u64,
-    pub offline: u64,
+    /// Devices whose latest battery is below the backend's `low_battery_percent`.
     pub low_battery: u64,
 }
 
-impl FleetCounts {
-    pub fn count(&mut self, state: &DeviceState, low_battery_percent: f64) {
-        self.total += 1;
-        if state.is_online() {
-            self.online += 1;
-        } else {
-            self.offline += 1;
-        }
-        if state.battery.is_some_and(|b| b.value < low_battery_percent) {
-            self.low_battery += 1;
-        }
-    }
-}
-
-/// A page of the fleet.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetPage {
-    pub devices: Page<DeviceState>,
-    pub counts: FleetCounts,
+/// Whether a latest state counts as low on battery at `threshold` percent.
+pub fn low_battery(state: &DeviceState, threshold: f64) -> bool {
+    state.battery.is_some_and(|b| b.value < threshold)
 }
 
 /// Which alerts a query wants by state.

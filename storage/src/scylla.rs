@@ -25,12 +25,12 @@ use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 
 use crate::backoff::Backoff;
 use crate::model::{
-    Alert, AlertState, AttrValue, Batch, DeadLetter, DeviceId, DeviceState, Event, Millis, Reading,
-    Stamped, Upload, UploadState,
+    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
+    Millis, Reading, Stamped, Upload, UploadState,
 };
 use crate::query::{
-    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetPage, FleetQuery, Order,
-    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page,
+    PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
@@ -57,6 +57,8 @@ pub struct ScyllaOptions {
     /// Attempts of a write failing with a retryable error before `write_batch` gives up.
     pub write_attempts: u32,
     pub credentials: Option<(String, String)>,
+    /// Devices whose latest battery is below this percentage count as low on battery.
+    pub low_battery_percent: f64,
 }
 
 impl ScyllaOptions {
@@ -73,6 +75,7 @@ impl ScyllaOptions {
             request_timeout: Duration::from_secs(5),
             write_attempts: 3,
             credentials: None,
+            low_battery_percent: 20.0,
         }
     }
 }
@@ -111,7 +114,16 @@ struct Statements {
     dead_letters: PreparedStatement,
     latest: PreparedStatement,
     fleet: PreparedStatement,
+    fleet_member: PreparedStatement,
+    fleet_flag: PreparedStatement,
+    fleet_shard: PreparedStatement,
+    put_shard_counts: PreparedStatement,
     fleet_counts: PreparedStatement,
+    latest_batteries: PreparedStatement,
+    report_node: PreparedStatement,
+    nodes: PreparedStatement,
+    put_connection: PreparedStatement,
+    connections: PreparedStatement,
     insert_alert: PreparedStatement,
     alert: PreparedStatement,
     alerts: PreparedStatement,
@@ -138,7 +150,29 @@ struct Inner {
     options: ScyllaOptions,
     /// Partition index entries already written by this process; bounded by clearing.
     known_partitions: Mutex<HashSet<(String, String, i64)>>,
+    /// What this process last wrote to `fleet_devices` per device; bounded by clearing.
+    fleet_flags: Mutex<HashMap<DeviceId, Option<bool>>>,
+    /// Shards whose devices changed since their last recount.
+    dirty_shards: Mutex<BTreeSet<i32>>,
     closed: AtomicBool,
+}
+
+/// Shards of `fleet_devices` and `fleet_counts`.
+const FLEET_SHARDS: i32 = 64;
+/// Devices whose last written fleet flag this process remembers before it forgets them all.
+const FLEET_FLAGS_KEPT: usize = 1_000_000;
+
+/// A device's shard: FNV-1a of its id, so every node agrees.
+fn fleet_shard(device: &DeviceId) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in device.as_str().bytes() {
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (hash % FLEET_SHARDS as u32) as i32
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn day_of(ms: Millis) -> i64 {
@@ -589,6 +623,8 @@ enum JobValues {
     Partitions(Vec<PartitionValues>),
     DeadLetters(Vec<DeadLetterValues>),
     Alerts(Vec<AlertValues>),
+    FleetMembers(Vec<(i32, String)>),
+    FleetFlags(Vec<(i64, bool, i32, String)>),
 }
 
 type ReadingValues = (
@@ -693,15 +729,74 @@ impl ScyllaStorage {
         }
         Self::check_schema_version(&session, ks).await?;
         let st = Statements::prepare(&session, ks).await?;
-        Ok(ScyllaStorage {
+        let storage = ScyllaStorage {
             inner: Arc::new(Inner {
                 session,
                 st,
                 options: options.clone(),
                 known_partitions: Mutex::new(HashSet::new()),
+                fleet_flags: Mutex::new(HashMap::new()),
+                dirty_shards: Mutex::new(BTreeSet::new()),
                 closed: AtomicBool::new(false),
             }),
-        })
+        };
+        storage.start_fleet_upkeep().await?;
+        Ok(storage)
+    }
+
+    /// Counts the fleet from `device_latest` when its counts are missing or were made at
+    /// another threshold, then keeps them: the shards changed by written batches are recounted
+    /// every second, and every shard in turn every few minutes (repairing what a crash between
+    /// a write and its recount, or a flag another node wrote, left behind).
+    async fn start_fleet_upkeep(&self) -> Result<()> {
+        let threshold = self.inner.options.low_battery_percent;
+        let shards = self.inner.shard_counts().await?;
+        let rebuild = shards.len() < FLEET_SHARDS as usize
+            || shards.iter().any(|(_, _, t)| *t != Some(threshold));
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            if rebuild {
+                let Some(inner) = weak.upgrade() else { return };
+                tracing::info!(
+                    low_battery_percent = threshold,
+                    "counting the fleet from device_latest once"
+                );
+                match inner.rebuild_fleet().await {
+                    Ok(devices) => tracing::info!(devices, "the fleet is counted"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot count the fleet now; the counts are recounted shard by shard")
+                    }
+                }
+            }
+            let mut dirty: BTreeSet<i32> = (0..FLEET_SHARDS).collect();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut round, mut failing) = (0u64, false);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                round += 1;
+                if round.is_multiple_of(5) {
+                    dirty.insert(((round / 5) % FLEET_SHARDS as u64) as i32);
+                }
+                dirty.append(&mut lock(&inner.dirty_shards));
+                while let Some(shard) = dirty.pop_first() {
+                    if let Err(e) = inner.recount_shard(shard).await {
+                        dirty.insert(shard);
+                        if !failing {
+                            tracing::warn!(error = %e, "cannot recount the fleet; the summary's counts lag until ScyllaDB answers");
+                        }
+                        failing = true;
+                        break;
+                    }
+                    failing = false;
+                }
+            }
+        });
+        Ok(())
     }
 
     async fn check_schema_version(session: &Session, ks: &str) -> Result<()> {
@@ -809,7 +904,47 @@ impl Statements {
             .await?,
             latest: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest WHERE device_id = ?")).await?,
             fleet: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest")).await?,
-            fleet_counts: prepare(format!("SELECT battery, online FROM {ks}.device_latest")).await?,
+            fleet_member: prepare(format!(
+                "INSERT INTO {ks}.fleet_devices (shard, device_id) VALUES (?, ?)"
+            ))
+            .await?,
+            fleet_flag: prepare(format!(
+                "UPDATE {ks}.fleet_devices USING TIMESTAMP ? SET low_battery = ? WHERE shard = ? AND device_id = ?"
+            ))
+            .await?,
+            fleet_shard: prepare(format!(
+                "SELECT low_battery FROM {ks}.fleet_devices WHERE shard = ?"
+            ))
+            .await?,
+            put_shard_counts: prepare(format!(
+                "INSERT INTO {ks}.fleet_counts (fleet, shard, devices, low_battery, low_battery_percent) \
+                 VALUES ('fleet', ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            fleet_counts: prepare(format!(
+                "SELECT devices, low_battery, low_battery_percent FROM {ks}.fleet_counts WHERE fleet = 'fleet'"
+            ))
+            .await?,
+            latest_batteries: prepare(format!(
+                "SELECT device_id, ts, battery, WRITETIME(battery) FROM {ks}.device_latest"
+            ))
+            .await?,
+            report_node: prepare(format!(
+                "INSERT INTO {ks}.nodes (cluster, node_id, connected) VALUES ('messina', ?, ?) USING TTL ?"
+            ))
+            .await?,
+            nodes: prepare(format!(
+                "SELECT node_id, connected FROM {ks}.nodes WHERE cluster = 'messina'"
+            ))
+            .await?,
+            put_connection: prepare(format!(
+                "INSERT INTO {ks}.device_connections (device_id, node, connected, at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            connections: prepare(format!(
+                "SELECT device_id, node, connected, at FROM {ks}.device_connections WHERE device_id IN ?"
+            ))
+            .await?,
             insert_alert: prepare(format!(
                 "INSERT INTO {ks}.alerts (day, raised_at, id, {ALERT_DATA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
@@ -1005,6 +1140,214 @@ impl Inner {
             .collect()
     }
 
+    fn forget_fleet_flags(&self) {
+        lock(&self.fleet_flags).clear();
+    }
+
+    /// The `fleet_devices` writes of a batch: each device's newest battery flag (always, so a
+    /// flag another node wrote is corrected), and the row itself when this process has not
+    /// written it yet. Returns the shards whose counts may change (a new device, a flag that
+    /// crosses the threshold), to recount once the batch is written.
+    fn fleet_jobs(&self, batch: &Batch, jobs: &mut Vec<Job>) -> Vec<i32> {
+        let threshold = self.options.low_battery_percent;
+        let mut newest: HashMap<&DeviceId, Option<(Millis, f64)>> = HashMap::new();
+        for r in &batch.readings {
+            let slot = newest.entry(&r.device).or_insert(None);
+            if let Some(b) = r.battery {
+                if slot.is_none_or(|(ts, _)| r.ts >= ts) {
+                    *slot = Some((r.ts, b));
+                }
+            }
+        }
+        let mut members: HashMap<i32, Vec<(i32, String)>> = HashMap::new();
+        let mut flags: HashMap<i32, Vec<(i64, bool, i32, String)>> = HashMap::new();
+        let mut changed = Vec::new();
+        {
+            let mut known = lock(&self.fleet_flags);
+            if known.len() > FLEET_FLAGS_KEPT {
+                known.clear();
+            }
+            for (device, battery) in newest {
+                let shard = fleet_shard(device);
+                let low = battery.map(|(_, b)| b < threshold);
+                let before = known.get(device).copied();
+                if before.is_none() {
+                    members
+                        .entry(shard)
+                        .or_default()
+                        .push((shard, device.to_string()));
+                }
+                if let Some((at, _)) = battery {
+                    flags.entry(shard).or_default().push((
+                        at.saturating_mul(1000),
+                        low.unwrap_or(false),
+                        shard,
+                        device.to_string(),
+                    ));
+                }
+                let after = low.or(before.flatten());
+                if before.is_none() || before.flatten() != after {
+                    changed.push(shard);
+                }
+                known.insert(device.clone(), after);
+            }
+        }
+        batches(
+            &self.st.fleet_member,
+            "INSERT INTO fleet_devices",
+            members.into_values(),
+            JobValues::FleetMembers,
+            jobs,
+        );
+        batches(
+            &self.st.fleet_flag,
+            "UPDATE fleet_devices",
+            flags.into_values(),
+            JobValues::FleetFlags,
+            jobs,
+        );
+        changed
+    }
+
+    /// Counts one shard's devices and low batteries from its partition and writes them,
+    /// timestamped with when the read began: a recount that read older data never overwrites a
+    /// later one's.
+    async fn recount_shard(&self, shard: i32) -> Result<()> {
+        let began = crate::model::now_millis().saturating_mul(1000);
+        let mut rows = self
+            .session
+            .execute_iter(self.st.fleet_shard.clone(), (shard,))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("recounting the fleet: {e}")))?
+            .rows_stream::<(Option<bool>,)>()
+            .map_err(|e| StorageError::Fatal(format!("recounting the fleet: {e}")))?;
+        let (mut devices, mut low) = (0i64, 0i64);
+        while let Some(row) = rows.next().await {
+            let (flag,) =
+                row.map_err(|e| StorageError::Unavailable(format!("recounting the fleet: {e}")))?;
+            devices += 1;
+            low += i64::from(flag == Some(true));
+        }
+        let st = &self.st.put_shard_counts;
+        self.session
+            .execute_unpaged(
+                st,
+                (shard, devices, low, self.options.low_battery_percent, began),
+            )
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?;
+        Ok(())
+    }
+
+    /// Writes every device's flag again from `device_latest` at the configured threshold (a
+    /// store from before the fleet was counted, or a changed `low_battery_percent`), each
+    /// timestamped just after the battery it was computed from.
+    async fn rebuild_fleet(&self) -> Result<u64> {
+        let threshold = self.options.low_battery_percent;
+        let mut rows = self
+            .session
+            .execute_iter(self.st.latest_batteries.clone(), ())
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?
+            .rows_stream::<(String, Option<CqlTimestamp>, Option<f64>, Option<i64>)>()
+            .map_err(|e| StorageError::Fatal(format!("counting the fleet: {e}")))?;
+        let mut jobs = Vec::new();
+        let mut seen = 0u64;
+        while let Some(row) = rows.next().await {
+            let (device, reading_ts, battery, written) =
+                row.map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?;
+            if reading_ts.is_none() {
+                // Only last_seen: not a device yet.
+                continue;
+            }
+            let Ok(id) = DeviceId::new(device) else {
+                continue;
+            };
+            let shard = fleet_shard(&id);
+            let mut group = vec![(shard, id.to_string())];
+            batches(
+                &self.st.fleet_member,
+                "INSERT INTO fleet_devices",
+                std::iter::once(std::mem::take(&mut group)),
+                JobValues::FleetMembers,
+                &mut jobs,
+            );
+            if let (Some(b), Some(w)) = (battery, written) {
+                batches(
+                    &self.st.fleet_flag,
+                    "UPDATE fleet_devices",
+                    std::iter::once(vec![(
+                        w.saturating_add(1),
+                        b < threshold,
+                        shard,
+                        id.to_string(),
+                    )]),
+                    JobValues::FleetFlags,
+                    &mut jobs,
+                );
+            }
+            seen += 1;
+            if jobs.len() >= 256 {
+                self.run_jobs(std::mem::take(&mut jobs)).await?;
+            }
+            if seen.is_multiple_of(100_000) {
+                tracing::info!(devices = seen, "counting the fleet");
+            }
+        }
+        self.run_jobs(jobs).await?;
+        Ok(seen)
+    }
+
+    /// Each shard's counts row: (devices, low battery, threshold).
+    async fn shard_counts(&self) -> Result<Vec<(i64, i64, Option<f64>)>> {
+        let st = &self.st.fleet_counts;
+        let rows = self
+            .session
+            .execute_unpaged(st, ())
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))?;
+        rows.rows::<(Option<i64>, Option<i64>, Option<f64>)>()
+            .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))?
+            .map(|row| {
+                row.map(|(d, l, t)| (d.unwrap_or(0), l.unwrap_or(0), t))
+                    .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))
+            })
+            .collect()
+    }
+
+    /// The nodes whose reports hold, with their connected devices.
+    async fn live_nodes(&self) -> Result<Vec<(String, i64)>> {
+        let st = &self.st.nodes;
+        let rows = self
+            .session
+            .execute_unpaged(st, ())
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))?;
+        rows.rows::<(String, Option<i64>)>()
+            .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))?
+            .map(|row| {
+                row.map(|(n, c)| (n, c.unwrap_or(0)))
+                    .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))
+            })
+            .collect()
+    }
+
+    async fn run_jobs(&self, jobs: Vec<Job>) -> Result<()> {
+        let requests: Vec<futures::future::BoxFuture<'_, Result<()>>> = jobs
+            .iter()
+            .map(|job| Box::pin(self.run_job(job)) as _)
+            .collect();
+        futures::stream::iter(requests)
+            .buffer_unordered(self.options.max_in_flight)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
     fn forget_partitions(&self) {
         self.known_partitions
             .lock()
@@ -1189,6 +1532,8 @@ impl Inner {
                 JobValues::Partitions(v) => self.session.batch(batch, v).await,
                 JobValues::DeadLetters(v) => self.session.batch(batch, v).await,
                 JobValues::Alerts(v) => self.session.batch(batch, v).await,
+                JobValues::FleetMembers(v) => self.session.batch(batch, v).await,
+                JobValues::FleetFlags(v) => self.session.batch(batch, v).await,
             };
             match result.map_err(|e| classify(statement, e)) {
                 Ok(_) => return Ok(()),
@@ -1346,7 +1691,8 @@ impl Storage for ScyllaStorage {
             return Ok(());
         }
         let inner = &self.inner;
-        let jobs = inner.jobs(batch)?;
+        let mut jobs = inner.jobs(batch)?;
+        let changed_shards = inner.fleet_jobs(batch, &mut jobs);
         let requests: Vec<futures::future::BoxFuture<'_, Result<()>>> = jobs
             .iter()
             .map(|job| Box::pin(inner.run_job(job)) as _)
@@ -1356,8 +1702,12 @@ impl Storage for ScyllaStorage {
             .try_collect::<Vec<()>>()
             .await;
         if result.is_err() {
-            // Index entries of a failed batch may not have been written; write them again next time.
+            // Index entries and fleet rows of a failed batch may not have been written; write
+            // them again next time.
             inner.forget_partitions();
+            inner.forget_fleet_flags();
+        } else if !changed_shards.is_empty() {
+            lock(&inner.dirty_shards).extend(changed_shards);
         }
         result.map(|_| ())
     }
@@ -1383,7 +1733,7 @@ impl Storage for ScyllaStorage {
         }
     }
 
-    async fn fleet(&self, query: &FleetQuery) -> Result<FleetPage> {
+    async fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>> {
         self.check_open()?;
         if query.page.limit == 0 {
             return Err(StorageError::InvalidRequest(
@@ -1391,7 +1741,7 @@ impl Storage for ScyllaStorage {
             ));
         }
         let inner = &self.inner;
-        let devices = inner
+        inner
             .token_scan(
                 &inner.st.fleet,
                 b'F',
@@ -1399,32 +1749,113 @@ impl Storage for ScyllaStorage {
                 &query.page,
                 |row: LatestRow| row.1.is_some().then(|| latest_from_row(row)).transpose(),
             )
-            .await?;
-        // Counts cover the whole fleet: a full pass over the (one row per device) table.
-        let mut counts = FleetCounts::default();
-        let mut rows = inner
-            .session
-            .execute_iter(inner.st.fleet_counts.clone(), ())
             .await
-            .map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?
-            .rows_stream::<(Option<f64>, Option<bool>)>()
-            .map_err(|e| StorageError::Fatal(format!("counting the fleet: {e}")))?;
-        while let Some(row) = rows.next().await {
-            let (battery, online) =
-                row.map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?;
-            let state = DeviceState {
-                device: DeviceId::new("x").expect("valid"),
-                ts: 0,
-                seq: 0,
-                last_seen: 0,
-                battery: battery.map(|value| Stamped { value, ts: 0 }),
-                rssi: None,
-                online: online.map(|value| Stamped { value, ts: 0 }),
-                metrics: BTreeMap::new(),
-            };
-            counts.count(&state, query.low_battery_percent);
+    }
+
+    async fn fleet_counts(&self) -> Result<FleetCounts> {
+        self.check_open()?;
+        let shards = self.inner.shard_counts().await?;
+        Ok(FleetCounts {
+            total: shards.iter().map(|(d, _, _)| *d).sum::<i64>().max(0) as u64,
+            low_battery: shards.iter().map(|(_, l, _)| *l).sum::<i64>().max(0) as u64,
+        })
+    }
+
+    async fn report_node(&self, node: &str, connected: u64, ttl_ms: Millis) -> Result<()> {
+        self.check_open()?;
+        let st = &self.inner.st.report_node;
+        let ttl = i32::try_from((ttl_ms / 1000).max(1)).unwrap_or(i32::MAX);
+        self.inner
+            .session
+            .execute_unpaged(st, (node, connected as i64, ttl))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?;
+        Ok(())
+    }
+
+    async fn connected_devices(&self) -> Result<u64> {
+        self.check_open()?;
+        let nodes = self.inner.live_nodes().await?;
+        Ok(nodes.iter().map(|(_, c)| *c).sum::<i64>().max(0) as u64)
+    }
+
+    async fn put_connections(&self, connections: &[Connection]) -> Result<()> {
+        self.check_open()?;
+        let st = &self.inner.st.put_connection;
+        let session = &self.inner.session;
+        // Built in a loop, not a closure: the futures borrow `connections` for the whole call.
+        let mut writes: Vec<futures::future::BoxFuture<'_, Result<()>>> = Vec::new();
+        for c in connections {
+            writes.push(Box::pin(async move {
+                session
+                    .execute_unpaged(
+                        st,
+                        (
+                            c.device.as_str(),
+                            c.node.as_str(),
+                            c.connected,
+                            ts(c.at),
+                            c.at.saturating_mul(1000),
+                        ),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(st.get_statement(), e))
+            }));
         }
-        Ok(FleetPage { devices, counts })
+        futures::stream::iter(writes)
+            .buffer_unordered(self.inner.options.max_in_flight)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
+    async fn connections(&self, devices: &[DeviceId]) -> Result<Vec<Connection>> {
+        self.check_open()?;
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let live: HashSet<String> = self
+            .inner
+            .live_nodes()
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let st = &self.inner.st.connections;
+        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+        let rows = self
+            .inner
+            .session
+            .execute_unpaged(st, (ids,))
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?;
+        let mut by_device: HashMap<DeviceId, Vec<Connection>> = HashMap::new();
+        for row in rows
+            .rows::<(String, String, Option<bool>, Option<CqlTimestamp>)>()
+            .map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?
+        {
+            let (device, node, connected, at) =
+                row.map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?;
+            let Ok(device) = DeviceId::new(device) else {
+                continue;
+            };
+            by_device
+                .entry(device.clone())
+                .or_default()
+                .push(Connection {
+                    device,
+                    node,
+                    connected: connected.unwrap_or(false),
+                    at: at.map_or(0, |t| t.0),
+                });
+        }
+        Ok(by_device
+            .into_values()
+            .filter_map(|rows| Connection::resolve(rows, |n| live.contains(n)))
+            .collect())
     }
 
     async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
@@ -1686,9 +2117,7 @@ impl Storage for ScyllaStorage {
     async fn registry_changes(&self, since: Millis, limit: usize) -> Result<Vec<RegistryChange>> {
         self.check_open()?;
         let st = &self.inner.st.registry_changes;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as Millis);
+        let now = crate::model::now_millis();
         let oldest = since.max(now - RegistryChange::KEPT_MS);
         let mut found = Vec::new();
         // One partition per hour, from the one `since` falls in to the current one (and the
@@ -2041,7 +2470,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 13);
+        assert_eq!(statements.len(), 17);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));

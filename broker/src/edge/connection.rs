@@ -232,8 +232,15 @@ pub async fn run(
         paused_until: None,
         framed,
     };
+    let device = conn.device.clone();
+    if let Some(d) = &device {
+        shared.presence.changed(d);
+    }
     let end = conn.established(claim.kicks).await;
     conn.finish(end, &key, claim.epoch).await;
+    if let Some(d) = &device {
+        shared.presence.changed(d);
+    }
 }
 
 struct Connection {

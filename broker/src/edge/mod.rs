@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod connection;
+pub mod presence;
 pub mod router;
 pub mod session;
 
@@ -88,6 +89,8 @@ pub struct Shared {
     pub sessions: Arc<Registry>,
     /// Decides each CONNECT against the device registry.
     pub auth: Arc<Authenticator>,
+    /// Connection changes on their way to storage.
+    pub presence: Arc<presence::Presence>,
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     connect_rate: limit::ConnectRate,
@@ -224,6 +227,7 @@ impl Edge {
             router,
             sessions: Arc::new(Registry::default()),
             auth,
+            presence: presence::Presence::new(),
             shutdown: shutdown.clone(),
             publishes: ["0", "1", "2"]
                 .map(|q| metrics::counter!("messina_mqtt_publishes_total", "qos" => q)),

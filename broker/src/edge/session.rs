@@ -417,6 +417,33 @@ impl Registry {
         )
     }
 
+    /// Whether `device` has a live connection here, authenticated as itself or anonymous with
+    /// its id as client id.
+    pub fn is_connected(&self, device: &str) -> bool {
+        let slots = self.slots.lock().expect("session registry");
+        [Some(device), None].into_iter().any(|identity| {
+            matches!(
+                slots.get(&crate::security::session_key(identity, device)),
+                Some(Slot::Live { .. })
+            )
+        })
+    }
+
+    /// Devices with a live connection here (a device's client id is its id).
+    pub fn connected_devices(&self) -> u64 {
+        let slots = self.slots.lock().expect("session registry");
+        slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Live { .. }))
+            .filter(|(key, _)| {
+                key.split_once('\0').is_some_and(|(identity, client)| {
+                    identity == client
+                        || (identity.is_empty() && messina_storage::DeviceId::new(client).is_ok())
+                })
+            })
+            .count() as u64
+    }
+
     /// The identities with a live connection here.
     pub fn live_identities(&self) -> HashSet<String> {
         let slots = self.slots.lock().expect("session registry");
