@@ -57,6 +57,9 @@ impl Storage for Recording {
     async fn fleet(&self, q: &FleetQuery) -> Result<Page<DeviceState>> {
         self.inner.fleet(q).await
     }
+    async fn alert_counts(&self, q: &AlertCountQuery) -> Result<Vec<AlertCount>> {
+        self.inner.alert_counts(q).await
+    }
     async fn fleet_counts(&self) -> Result<FleetCounts> {
         self.inner.fleet_counts().await
     }

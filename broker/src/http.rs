@@ -21,9 +21,10 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
 use messina_storage::{
-    Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Connection, Cursor, DeadLetter,
-    DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery, Millis, Order, Page,
-    PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange, UploadQuery,
+    Alert, AlertCountQuery, AlertQuery, AlertState, AlertStateFilter, AttrValue, Connection,
+    Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery,
+    Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange,
+    UploadQuery,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -925,7 +926,13 @@ async fn failing(
     Ok(Json(json!({ "total": items.len(), "items": items })))
 }
 
-/// How many anomaly alerts each device raised in a time range, by metric.
+/// Longest range the anomaly report reads (one index partition per day).
+const ANOMALY_MAX_DAYS: i64 = 366;
+/// Its range when `since` is not given: the 30 days before `until`.
+const ANOMALY_DEFAULT_DAYS: i64 = 30;
+
+/// How many anomaly alerts each device raised in a time range, by metric, from the alert index
+/// by rule family: it reads the anomalies it counts, not every alert.
 async fn anomalies(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
@@ -937,38 +944,46 @@ async fn anomalies(
         }
         None => None,
     };
-    let mut query = AlertQuery {
-        state: None,
-        device,
-        rule: None,
-        range: p.range()?,
-        page: PageRequest::first(1000),
-    };
-    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    // Bounded: at most 100 pages of 1000 alerts per request.
-    for _ in 0..100 {
-        let page = state.storage.alerts(&query).await?;
-        for a in &page.items {
-            if let Some(metric) = a.rule.strip_prefix(ANOMALY_PREFIX) {
-                *counts
-                    .entry(a.device.to_string())
-                    .or_default()
-                    .entry(metric.to_string())
-                    .or_default() += 1;
-            }
-        }
-        match page.next_cursor {
-            Some(c) => query.page.cursor = Some(c),
-            None => break,
+    let range = p.range()?;
+    let until = range.until.unwrap_or_else(|| crate::mqtt::now_millis() + 1);
+    let since = range
+        .since
+        .unwrap_or(until - ANOMALY_DEFAULT_DAYS * 86_400_000);
+    if until - since > ANOMALY_MAX_DAYS * 86_400_000 {
+        return Err(ApiError::bad_parameter(
+            "since",
+            format!("the range may cover at most {ANOMALY_MAX_DAYS} days"),
+        ));
+    }
+    let counts = state
+        .storage
+        .alert_counts(&AlertCountQuery {
+            family: ANOMALY_PREFIX.trim_end_matches('.').to_string(),
+            device,
+            since,
+            until,
+        })
+        .await?;
+    let mut by_device: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for c in counts {
+        if let Some(metric) = c.rule.strip_prefix(ANOMALY_PREFIX) {
+            by_device
+                .entry(c.device.to_string())
+                .or_default()
+                .insert(metric.to_string(), c.count);
         }
     }
-    let items: Vec<Value> = counts
+    let items: Vec<Value> = by_device
         .into_iter()
         .map(|(device, by_metric)| {
             json!({"device_id": device, "count": by_metric.values().sum::<u64>(), "by_metric": by_metric})
         })
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(json!({
+        "since": rfc3339(since),
+        "until": rfc3339(until),
+        "items": items,
+    })))
 }
 
 #[cfg(test)]

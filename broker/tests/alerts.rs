@@ -259,6 +259,12 @@ async fn rules_raise_and_clear_on_mqtt_with_acks_and_retained_state() {
     let counts = server.json("/v1/anomalies?device=dev-a").await;
     assert_eq!(counts["items"][0]["count"], 1, "{counts}");
     assert_eq!(counts["items"][0]["by_metric"]["temp_c"], 1);
+    let (status, body) = server.get("/v1/anomalies?since=0").await;
+    assert_eq!(
+        (status, body["parameter"].as_str()),
+        (400, Some("since")),
+        "a range over 366 days is refused: {body}"
+    );
 
     let (status, body) = server.get("/v1/alerts?state=open").await;
     assert_eq!((status, body["parameter"].as_str()), (400, Some("state")));

@@ -12,8 +12,8 @@ use crate::model::{
     UploadState,
 };
 use crate::query::{
-    AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order,
-    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery,
+    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{
     Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role,
@@ -43,7 +43,7 @@ macro_rules! contract_suite {
             alert_states_replace_per_device_and_survive_reopen,
             registry_registers_each_id_once, registry_updates_lists_and_filters,
             registry_changes_are_read_in_order_for_a_week,
-            connections_hold_while_their_node_reports);
+            connections_hold_while_their_node_reports, alert_counts_read_one_rule_family);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -1062,4 +1062,70 @@ pub async fn registry_changes_are_read_in_order_for_a_week(h: &dyn Harness) {
         [change("c1", now - 2 * hour)]
     );
     assert!(s.registry_changes(now + 1, 100).await.unwrap().is_empty());
+}
+
+/// Alerts are counted per device and rule within one rule family and a range, each once
+/// however often it was rewritten (raised, then acknowledged), and only of that family.
+pub async fn alert_counts_read_one_rule_family(h: &dyn Harness) {
+    let s = h.open().await;
+    let day = 86_400;
+    let raised = [
+        alert("d1", "anomaly.temp_c", 1, AlertState::Raised),
+        alert("d1", "anomaly.temp_c", 2, AlertState::Raised),
+        alert("d1", "anomaly.rssi", 3, AlertState::Cleared),
+        alert("d2", "anomaly.temp_c", day + 5, AlertState::Raised),
+        alert("d1", "battery_low", 1, AlertState::Raised),
+    ];
+    s.put_alerts(&raised).await.unwrap();
+    let mut acked = raised[0].clone();
+    acked.state = AlertState::Acknowledged;
+    s.put_alerts(&[acked]).await.unwrap();
+    let count = |device: &str, rule: &str, count: u64| AlertCount {
+        device: dev(device),
+        rule: rule.into(),
+        count,
+    };
+    let q = |family: &str, device: Option<&str>, since_s: i64, until_s: i64| AlertCountQuery {
+        family: family.into(),
+        device: device.map(dev),
+        since: T0 + since_s * 1000,
+        until: T0 + until_s * 1000,
+    };
+    assert_eq!(
+        s.alert_counts(&q("anomaly", None, 0, 2 * day))
+            .await
+            .unwrap(),
+        [
+            count("d1", "anomaly.rssi", 1),
+            count("d1", "anomaly.temp_c", 2),
+            count("d2", "anomaly.temp_c", 1)
+        ]
+    );
+    assert_eq!(
+        s.alert_counts(&q("anomaly", Some("d2"), 0, 2 * day))
+            .await
+            .unwrap(),
+        [count("d2", "anomaly.temp_c", 1)]
+    );
+    assert_eq!(
+        s.alert_counts(&q("anomaly", None, 2, day + 5))
+            .await
+            .unwrap(),
+        [
+            count("d1", "anomaly.rssi", 1),
+            count("d1", "anomaly.temp_c", 1)
+        ],
+        "half-open: since included, until excluded"
+    );
+    assert_eq!(
+        s.alert_counts(&q("battery_low", None, 0, day))
+            .await
+            .unwrap(),
+        [count("d1", "battery_low", 1)]
+    );
+    assert!(s
+        .alert_counts(&q("anomaly", None, 10, 10))
+        .await
+        .unwrap()
+        .is_empty());
 }

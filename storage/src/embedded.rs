@@ -7,6 +7,7 @@
 //! - `device_latest`: `device` → `DeviceState`
 //! - `dead_letters`: `received_at id` → `DeadLetter`
 //! - `alerts`: `raised_at id` → `Alert`
+//! - `alerts_by_family`: `family 0x00 raised_at id` → empty, the alerts of a rule family by time
 //! - `uploads`: `device 0x00 created_at id` → `Upload`
 //! - `uploads_pending`: `expires_at id` → empty, the pending uploads the expiry sweep looks at
 //! - `alert_states`: `device` → the alert engine's encoded state
@@ -18,7 +19,7 @@
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +35,8 @@ use crate::model::{
     Reading, Upload, UploadState,
 };
 use crate::query::{
-    low_battery, AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order,
-    Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    low_battery, AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery,
+    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
@@ -87,6 +88,8 @@ struct Inner {
     fleet: Keyspace,
     /// Each device's last connection change.
     connections: Keyspace,
+    /// Alert ids by rule family and raise time.
+    alerts_by_family: Keyspace,
     low_battery_percent: f64,
     /// The counts as last committed; changed under `write_lock`.
     counts: Mutex<FleetCounts>,
@@ -111,6 +114,11 @@ fn upload_key(device: &DeviceId, created_at: Millis, id: &str) -> Vec<u8> {
     let mut key = with_time(&device_prefix(device), created_at);
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// `family 0x00 raised_at id`: alerts of a rule family in raise-time order.
+fn family_key(family: &str, raised_at: Millis, id: &str) -> Vec<u8> {
+    [family.as_bytes(), &[0], &time_key(raised_at), id.as_bytes()].concat()
 }
 
 fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
@@ -346,6 +354,7 @@ impl EmbeddedStorage {
             registry_changes: ks("registry_changes")?,
             fleet: ks("fleet")?,
             connections: ks("connections")?,
+            alerts_by_family: ks("alerts_by_family")?,
             low_battery_percent: options.low_battery_percent,
             counts: Mutex::new(FleetCounts::default()),
             nodes: Mutex::new(HashMap::new()),
@@ -355,6 +364,7 @@ impl EmbeddedStorage {
             write_lock: Mutex::new(()),
         };
         inner.load_counts()?;
+        inner.index_alerts()?;
         Ok(EmbeddedStorage {
             inner: Arc::new(inner),
         })
@@ -411,6 +421,24 @@ impl Inner {
         };
         *self.counts.lock().expect("fleet counts") = counts;
         Ok(())
+    }
+
+    /// Indexes the alerts of a store from before the family index, once.
+    fn index_alerts(&self) -> Result<()> {
+        if !self.alerts_by_family.is_empty().map_err(io)? || self.alerts.is_empty().map_err(io)? {
+            return Ok(());
+        }
+        let mut wb = self.batch();
+        for guard in self.alerts.iter() {
+            let (_, value) = guard.into_inner().map_err(io)?;
+            let a: Alert = decode(&value)?;
+            wb.insert(
+                &self.alerts_by_family,
+                family_key(Alert::family(&a.rule), a.raised_at, &a.id),
+                [],
+            );
+        }
+        wb.commit().map_err(io)
     }
 
     fn write_batch(&self, batch: &Batch) -> Result<()> {
@@ -652,8 +680,44 @@ impl Storage for EmbeddedStorage {
             let mut wb = inner.batch();
             for a in &alerts {
                 wb.insert(&inner.alerts, alert_key(a.raised_at, &a.id), encode(a)?);
+                wb.insert(
+                    &inner.alerts_by_family,
+                    family_key(Alert::family(&a.rule), a.raised_at, &a.id),
+                    [],
+                );
             }
             wb.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn alert_counts(&self, query: &AlertCountQuery) -> Result<Vec<AlertCount>> {
+        let q = query.clone();
+        self.blocking(move |inner| {
+            let lo = family_key(&q.family, q.since, "");
+            let hi = family_key(&q.family, q.until, "");
+            let mut counts: BTreeMap<(DeviceId, String), u64> = BTreeMap::new();
+            for guard in inner.alerts_by_family.range(lo..hi) {
+                let key = guard.key().map_err(io)?;
+                let id = std::str::from_utf8(&key[q.family.len() + 9..])
+                    .ok()
+                    .and_then(Alert::parse_id)
+                    .ok_or_else(|| {
+                        StorageError::Fatal("an alert index entry has a malformed key".into())
+                    })?;
+                let (device, rule, _) = id;
+                if q.device.as_ref().is_none_or(|d| *d == device) {
+                    *counts.entry((device, rule.to_string())).or_default() += 1;
+                }
+            }
+            Ok(counts
+                .into_iter()
+                .map(|((device, rule), count)| AlertCount {
+                    device,
+                    rule,
+                    count,
+                })
+                .collect())
         })
         .await
     }

@@ -17,8 +17,9 @@ pub use model::{
     InvalidDeviceId, Millis, Reading, Stamped, Upload, UploadState,
 };
 pub use query::{
-    low_battery, AlertQuery, AlertStateFilter, Cursor, DeadLetterQuery, EventQuery, FleetCounts,
-    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    low_battery, AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, Cursor,
+    DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery,
+    TimeRange, UploadQuery,
 };
 pub use registry::{
     Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role, UnknownName,
@@ -95,6 +96,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Stores alerts, each replacing the stored alert with the same id (every lifecycle
     /// transition is written this way).
     async fn put_alerts(&self, alerts: &[Alert]) -> Result<()>;
+
+    /// Alerts of a rule family raised in a range, counted per device and rule, sorted by device
+    /// then rule.
+    async fn alert_counts(&self, query: &AlertCountQuery) -> Result<Vec<AlertCount>>;
 
     /// One alert by id; `None` when there is no such alert (or the id is not an alert id).
     async fn alert(&self, id: &str) -> Result<Option<Alert>>;

@@ -306,6 +306,12 @@ impl Alert {
         format!("{device}~{rule}~{raised_at}")
     }
 
+    /// The family of a rule: what comes before its first `.` (`anomaly` for `anomaly.temp_c`),
+    /// or the whole name.
+    pub fn family(rule: &str) -> &str {
+        rule.split('.').next().unwrap_or(rule)
+    }
+
     /// The device, rule and raise time an id names, if it is an alert id at all.
     pub fn parse_id(id: &str) -> Option<(DeviceId, &str, Millis)> {
         let mut parts = id.split('~');

@@ -116,6 +116,25 @@ pub fn low_battery(state: &DeviceState, threshold: f64) -> bool {
     state.battery.is_some_and(|b| b.value < threshold)
 }
 
+/// Alerts of one rule family (see [`crate::Alert::family`]) raised in `[since, until)`,
+/// optionally of one device: answered from an index by family and day, so it reads only the
+/// alerts it counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertCountQuery {
+    pub family: String,
+    pub device: Option<DeviceId>,
+    pub since: Millis,
+    pub until: Millis,
+}
+
+/// How many alerts of `rule` a device raised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertCount {
+    pub device: DeviceId,
+    pub rule: String,
+    pub count: u64,
+}
+
 /// Which alerts a query wants by state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlertStateFilter {

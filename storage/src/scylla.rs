@@ -29,8 +29,8 @@ use crate::model::{
     Millis, Reading, Stamped, Upload, UploadState,
 };
 use crate::query::{
-    AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page,
-    PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts,
+    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
@@ -115,6 +115,8 @@ struct Statements {
     latest: PreparedStatement,
     fleet: PreparedStatement,
     fleet_member: PreparedStatement,
+    insert_alert_family: PreparedStatement,
+    alerts_of_family: PreparedStatement,
     fleet_flag: PreparedStatement,
     fleet_shard: PreparedStatement,
     put_shard_counts: PreparedStatement,
@@ -624,6 +626,7 @@ enum JobValues {
     DeadLetters(Vec<DeadLetterValues>),
     Alerts(Vec<AlertValues>),
     FleetMembers(Vec<(i32, String)>),
+    AlertFamilies(Vec<(String, CqlDate, CqlTimestamp, String)>),
     FleetFlags(Vec<(i64, bool, i32, String)>),
 }
 
@@ -904,6 +907,14 @@ impl Statements {
             .await?,
             latest: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest WHERE device_id = ?")).await?,
             fleet: prepare(format!("SELECT {LATEST_COLUMNS} FROM {ks}.device_latest")).await?,
+            insert_alert_family: prepare(format!(
+                "INSERT INTO {ks}.alerts_by_family (family, day, raised_at, id) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            alerts_of_family: prepare(format!(
+                "SELECT id FROM {ks}.alerts_by_family WHERE family = ? AND day = ? AND raised_at >= ? AND raised_at < ?"
+            ))
+            .await?,
             fleet_member: prepare(format!(
                 "INSERT INTO {ks}.fleet_devices (shard, device_id) VALUES (?, ?)"
             ))
@@ -1533,6 +1544,7 @@ impl Inner {
                 JobValues::DeadLetters(v) => self.session.batch(batch, v).await,
                 JobValues::Alerts(v) => self.session.batch(batch, v).await,
                 JobValues::FleetMembers(v) => self.session.batch(batch, v).await,
+                JobValues::AlertFamilies(v) => self.session.batch(batch, v).await,
                 JobValues::FleetFlags(v) => self.session.batch(batch, v).await,
             };
             match result.map_err(|e| classify(statement, e)) {
@@ -1994,12 +2006,30 @@ impl Storage for ScyllaStorage {
                 a.cleared_at.map(ts),
             ));
         }
+        let mut families: HashMap<(&str, i64), Vec<(String, CqlDate, CqlTimestamp, String)>> =
+            HashMap::new();
+        for a in alerts {
+            let (family, day) = (Alert::family(&a.rule), day_of(a.raised_at));
+            families.entry((family, day)).or_default().push((
+                family.to_string(),
+                cql_date(day),
+                ts(a.raised_at),
+                a.id.clone(),
+            ));
+        }
         let mut jobs = Vec::new();
         batches(
             &inner.st.insert_alert,
             "INSERT INTO alerts",
             by_day.into_values(),
             JobValues::Alerts,
+            &mut jobs,
+        );
+        batches(
+            &inner.st.insert_alert_family,
+            "INSERT INTO alerts_by_family",
+            families.into_values(),
+            JobValues::AlertFamilies,
             &mut jobs,
         );
         let entries: Vec<Vec<PartitionValues>> = inner
@@ -2021,6 +2051,47 @@ impl Storage for ScyllaStorage {
             }
         }
         Ok(())
+    }
+
+    async fn alert_counts(&self, q: &AlertCountQuery) -> Result<Vec<AlertCount>> {
+        self.check_open()?;
+        if q.until <= q.since {
+            return Ok(Vec::new());
+        }
+        let inner = &self.inner;
+        let mut counts: BTreeMap<(DeviceId, String), u64> = BTreeMap::new();
+        for day in day_of(q.since)..=day_of(q.until - 1) {
+            let mut rows = inner
+                .session
+                .execute_iter(
+                    inner.st.alerts_of_family.clone(),
+                    (q.family.as_str(), cql_date(day), ts(q.since), ts(q.until)),
+                )
+                .await
+                .map_err(|e| StorageError::Unavailable(format!("alerts_by_family: {e}")))?
+                .rows_stream::<(String,)>()
+                .map_err(|e| StorageError::Fatal(format!("alerts_by_family: {e}")))?;
+            while let Some(row) = rows.next().await {
+                let (id,) =
+                    row.map_err(|e| StorageError::Unavailable(format!("alerts_by_family: {e}")))?;
+                let Some((device, rule, _)) = Alert::parse_id(&id) else {
+                    return Err(StorageError::Fatal(format!(
+                        "alerts_by_family holds {id:?}, not an alert id"
+                    )));
+                };
+                if q.device.as_ref().is_none_or(|d| *d == device) {
+                    *counts.entry((device, rule.to_string())).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((device, rule), count)| AlertCount {
+                device,
+                rule,
+                count,
+            })
+            .collect())
     }
 
     async fn alert(&self, id: &str) -> Result<Option<Alert>> {
@@ -2470,7 +2541,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 17);
+        assert_eq!(statements.len(), 18);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
