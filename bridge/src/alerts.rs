@@ -5,7 +5,7 @@
 //! the running process: it stores every transition and hands it to the broker as a [`Notice`] to
 //! publish on `alerts/{device}/{rule}` and `devices/{id}/presence`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,6 +169,10 @@ pub struct AlertEngine {
     active: HashMap<(DeviceId, String), Alert>,
     /// Server time each device was last heard from.
     last_seen: HashMap<DeviceId, Millis>,
+    /// Each device by when it was last heard from, rounded up to the second (so it changes at
+    /// most once a second per device): the offline rule's tick reads only the devices that fell
+    /// silent, not the whole fleet. An entry leaves when it is judged.
+    silence: BTreeSet<(Millis, DeviceId)>,
     sync_failures: HashMap<DeviceId, u32>,
     /// When each threshold condition started holding (device time).
     holding_since: HashMap<(DeviceId, String), Millis>,
@@ -209,6 +213,7 @@ impl AlertEngine {
             rules,
             active: HashMap::new(),
             last_seen: HashMap::new(),
+            silence: BTreeSet::new(),
             sync_failures: HashMap::new(),
             holding_since: HashMap::new(),
             windows: HashMap::new(),
@@ -278,8 +283,7 @@ impl AlertEngine {
                 continue;
             };
             if let Some(at) = m.last_seen {
-                let seen = self.last_seen.entry(device.clone()).or_insert(at);
-                *seen = (*seen).max(at);
+                self.seen(&device, at);
             }
             if m.sync_failures > 0 {
                 self.sync_failures.insert(device.clone(), m.sync_failures);
@@ -312,9 +316,28 @@ impl AlertEngine {
             }
         }
         for (device, at) in last_seen {
-            let seen = self.last_seen.entry(device).or_insert(at);
-            *seen = (*seen).max(at);
+            self.seen(&device, at);
         }
+    }
+
+    /// Records that `device` was heard from at `at` (an earlier time changes nothing); `false`
+    /// when it was never heard from before.
+    fn seen(&mut self, device: &DeviceId, at: Millis) -> bool {
+        let second = |t: Millis| (t + 999).div_euclid(1000) * 1000;
+        let before = self.last_seen.get(device).copied();
+        let after = before.map_or(at, |b| b.max(at));
+        if before == Some(after) {
+            return true;
+        }
+        self.last_seen.insert(device.clone(), after);
+        let (old, new) = (before.map(second), second(after));
+        if old != Some(new) {
+            if let Some(old) = old {
+                self.silence.remove(&(old, device.clone()));
+            }
+            self.silence.insert((new, device.clone()));
+        }
+        before.is_some()
     }
 
     pub fn active(&self) -> impl Iterator<Item = &Alert> {
@@ -407,21 +430,16 @@ impl AlertEngine {
         if !self.changed.contains(device) {
             self.changed.insert(device.clone());
         }
-        match self.last_seen.get_mut(device) {
-            Some(seen) => *seen = (*seen).max(at),
-            None => {
-                self.last_seen.insert(device.clone(), at);
-                if !self
-                    .active
-                    .contains_key(&(device.clone(), OFFLINE.to_string()))
-                {
-                    out.push(Notice::Presence {
-                        device: device.clone(),
-                        online: true,
-                        at,
-                    });
-                }
-            }
+        if !self.seen(device, at)
+            && !self
+                .active
+                .contains_key(&(device.clone(), OFFLINE.to_string()))
+        {
+            out.push(Notice::Presence {
+                device: device.clone(),
+                online: true,
+                at,
+            });
         }
         self.clear(
             device,
@@ -636,17 +654,28 @@ impl AlertEngine {
         if !self.rules.enabled || self.rules.offline_after_ms <= 0 {
             return out;
         }
-        let silent: Vec<(DeviceId, Millis)> = self
-            .last_seen
-            .iter()
-            .filter(|(d, seen)| {
-                now - **seen > self.rules.offline_after_ms
-                    && !self
-                        .active
-                        .contains_key(&((*d).clone(), OFFLINE.to_string()))
-            })
-            .map(|(d, seen)| (d.clone(), *seen))
-            .collect();
+        // Entries are rounded up, so one before the cutoff is a device silent for longer than
+        // the rule allows; each is judged once and leaves (hearing from the device puts it back).
+        let cutoff = now - self.rules.offline_after_ms;
+        let mut silent = Vec::new();
+        while let Some((at, _)) = self.silence.first() {
+            if *at >= cutoff {
+                break;
+            }
+            let Some((_, device)) = self.silence.pop_first() else {
+                break;
+            };
+            let Some(seen) = self.last_seen.get(&device).copied() else {
+                continue;
+            };
+            if now - seen > self.rules.offline_after_ms
+                && !self
+                    .active
+                    .contains_key(&(device.clone(), OFFLINE.to_string()))
+            {
+                silent.push((device, seen));
+            }
+        }
         for (device, seen) in silent {
             let secs = (now - seen) / 1000;
             let message = format!("{device}: silent for {secs} s");

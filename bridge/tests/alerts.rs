@@ -374,3 +374,28 @@ fn restored_state_continues_after_a_restart() {
     check(e.tick(T0 + 150_000), &[("offline", Raised)]);
     assert_eq!(e.active_id(&dev("d1"), "battery_low"), Some(active.id));
 }
+
+#[test]
+fn the_offline_rule_judges_each_silence_once_across_a_large_fleet() {
+    let mut e = engine(|c| c.offline_after_s = 60);
+    let fleet: Vec<Reading> = (0..10_000)
+        .map(|i| reading(&format!("d{i}"), 0, None, None))
+        .collect();
+    e.observe(&readings(fleet));
+    // One device is heard again 50 s later (mid-second): it is not silent at 61 s.
+    let mut late = reading("d7", 50, None, None);
+    late.received_at += 400;
+    e.observe(&readings(vec![late]));
+    let raised = alerts(&e.tick(T0 + 61_000));
+    assert_eq!(raised.len(), 9_999);
+    assert!(raised
+        .iter()
+        .all(|(rule, state)| rule == "offline" && *state == Raised));
+    assert!(
+        alerts(&e.tick(T0 + 70_000)).is_empty(),
+        "each silence is judged once"
+    );
+    // d7 was last heard at 50.4 s: silent for more than 60 s from 110.4 s on.
+    assert!(alerts(&e.tick(T0 + 110_000)).is_empty());
+    check(e.tick(T0 + 112_000), &[("offline", Raised)]);
+}
