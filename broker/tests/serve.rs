@@ -493,7 +493,7 @@ async fn the_simulator_publishes_what_it_reports_over_both_versions() {
                 "--rate",
                 "0",
                 "--duration",
-                "20",
+                "3",
             ])
             .args([
                 "--protocol",
