@@ -21,10 +21,10 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
 use messina_storage::{
-    Aggregate, AggregateQuery, Alert, AlertCountQuery, AlertQuery, AlertState, AlertStateFilter,
-    AttrValue, Bucket, Connection, Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState,
-    Event, EventQuery, FleetQuery, Millis, Order, Page, PageRequest, Reading, Storage,
-    StorageError, TelemetryQuery, TimeRange, UploadQuery,
+    Alert, AlertCountQuery, AlertQuery, AlertState, AlertStateFilter, AttrValue, Connection,
+    Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery,
+    Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange,
+    UploadQuery,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -71,8 +71,6 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/devices/{id}/telemetry",
             get(telemetry).post(ingest::telemetry),
         )
-        .route("/devices/{id}/telemetry/aggregate", get(device_aggregate))
-        .route("/fleet/aggregate", get(fleet_aggregate))
         .route("/devices/{id}/events", get(events).post(ingest::events))
         .route("/dead-letters", get(dead_letters))
         .route("/devices/failing", get(failing))
@@ -627,106 +625,6 @@ async fn telemetry(
         state.storage.telemetry(&query).await?,
         reading_json,
     )))
-}
-
-/// The aggregate query of `metric`, `bucket`, `since` and `until` (default: now), checked.
-fn aggregate_query(p: &Params) -> ApiResult<AggregateQuery> {
-    let metric = p.get("metric").ok_or_else(|| {
-        ApiError::bad_parameter(
-            "metric",
-            "missing; name a metric: battery, rssi or one the readings carry in `metrics`",
-        )
-    })?;
-    let buckets = Bucket::ALL.map(Bucket::as_str).join(", ");
-    let bucket = match p.get("bucket") {
-        None => Err(format!("missing; one of {buckets}")),
-        Some(v) => Bucket::parse(v).ok_or_else(|| format!("{v:?} is not one of {buckets}")),
-    }
-    .map_err(|why| ApiError::bad_parameter("bucket", why))?;
-    let range = p.range()?;
-    let since = range.since.ok_or_else(|| {
-        ApiError::bad_parameter(
-            "since",
-            "missing; the start of the range, RFC 3339 or milliseconds since the epoch",
-        )
-    })?;
-    let until = match range.until {
-        Some(until) => until,
-        None => {
-            let now = crate::mqtt::now_millis();
-            if since > now {
-                return Err(ApiError::bad_parameter(
-                    "since",
-                    "is in the future and `until` defaults to now",
-                ));
-            }
-            now
-        }
-    };
-    let query = AggregateQuery {
-        metric: metric.to_string(),
-        bucket,
-        since,
-        until,
-    };
-    query
-        .check()
-        .map_err(|(field, why)| ApiError::bad_parameter(field, why))?;
-    Ok(query)
-}
-
-fn aggregates_json(q: &AggregateQuery, buckets: &[Aggregate]) -> Value {
-    let buckets: Vec<Value> = buckets
-        .iter()
-        .map(|a| {
-            json!({
-                "start": rfc3339(a.start),
-                "start_ms": a.start,
-                "count": a.count,
-                "min": a.min,
-                "max": a.max,
-                "avg": a.avg,
-                "sum": a.sum,
-                "first": a.first,
-                "last": a.last,
-            })
-        })
-        .collect();
-    json!({
-        "metric": q.metric,
-        "bucket": q.bucket.as_str(),
-        "since": rfc3339(q.since),
-        "until": rfc3339(q.until),
-        "buckets": buckets,
-    })
-}
-
-const AGGREGATE_PARAMS: &[&str] = &["metric", "bucket", "since", "until"];
-
-/// Aggregates of one metric of one device per time bucket.
-async fn device_aggregate(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let p = Params::new(params, AGGREGATE_PARAMS)?;
-    let device = device_id(id)?;
-    let query = aggregate_query(&p)?;
-    let buckets = state.storage.aggregates(&device, &query).await?;
-    let mut v = aggregates_json(&query, &buckets);
-    v["device_id"] = json!(device.as_str());
-    Ok(Json(v))
-}
-
-/// Aggregates of one metric over every device per time bucket.
-async fn fleet_aggregate(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let p = Params::new(params, AGGREGATE_PARAMS)?;
-    let query = aggregate_query(&p)?;
-    let buckets = state.storage.fleet_aggregates(&query).await?;
-    Ok(Json(aggregates_json(&query, &buckets)))
 }
 
 async fn events(
@@ -1333,127 +1231,9 @@ pub(crate) mod tests {
             ("/v1/devices?limit=-1", "limit"),
             ("/v1/dead-letters?device=a%20b", "device"),
             ("/v1/devices/bad%20id/telemetry", "id"),
-            ("/v1/devices/d1/telemetry/aggregate?bucket=1h&since=0", "metric"),
-            (
-                "/v1/devices/d1/telemetry/aggregate?metric=battery&since=0",
-                "bucket",
-            ),
-            (
-                "/v1/devices/d1/telemetry/aggregate?metric=battery&bucket=2h&since=0",
-                "bucket",
-            ),
-            ("/v1/fleet/aggregate?metric=battery&bucket=1h", "since"),
-            (
-                "/v1/fleet/aggregate?metric=battery&bucket=1h&since=yesterday",
-                "since",
-            ),
-            (
-                "/v1/fleet/aggregate?metric=battery&bucket=1h&since=9999999999999",
-                "since",
-            ),
-            (
-                "/v1/fleet/aggregate?metric=rssi&bucket=1m&since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
-                "until",
-            ),
-            // Ten days of minutes: 14,400 buckets.
-            (
-                "/v1/fleet/aggregate?metric=rssi&bucket=1m&since=0&until=864000000",
-                "since",
-            ),
-            ("/v1/fleet/aggregate?metric=rssi&bucket=1h&since=0&limit=5", "limit"),
-            (
-                "/v1/devices/bad%20id/telemetry/aggregate?metric=rssi&bucket=1h&since=0",
-                "id",
-            ),
         ] {
             check_bad(&app, uri, parameter).await;
         }
-    }
-
-    #[tokio::test]
-    async fn aggregates_per_bucket_of_a_device_and_of_the_fleet() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = "read-only-key-0123456789";
-        let state = state_with(
-            dir.path(),
-            Setup {
-                keys: &[(key, ApiRole::Read)],
-                ..Setup::default()
-            },
-        );
-        // 2026-01-01T00:00:00Z
-        const T: Millis = 1_767_225_600_000;
-        let reading = |device: &str, s: i64, seq: u64, battery: f64| Reading {
-            device: DeviceId::new(device).unwrap(),
-            ts: T + s * 1000,
-            seq,
-            received_at: T + s * 1000,
-            battery: Some(battery),
-            rssi: None,
-            online: None,
-            metrics: BTreeMap::new(),
-            attrs: BTreeMap::new(),
-        };
-        let batch = messina_storage::Batch {
-            readings: vec![
-                reading("d1", 10, 1, 50.0),
-                reading("d1", 40, 2, 70.0),
-                reading("d1", 65, 3, 60.0),
-                reading("d2", 20, 1, 10.0),
-            ],
-            ..Default::default()
-        };
-        state.storage.write_batch(&batch).await.unwrap();
-        // Redelivered: counted once.
-        state.storage.write_batch(&batch).await.unwrap();
-        let app = app(state);
-        let range = "since=2026-01-01T00:00:00Z&until=2026-01-01T00:02:00Z";
-        let uri = format!("/v1/devices/d1/telemetry/aggregate?metric=battery&bucket=1m&{range}");
-        let (status, _, body) = call(&app, &uri, Some(key)).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(
-            body,
-            json!({
-                "device_id": "d1",
-                "metric": "battery",
-                "bucket": "1m",
-                "since": "2026-01-01T00:00:00Z",
-                "until": "2026-01-01T00:02:00Z",
-                "buckets": [
-                    {"start": "2026-01-01T00:00:00Z", "start_ms": T, "count": 2, "min": 50.0,
-                     "max": 70.0, "avg": 60.0, "sum": 120.0, "first": 50.0, "last": 70.0},
-                    {"start": "2026-01-01T00:01:00Z", "start_ms": T + 60_000, "count": 1,
-                     "min": 60.0, "max": 60.0, "avg": 60.0, "sum": 60.0, "first": 60.0,
-                     "last": 60.0},
-                ],
-            })
-        );
-        // The fleet, in one hour bucket; `since` cuts off d1's first reading.
-        let uri = "/v1/fleet/aggregate?metric=battery&bucket=1h&since=2026-01-01T00:00:15Z&until=2026-01-01T01:00:00Z";
-        let (status, _, body) = call(&app, uri, Some(key)).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body["since"], "2026-01-01T00:00:15Z");
-        let buckets = body["buckets"].as_array().unwrap();
-        assert_eq!(buckets.len(), 1, "{body}");
-        let b = &buckets[0];
-        assert_eq!(b["start"], "2026-01-01T00:00:00Z");
-        assert_eq!(
-            (&b["count"], &b["min"], &b["max"], &b["first"], &b["last"]),
-            (
-                &json!(3),
-                &json!(10.0),
-                &json!(70.0),
-                &json!(10.0),
-                &json!(60.0)
-            )
-        );
-        // A metric nobody sent has no buckets.
-        let uri = format!("/v1/fleet/aggregate?metric=temp_c&bucket=1d&{range}");
-        let (status, _, body) = call(&app, &uri, Some(key)).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["buckets"], json!([]));
-        let (status, _, _) = call(&app, &uri, None).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "the read role is needed");
     }
 
     #[tokio::test]

@@ -16,14 +16,10 @@
 //! - `fleet`: `counts` → the fleet's counts and the threshold they were counted at, written in
 //!   the same batch as the latest states they count
 //! - `connections`: `device 0x00 node` → the device's last `Connection` change on that node
-//! - `rollups`: `owner 0x00 len(metric) metric resolution start` → `rollup::Summary`, where
-//!   the owner is a device id or `*` for the fleet and the resolution is `m` or `h`
-//! - `rollup_devices`: `len(metric) metric minute device` → that device's minute `Summary`,
-//!   the devices a fleet minute merges
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,16 +31,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::{
-    now_millis, Aggregate, Alert, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
-    Millis, Reading, Upload, UploadState,
+    now_millis, Alert, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event, Millis,
+    Reading, Upload, UploadState,
 };
 use crate::query::{
-    low_battery, AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery,
-    EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
-    UploadQuery,
+    low_battery, AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery,
+    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
-use crate::rollup::{self, Above, Buckets, Resolution, Span, Summary, FLEET, HOUR_MS, MINUTE_MS};
 use crate::{Result, Storage, StorageError};
 
 /// Settings of the embedded backend.
@@ -101,10 +95,6 @@ struct Inner {
     counts: Mutex<FleetCounts>,
     /// Node reports: connected devices, and until when the report holds.
     nodes: Mutex<HashMap<String, (u64, Millis)>>,
-    /// Minute and hour rollups of each device and of the fleet.
-    rollups: Keyspace,
-    /// Each device's minute rollup again, by (metric, minute), for the fleet's minute rollup.
-    rollup_devices: Keyspace,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
@@ -137,42 +127,6 @@ fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
     key
 }
 
-fn metric_prefix(key: &mut Vec<u8>, metric: &str) {
-    // Length-prefixed, so no metric name is a prefix of another's keys whatever its bytes.
-    let len = u16::try_from(metric.len()).unwrap_or(u16::MAX);
-    key.extend_from_slice(&len.to_be_bytes());
-    key.extend_from_slice(&metric.as_bytes()[..usize::from(len)]);
-}
-
-fn resolution_byte(resolution: Resolution) -> u8 {
-    match resolution {
-        Resolution::Minute => b'm',
-        Resolution::Hour => b'h',
-    }
-}
-
-/// `owner 0x00 len(metric) metric resolution`, the prefix of one series of rollups.
-fn rollup_prefix(owner: &str, metric: &str, resolution: Resolution) -> Vec<u8> {
-    let mut key = Vec::with_capacity(owner.len() + metric.len() + 12);
-    key.extend_from_slice(owner.as_bytes());
-    key.push(0);
-    metric_prefix(&mut key, metric);
-    key.push(resolution_byte(resolution));
-    key
-}
-
-fn rollup_key(owner: &str, metric: &str, resolution: Resolution, start: Millis) -> Vec<u8> {
-    with_time(&rollup_prefix(owner, metric, resolution), start)
-}
-
-/// `len(metric) metric minute`, the devices with a rollup of that minute follow.
-fn rollup_devices_prefix(metric: &str, minute: Millis) -> Vec<u8> {
-    let mut key = Vec::with_capacity(metric.len() + 10);
-    metric_prefix(&mut key, metric);
-    key.extend_from_slice(&time_key(minute));
-    key
-}
-
 fn io(e: fjall::Error) -> StorageError {
     StorageError::Unavailable(format!("embedded store: {e}"))
 }
@@ -185,29 +139,6 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes)
         .map_err(|e| StorageError::Fatal(format!("stored row does not decode: {e}")))
-}
-
-/// Writes a rollup row, or removes it when nothing is left to summarise.
-fn put_summary(
-    wb: &mut fjall::OwnedWriteBatch,
-    keyspace: &Keyspace,
-    key: Vec<u8>,
-    summary: Option<Summary>,
-) -> Result<()> {
-    match summary {
-        Some(s) => wb.insert(keyspace, key, encode(&s)?),
-        None => wb.remove(keyspace, key),
-    }
-    Ok(())
-}
-
-/// The merge of the rollup rows in a key range.
-fn merge_rows(keyspace: &Keyspace, range: std::ops::Range<Vec<u8>>) -> Result<Option<Summary>> {
-    let rows = keyspace
-        .range::<Vec<u8>, _>(range)
-        .map(|g| decode::<Summary>(&g.value().map_err(io)?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Summary::merge_all(&rows))
 }
 
 /// Lower and upper key bounds of a scan.
@@ -427,8 +358,6 @@ impl EmbeddedStorage {
             low_battery_percent: options.low_battery_percent,
             counts: Mutex::new(FleetCounts::default()),
             nodes: Mutex::new(HashMap::new()),
-            rollups: ks("rollups")?,
-            rollup_devices: ks("rollup_devices")?,
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -514,7 +443,7 @@ impl Inner {
 
     fn write_batch(&self, batch: &Batch) -> Result<()> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wb = self.db.batch();
+        let mut wb = self.batch();
         // Each device's state before and after the batch.
         let mut states: HashMap<&DeviceId, (Option<bool>, DeviceState)> = HashMap::new();
         for r in &batch.readings {
@@ -569,166 +498,10 @@ impl Inner {
             key.extend_from_slice(&d.id.to_be_bytes());
             wb.insert(&self.dead_letters, key, encode(d)?);
         }
-        let above = self.device_minutes(&batch.readings, &mut wb)?;
-        if above.fleet_hours.is_empty() {
-            wb.durability(self.fsync.then_some(PersistMode::SyncData))
-                .commit()
-                .map_err(io)?;
-            // Committed with the states it counts; in force for readers from now on.
-            *self.counts.lock().expect("fleet counts") = counts;
-            return Ok(());
-        }
-        // Each level of rollups is recomputed from the level below once that is committed. Only
-        // the last commit is synced: the journal is one sequence, so syncing it makes the earlier
-        // commits durable too, and a crash before it leaves the batch unacknowledged, to be
-        // written (and every rollup it touches recomputed) again.
-        wb.durability(None).commit().map_err(io)?;
-        *self.counts.lock().expect("fleet counts") = counts;
-        let mut wb = self.db.batch().durability(None);
-        for (device, metric, hour) in &above.device_hours {
-            let minutes = rollup_prefix(device, metric, Resolution::Minute);
-            let merged = merge_rows(
-                &self.rollups,
-                with_time(&minutes, *hour)..with_time(&minutes, hour + HOUR_MS),
-            )?;
-            let key = rollup_key(device, metric, Resolution::Hour, *hour);
-            put_summary(&mut wb, &self.rollups, key, merged)?;
-        }
-        for (metric, minute) in &above.fleet_minutes {
-            let devices = rollup_devices_prefix(metric, *minute);
-            let merged = Summary::merge_all(
-                &self
-                    .rollup_devices
-                    .prefix(&devices)
-                    .map(|g| decode::<Summary>(&g.value().map_err(io)?))
-                    .collect::<Result<Vec<_>>>()?,
-            );
-            let key = rollup_key(FLEET, metric, Resolution::Minute, *minute);
-            put_summary(&mut wb, &self.rollups, key, merged)?;
-        }
         wb.commit().map_err(io)?;
-        let mut wb = self.batch();
-        for (metric, hour) in &above.fleet_hours {
-            let minutes = rollup_prefix(FLEET, metric, Resolution::Minute);
-            let merged = merge_rows(
-                &self.rollups,
-                with_time(&minutes, *hour)..with_time(&minutes, hour + HOUR_MS),
-            )?;
-            let key = rollup_key(FLEET, metric, Resolution::Hour, *hour);
-            put_summary(&mut wb, &self.rollups, key, merged)?;
-        }
-        wb.commit().map_err(io)
-    }
-
-    /// Adds to `wb` the minute rollups of every device minute the readings fall in, computed
-    /// from the rows stored for that minute with the readings written over them (so a
-    /// redelivered reading counts once, and a late one lands in its own minute), and says which
-    /// rollups above them are stale.
-    fn device_minutes(
-        &self,
-        readings: &[Reading],
-        wb: &mut fjall::OwnedWriteBatch,
-    ) -> Result<Above> {
-        let mut by_minute: BTreeMap<(&DeviceId, Millis), Vec<&Reading>> = BTreeMap::new();
-        for r in readings {
-            by_minute
-                .entry((&r.device, Resolution::Minute.start_of(r.ts)))
-                .or_default()
-                .push(r);
-        }
-        let mut above = Above::default();
-        for ((device, minute), new) in by_minute {
-            let range = TimeRange {
-                since: Some(minute),
-                until: Some(minute + MINUTE_MS),
-            };
-            let mut rows: BTreeMap<(Millis, u64), Reading> = BTreeMap::new();
-            for guard in self
-                .telemetry
-                .range::<Vec<u8>, _>(time_bounds(&device_prefix(device), &range))
-            {
-                let r: Reading = decode(&guard.value().map_err(io)?)?;
-                rows.insert((r.ts, r.seq), r);
-            }
-            // Metrics the stored rows carry too, so one an overwrite removes is recomputed.
-            let mut metrics: BTreeSet<String> = BTreeSet::new();
-            for r in rows.values().chain(new.iter().copied()) {
-                metrics.extend(r.numeric_metrics().into_keys().map(str::to_string));
-            }
-            for r in new {
-                rows.insert((r.ts, r.seq), r.clone());
-            }
-            let summaries = rollup::summarize(rows.values());
-            for metric in &metrics {
-                let key = rollup_key(device.as_str(), metric, Resolution::Minute, minute);
-                let mut by_device = rollup_devices_prefix(metric, minute);
-                by_device.extend_from_slice(device.as_str().as_bytes());
-                let summary = summaries.get(metric).copied();
-                put_summary(wb, &self.rollups, key, summary)?;
-                put_summary(wb, &self.rollup_devices, by_device, summary)?;
-                above.add(device.as_str(), metric, minute);
-            }
-        }
-        Ok(above)
-    }
-
-    /// Aggregates of a device (`Some`) or of the fleet (`None`).
-    fn aggregates(&self, device: Option<&DeviceId>, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
-        rollup::check(q)?;
-        let mut buckets = Buckets::new(q.bucket);
-        for span in rollup::plan(q) {
-            match span {
-                Span::Raw { since, until } => {
-                    let devices = match device {
-                        Some(d) => vec![d.clone()],
-                        // The fleet's devices with this metric in that minute.
-                        None => self.devices_in_minute(&q.metric, since)?,
-                    };
-                    let range = TimeRange {
-                        since: Some(since),
-                        until: Some(until),
-                    };
-                    for d in &devices {
-                        let bounds = time_bounds(&device_prefix(d), &range);
-                        for guard in self.telemetry.range::<Vec<u8>, _>(bounds) {
-                            let r: Reading = decode(&guard.value().map_err(io)?)?;
-                            buckets.add_reading(&r, &q.metric);
-                        }
-                    }
-                }
-                Span::Rollup {
-                    resolution,
-                    since,
-                    until,
-                } => {
-                    let owner = device.map_or(FLEET, DeviceId::as_str);
-                    let prefix = rollup_prefix(owner, &q.metric, resolution);
-                    let bounds = with_time(&prefix, since)..with_time(&prefix, until);
-                    for guard in self.rollups.range::<Vec<u8>, _>(bounds) {
-                        let (key, value) = guard.into_inner().map_err(io)?;
-                        let start = from_time_key(&key[prefix.len()..]).ok_or_else(|| {
-                            StorageError::Fatal("a rollup key is malformed".into())
-                        })?;
-                        buckets.add(start, &decode(&value)?);
-                    }
-                }
-            }
-        }
-        Ok(buckets.finish())
-    }
-
-    fn devices_in_minute(&self, metric: &str, ts: Millis) -> Result<Vec<DeviceId>> {
-        let prefix = rollup_devices_prefix(metric, Resolution::Minute.start_of(ts));
-        self.rollup_devices
-            .prefix(&prefix)
-            .map(|guard| {
-                let key = guard.key().map_err(io)?;
-                std::str::from_utf8(&key[prefix.len()..])
-                    .ok()
-                    .and_then(|id| DeviceId::new(id).ok())
-                    .ok_or_else(|| StorageError::Fatal("a rollup_devices key is malformed".into()))
-            })
-            .collect()
+        // Committed with the states it counts; in force for readers from now on.
+        *self.counts.lock().expect("fleet counts") = counts;
+        Ok(())
     }
 
     fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>> {
@@ -866,17 +639,6 @@ impl Storage for EmbeddedStorage {
             )
         })
         .await
-    }
-
-    async fn aggregates(&self, device: &DeviceId, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
-        let (device, q) = (device.clone(), q.clone());
-        self.blocking(move |inner| inner.aggregates(Some(&device), &q))
-            .await
-    }
-
-    async fn fleet_aggregates(&self, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
-        let q = q.clone();
-        self.blocking(move |inner| inner.aggregates(None, &q)).await
     }
 
     async fn events(&self, query: &EventQuery) -> Result<Page<Event>> {

@@ -25,17 +25,14 @@ use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 
 use crate::backoff::Backoff;
 use crate::model::{
-    Aggregate, Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState,
-    Event, Millis, Reading, Stamped, Upload, UploadState,
+    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
+    Millis, Reading, Stamped, Upload, UploadState,
 };
 use crate::query::{
-    AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery,
-    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts,
+    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
-use crate::rollup::{
-    self, Above, Buckets, Point, Resolution, Span, Summary, Touched, FLEET, HOUR_MS, MINUTE_MS,
-};
 use crate::{Result, Storage, StorageError};
 
 /// The schema applied at start; see the file for the tables.
@@ -87,6 +84,7 @@ impl ScyllaOptions {
 /// 5 KiB batch-size warning for typical readings.
 const ROWS_PER_BATCH: usize = 32;
 const DAY_MS: i64 = 86_400_000;
+const HOUR_MS: i64 = 3_600_000;
 /// Owner of the fleet-wide (dead letters, alerts) partition index entries; device ids cannot
 /// contain '*'.
 const DEAD_LETTER_OWNER: &str = "*";
@@ -146,13 +144,6 @@ struct Statements {
     register_device: PreparedStatement,
     registered_device: PreparedStatement,
     registered_devices: PreparedStatement,
-    minute_readings: PreparedStatement,
-    insert_rollup: PreparedStatement,
-    delete_rollup: PreparedStatement,
-    rollups: PreparedStatement,
-    insert_rollup_device: PreparedStatement,
-    delete_rollup_device: PreparedStatement,
-    rollup_devices: PreparedStatement,
 }
 
 struct Inner {
@@ -344,23 +335,6 @@ type ReadingRow = (
     Option<BTreeMap<String, f64>>,
     Option<BTreeMap<String, String>>,
 );
-
-/// A reading's columns and WRITETIME(received_at).
-type WrittenReadingRow = (
-    String,
-    CqlTimestamp,
-    i64,
-    CqlTimestamp,
-    Option<f64>,
-    Option<i32>,
-    Option<bool>,
-    Option<BTreeMap<String, f64>>,
-    Option<BTreeMap<String, String>>,
-    i64,
-);
-
-/// One of many requests run at most `max_in_flight` at once.
-type Request<'a, T> = futures::future::BoxFuture<'a, Result<T>>;
 
 fn reading_from_row(r: ReadingRow) -> Result<Reading> {
     Ok(Reading {
@@ -627,116 +601,6 @@ fn device_from_row(r: DeviceRow) -> Result<RegisteredDevice> {
         photo_upload: r.11,
         id: device(r.0)?,
     })
-}
-
-const SUMMARY_COLS: &str = "count, sum, min, max, first_ts, first_seq, first_value, last_ts, \
-    last_seq, last_value";
-
-/// A rollup row as read: start (or device id), the summary columns, and WRITETIME(count).
-type RollupRow<K> = (
-    K,
-    i64,
-    f64,
-    f64,
-    f64,
-    CqlTimestamp,
-    i64,
-    f64,
-    CqlTimestamp,
-    i64,
-    f64,
-    i64,
-);
-
-fn summary_from_row<K>(r: RollupRow<K>) -> (K, Summary, i64) {
-    let summary = Summary {
-        count: r.1 as u64,
-        sum: r.2,
-        min: r.3,
-        max: r.4,
-        first: Point {
-            ts: r.5 .0,
-            seq: r.6 as u64,
-            value: r.7,
-        },
-        last: Point {
-            ts: r.8 .0,
-            seq: r.9 as u64,
-            value: r.10,
-        },
-    };
-    (r.0, summary, r.11)
-}
-
-/// The bound values of `INSERT INTO rollups`.
-#[derive(scylla::SerializeRow)]
-#[scylla(flavor = "enforce_order", skip_name_checks)]
-struct RollupValues<'a> {
-    owner: &'a str,
-    metric: &'a str,
-    resolution: &'static str,
-    period: CqlDate,
-    start: CqlTimestamp,
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    first_ts: CqlTimestamp,
-    first_seq: i64,
-    first_value: f64,
-    last_ts: CqlTimestamp,
-    last_seq: i64,
-    last_value: f64,
-    timestamp: i64,
-    ttl: i32,
-}
-
-/// The bound values of `INSERT INTO rollup_devices`.
-#[derive(scylla::SerializeRow)]
-#[scylla(flavor = "enforce_order", skip_name_checks)]
-struct RollupDeviceValues<'a> {
-    metric: &'a str,
-    minute: CqlTimestamp,
-    device: &'a str,
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    first_ts: CqlTimestamp,
-    first_seq: i64,
-    first_value: f64,
-    last_ts: CqlTimestamp,
-    last_seq: i64,
-    last_value: f64,
-    timestamp: i64,
-    ttl: i32,
-}
-
-/// Fills the summary fields of a values struct.
-macro_rules! with_summary {
-    ($name:ident { $($field:ident: $value:expr),* $(,)? }, $s:expr) => {{
-        let s: &Summary = $s;
-        $name {
-            $($field: $value,)*
-            count: s.count as i64,
-            sum: s.sum,
-            min: s.min,
-            max: s.max,
-            first_ts: ts(s.first.ts),
-            first_seq: s.first.seq as i64,
-            first_value: s.first.value,
-            last_ts: ts(s.last.ts),
-            last_seq: s.last.seq as i64,
-            last_value: s.last.value,
-        }
-    }};
-}
-
-/// Now in microseconds, the write time of a rollup deleted because nothing is left under it.
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The pending-uploads index has one partition; see `schema.cql`.
@@ -1156,38 +1020,6 @@ impl Statements {
             ))
             .await?,
             registered_devices: prepare(format!("SELECT {DEVICE_COLS} FROM {ks}.devices")).await?,
-            minute_readings: prepare(format!(
-                "SELECT {reading_cols}, WRITETIME(received_at) FROM {ks}.telemetry {range}"
-            ))
-            .await?,
-            insert_rollup: prepare(format!(
-                "INSERT INTO {ks}.rollups (owner, metric, resolution, period, start, {SUMMARY_COLS}) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
-            ))
-            .await?,
-            delete_rollup: prepare(format!(
-                "DELETE FROM {ks}.rollups USING TIMESTAMP ? \
-                 WHERE owner = ? AND metric = ? AND resolution = ? AND period = ? AND start = ?"
-            ))
-            .await?,
-            rollups: prepare(format!(
-                "SELECT start, {SUMMARY_COLS}, WRITETIME(count) FROM {ks}.rollups \
-                 WHERE owner = ? AND metric = ? AND resolution = ? AND period = ? AND start >= ? AND start < ?"
-            ))
-            .await?,
-            insert_rollup_device: prepare(format!(
-                "INSERT INTO {ks}.rollup_devices (metric, minute, device_id, {SUMMARY_COLS}) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
-            ))
-            .await?,
-            delete_rollup_device: prepare(format!(
-                "DELETE FROM {ks}.rollup_devices USING TIMESTAMP ? WHERE metric = ? AND minute = ? AND device_id = ?"
-            ))
-            .await?,
-            rollup_devices: prepare(format!(
-                "SELECT device_id, {SUMMARY_COLS}, WRITETIME(count) FROM {ks}.rollup_devices WHERE metric = ? AND minute = ?"
-            ))
-            .await?,
         })
     }
 }
@@ -1849,354 +1681,6 @@ impl Inner {
     }
 }
 
-impl Inner {
-    /// Runs one statement, retrying retryable failures as batch writes are retried.
-    async fn execute<V: SerializeRow>(
-        &self,
-        stmt: &PreparedStatement,
-        values: &V,
-    ) -> Result<scylla::response::query_result::QueryResult> {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        let mut attempt = 1;
-        loop {
-            match self
-                .session
-                .execute_unpaged(stmt, values)
-                .await
-                .map_err(|e| classify(stmt.get_statement(), e))
-            {
-                Ok(result) => return Ok(result),
-                Err(e) if e.is_retryable() && attempt < self.options.write_attempts => {
-                    tracing::debug!(error = %e, attempt, "retrying a ScyllaDB request");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Every row a statement returns, decoded.
-    async fn rows<R, V>(&self, stmt: &PreparedStatement, values: &V) -> Result<Vec<R>>
-    where
-        R: for<'f, 'm> DeserializeRow<'f, 'm>,
-        V: SerializeRow,
-    {
-        let fatal = |e: &dyn std::fmt::Display| {
-            StorageError::Fatal(format!("{}: {e}", stmt.get_statement()))
-        };
-        self.execute(stmt, values)
-            .await?
-            .into_rows_result()
-            .map_err(|e| fatal(&e))?
-            .rows::<R>()
-            .map_err(|e| fatal(&e))?
-            .map(|r| r.map_err(|e| fatal(&e)))
-            .collect()
-    }
-
-    /// A device's readings in `[since, until)`, which lies inside one day, with their write times.
-    async fn readings_within_day(
-        &self,
-        device: &str,
-        since: Millis,
-        until: Millis,
-    ) -> Result<Vec<(Reading, i64)>> {
-        let values = (device, cql_date(day_of(since)), ts(since), ts(until));
-        let rows: Vec<WrittenReadingRow> = self.rows(&self.st.minute_readings, &values).await?;
-        rows.into_iter()
-            .map(|r| {
-                let written = r.9;
-                let reading = reading_from_row((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8))?;
-                Ok((reading, written))
-            })
-            .collect()
-    }
-
-    /// Writes a rollup row, or deletes it when nothing is left under it, at `written`.
-    async fn put_rollup(
-        &self,
-        owner: &str,
-        metric: &str,
-        resolution: Resolution,
-        start: Millis,
-        summary: Option<&Summary>,
-        written: Option<i64>,
-    ) -> Result<()> {
-        let timestamp = written.unwrap_or_else(now_micros);
-        let period = cql_date(match resolution {
-            Resolution::Minute => day_of(start),
-            Resolution::Hour => rollup::month_of(start),
-        });
-        match summary {
-            Some(s) => {
-                let values = with_summary!(
-                    RollupValues {
-                        owner: owner,
-                        metric: metric,
-                        resolution: resolution.as_str(),
-                        period: period,
-                        start: ts(start),
-                        timestamp: timestamp,
-                        ttl: self.ttl(),
-                    },
-                    s
-                );
-                self.execute(&self.st.insert_rollup, &values).await?;
-            }
-            None => {
-                let values = (
-                    timestamp,
-                    owner,
-                    metric,
-                    resolution.as_str(),
-                    period,
-                    ts(start),
-                );
-                self.execute(&self.st.delete_rollup, &values).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Recomputes a device's minute rollups from its telemetry rows of that minute (read after
-    /// the batch is stored, so redelivered readings are counted once), for the metrics the batch
-    /// carried and the stored rows carry. Returns the metrics recomputed.
-    async fn device_minute(
-        &self,
-        device: &str,
-        minute: Millis,
-        metrics: &BTreeSet<String>,
-    ) -> Result<Vec<String>> {
-        let rows = self
-            .readings_within_day(device, minute, minute + MINUTE_MS)
-            .await?;
-        let written = rows.iter().map(|r| r.1).max();
-        let summaries = rollup::summarize(rows.iter().map(|r| &r.0));
-        let mut all = metrics.clone();
-        all.extend(summaries.keys().cloned());
-        for metric in &all {
-            let s = summaries.get(metric);
-            self.put_rollup(device, metric, Resolution::Minute, minute, s, written)
-                .await?;
-            match s {
-                Some(s) => {
-                    let values = with_summary!(
-                        RollupDeviceValues {
-                            metric: metric.as_str(),
-                            minute: ts(minute),
-                            device: device,
-                            timestamp: written.unwrap_or_else(now_micros),
-                            ttl: self.ttl(),
-                        },
-                        s
-                    );
-                    self.execute(&self.st.insert_rollup_device, &values).await?;
-                }
-                None => {
-                    let values = (
-                        written.unwrap_or_else(now_micros),
-                        metric.as_str(),
-                        ts(minute),
-                        device,
-                    );
-                    self.execute(&self.st.delete_rollup_device, &values).await?;
-                }
-            }
-        }
-        Ok(all.into_iter().collect())
-    }
-
-    /// Rollup rows of one series in `[since, until)` of one partition, with their write times.
-    async fn rollup_rows(
-        &self,
-        owner: &str,
-        metric: &str,
-        resolution: Resolution,
-        period: i64,
-        since: Millis,
-        until: Millis,
-    ) -> Result<Vec<(Millis, Summary, i64)>> {
-        let values = (
-            owner,
-            metric,
-            resolution.as_str(),
-            cql_date(period),
-            ts(since),
-            ts(until),
-        );
-        let rows: Vec<RollupRow<CqlTimestamp>> = self.rows(&self.st.rollups, &values).await?;
-        Ok(rows
-            .into_iter()
-            .map(summary_from_row)
-            .map(|(start, s, w)| (start.0, s, w))
-            .collect())
-    }
-
-    /// An hour rollup of a device or of the fleet, from its minute rollups.
-    async fn hour_from_minutes(&self, owner: &str, metric: &str, hour: Millis) -> Result<()> {
-        let rows = self
-            .rollup_rows(
-                owner,
-                metric,
-                Resolution::Minute,
-                day_of(hour),
-                hour,
-                hour + HOUR_MS,
-            )
-            .await?;
-        let merged = Summary::merge_all(rows.iter().map(|r| &r.1));
-        let written = rows.iter().map(|r| r.2).max();
-        self.put_rollup(
-            owner,
-            metric,
-            Resolution::Hour,
-            hour,
-            merged.as_ref(),
-            written,
-        )
-        .await
-    }
-
-    /// Each device's minute rollup of a metric, with its write time.
-    async fn devices_of_minute(
-        &self,
-        metric: &str,
-        minute: Millis,
-    ) -> Result<Vec<(String, Summary, i64)>> {
-        let rows: Vec<RollupRow<String>> = self
-            .rows(&self.st.rollup_devices, &(metric, ts(minute)))
-            .await?;
-        Ok(rows.into_iter().map(summary_from_row).collect())
-    }
-
-    /// The fleet's minute rollup, from every device's.
-    async fn fleet_minute(&self, metric: &str, minute: Millis) -> Result<()> {
-        let rows = self.devices_of_minute(metric, minute).await?;
-        let merged = Summary::merge_all(rows.iter().map(|r| &r.1));
-        let written = rows.iter().map(|r| r.2).max();
-        self.put_rollup(
-            FLEET,
-            metric,
-            Resolution::Minute,
-            minute,
-            merged.as_ref(),
-            written,
-        )
-        .await
-    }
-
-    /// Recomputes, level by level, every rollup a stored batch of readings makes stale. Each
-    /// level reads what the level below wrote, so it runs only when that level is done.
-    async fn update_rollups(&self, readings: &[Reading]) -> Result<()> {
-        let touched = Touched::of(readings);
-        let limit = self.options.max_in_flight;
-        let level1: Vec<Request<'_, (String, Millis, Vec<String>)>> = touched
-            .device_minutes
-            .iter()
-            .map(|((device, minute), metrics)| {
-                Box::pin(async move {
-                    let done = self.device_minute(device, *minute, metrics).await?;
-                    Ok((device.clone(), *minute, done))
-                }) as _
-            })
-            .collect();
-        let done: Vec<(String, Millis, Vec<String>)> = futures::stream::iter(level1)
-            .buffer_unordered(limit)
-            .try_collect()
-            .await?;
-        let mut above = Above::default();
-        for (device, minute, metrics) in &done {
-            for metric in metrics {
-                above.add(device, metric, *minute);
-            }
-        }
-        let mut level2: Vec<Request<'_, ()>> = Vec::new();
-        for (device, metric, hour) in &above.device_hours {
-            level2.push(Box::pin(self.hour_from_minutes(device, metric, *hour)));
-        }
-        for (metric, minute) in &above.fleet_minutes {
-            level2.push(Box::pin(self.fleet_minute(metric, *minute)));
-        }
-        futures::stream::iter(level2)
-            .buffer_unordered(limit)
-            .try_collect::<Vec<()>>()
-            .await?;
-        let level3: Vec<Request<'_, ()>> = above
-            .fleet_hours
-            .iter()
-            .map(|(metric, hour)| Box::pin(self.hour_from_minutes(FLEET, metric, *hour)) as _)
-            .collect();
-        futures::stream::iter(level3)
-            .buffer_unordered(limit)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    /// Aggregates of a device (`Some`) or of the fleet (`None`): rollup rows for whole minutes
-    /// and hours, telemetry rows for the partial minutes at the edges.
-    async fn aggregates(
-        &self,
-        device: Option<&DeviceId>,
-        q: &AggregateQuery,
-    ) -> Result<Vec<Aggregate>> {
-        rollup::check(q)?;
-        let owner = device.map_or(FLEET, DeviceId::as_str);
-        let metric = q.metric.as_str();
-        let limit = self.options.max_in_flight;
-        let mut buckets = Buckets::new(q.bucket);
-        for span in rollup::plan(q) {
-            match span {
-                Span::Raw { since, until } => {
-                    let devices = match device {
-                        Some(d) => vec![d.to_string()],
-                        // The fleet's devices with this metric in that minute.
-                        None => self
-                            .devices_of_minute(metric, Resolution::Minute.start_of(since))
-                            .await?
-                            .into_iter()
-                            .map(|r| r.0)
-                            .collect(),
-                    };
-                    // Built in a loop, not a closure: the futures borrow `devices` for the whole call.
-                    let mut reads: Vec<Request<'_, Vec<(Reading, i64)>>> = Vec::new();
-                    for d in &devices {
-                        reads.push(Box::pin(self.readings_within_day(d, since, until)));
-                    }
-                    let found: Vec<Vec<(Reading, i64)>> = futures::stream::iter(reads)
-                        .buffer_unordered(limit)
-                        .try_collect()
-                        .await?;
-                    for (r, _) in found.iter().flatten() {
-                        buckets.add_reading(r, metric);
-                    }
-                }
-                Span::Rollup {
-                    resolution,
-                    since,
-                    until,
-                } => {
-                    let mut reads: Vec<Request<'_, Vec<_>>> = Vec::new();
-                    for p in rollup::periods(resolution, since, until) {
-                        reads.push(Box::pin(
-                            self.rollup_rows(owner, metric, resolution, p, since, until),
-                        ));
-                    }
-                    let found: Vec<Vec<(Millis, Summary, i64)>> = futures::stream::iter(reads)
-                        .buffered(limit)
-                        .try_collect()
-                        .await?;
-                    for (start, s, _) in found.iter().flatten() {
-                        buckets.add(*start, s);
-                    }
-                }
-            }
-        }
-        Ok(buckets.finish())
-    }
-}
-
 fn bounds(range: &TimeRange) -> (CqlTimestamp, CqlTimestamp) {
     (
         ts(range.since.unwrap_or(i64::MIN)),
@@ -2237,10 +1721,7 @@ impl Storage for ScyllaStorage {
         } else if !changed_shards.is_empty() {
             lock(&inner.dirty_shards).extend(changed_shards);
         }
-        result?;
-        // After the rows are stored, so the rollups are computed from what is stored. A failure
-        // here fails the batch, which is then written again and its rollups recomputed.
-        inner.update_rollups(&batch.readings).await
+        result.map(|_| ())
     }
 
     async fn device(&self, device: &DeviceId) -> Result<Option<DeviceState>> {
@@ -2417,16 +1898,6 @@ impl Storage for ScyllaStorage {
                 |_| true,
             )
             .await
-    }
-
-    async fn aggregates(&self, device: &DeviceId, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
-        self.check_open()?;
-        self.inner.aggregates(Some(device), q).await
-    }
-
-    async fn fleet_aggregates(&self, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
-        self.check_open()?;
-        self.inner.aggregates(None, q).await
     }
 
     async fn events(&self, q: &EventQuery) -> Result<Page<Event>> {
@@ -3070,7 +2541,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 20);
+        assert_eq!(statements.len(), 18);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
