@@ -231,6 +231,19 @@ enum Seen {
     Other,
 }
 
+/// Hands what the event loop saw to `on`; after a failure, waits a second (rumqttc reconnects
+/// at the next poll). `false` when the loop should end.
+async fn next(on: &impl Fn(Seen) -> bool, seen: Seen) -> bool {
+    let failed = matches!(seen, Seen::Failed(_));
+    if !on(seen) {
+        return false;
+    }
+    if failed {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    true
+}
+
 /// Publish times by packet id, to measure each PUBACK.
 type Inflight = Mutex<HashMap<u16, Instant>>;
 
@@ -293,12 +306,8 @@ fn connect(
                         Err(e) => Seen::Failed(e.to_string()),
                     },
                 };
-                let failed = matches!(seen, Seen::Failed(_));
-                if !on(seen) {
+                if !next(&on, seen).await {
                     break;
-                }
-                if failed {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         });
@@ -323,12 +332,8 @@ fn connect(
                         Err(e) => Seen::Failed(e.to_string()),
                     },
                 };
-                let failed = matches!(seen, Seen::Failed(_));
-                if !on(seen) {
+                if !next(&on, seen).await {
                     break;
-                }
-                if failed {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         });

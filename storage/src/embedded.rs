@@ -19,7 +19,7 @@
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +35,9 @@ use crate::model::{
     Reading, Upload, UploadState,
 };
 use crate::query::{
-    low_battery, AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery,
-    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    low_battery, AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor, DeadLetterQuery,
+    EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
+    UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
@@ -696,28 +697,15 @@ impl Storage for EmbeddedStorage {
         self.blocking(move |inner| {
             let lo = family_key(&q.family, q.since, "");
             let hi = family_key(&q.family, q.until, "");
-            let mut counts: BTreeMap<(DeviceId, String), u64> = BTreeMap::new();
+            let mut tally = AlertTally::default();
             for guard in inner.alerts_by_family.range(lo..hi) {
                 let key = guard.key().map_err(io)?;
-                let id = std::str::from_utf8(&key[q.family.len() + 9..])
-                    .ok()
-                    .and_then(Alert::parse_id)
-                    .ok_or_else(|| {
-                        StorageError::Fatal("an alert index entry has a malformed key".into())
-                    })?;
-                let (device, rule, _) = id;
-                if q.device.as_ref().is_none_or(|d| *d == device) {
-                    *counts.entry((device, rule.to_string())).or_default() += 1;
-                }
+                let id = std::str::from_utf8(&key[q.family.len() + 9..]).map_err(|_| {
+                    StorageError::Fatal("an alert index entry has a malformed key".into())
+                })?;
+                tally.add(&q, id)?;
             }
-            Ok(counts
-                .into_iter()
-                .map(|((device, rule), count)| AlertCount {
-                    device,
-                    rule,
-                    count,
-                })
-                .collect())
+            Ok(tally.counts())
         })
         .await
     }

@@ -135,6 +135,38 @@ pub struct AlertCount {
     pub count: u64,
 }
 
+/// Counts alert ids read from a family index, per device and rule, for one query.
+#[derive(Debug, Default)]
+pub struct AlertTally(std::collections::BTreeMap<(DeviceId, String), u64>);
+
+impl AlertTally {
+    /// Counts the alert `id` when the query wants its device; an id that is not an alert id
+    /// is a corrupt index entry.
+    pub fn add(&mut self, query: &AlertCountQuery, id: &str) -> Result<(), crate::StorageError> {
+        let Some((device, rule, _)) = crate::Alert::parse_id(id) else {
+            return Err(crate::StorageError::Fatal(format!(
+                "the alert index holds {id:?}, not an alert id"
+            )));
+        };
+        if query.device.as_ref().is_none_or(|d| *d == device) {
+            *self.0.entry((device, rule.to_string())).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// The counts, sorted by device then rule.
+    pub fn counts(self) -> Vec<AlertCount> {
+        self.0
+            .into_iter()
+            .map(|((device, rule), count)| AlertCount {
+                device,
+                rule,
+                count,
+            })
+            .collect()
+    }
+}
+
 /// Which alerts a query wants by state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlertStateFilter {

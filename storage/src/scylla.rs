@@ -29,8 +29,8 @@ use crate::model::{
     Millis, Reading, Stamped, Upload, UploadState,
 };
 use crate::query::{
-    AlertCount, AlertCountQuery, AlertQuery, Cursor, DeadLetterQuery, EventQuery, FleetCounts,
-    FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor, DeadLetterQuery, EventQuery,
+    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{Result, Storage, StorageError};
@@ -2059,7 +2059,7 @@ impl Storage for ScyllaStorage {
             return Ok(Vec::new());
         }
         let inner = &self.inner;
-        let mut counts: BTreeMap<(DeviceId, String), u64> = BTreeMap::new();
+        let mut tally = AlertTally::default();
         for day in day_of(q.since)..=day_of(q.until - 1) {
             let mut rows = inner
                 .session
@@ -2074,24 +2074,10 @@ impl Storage for ScyllaStorage {
             while let Some(row) = rows.next().await {
                 let (id,) =
                     row.map_err(|e| StorageError::Unavailable(format!("alerts_by_family: {e}")))?;
-                let Some((device, rule, _)) = Alert::parse_id(&id) else {
-                    return Err(StorageError::Fatal(format!(
-                        "alerts_by_family holds {id:?}, not an alert id"
-                    )));
-                };
-                if q.device.as_ref().is_none_or(|d| *d == device) {
-                    *counts.entry((device, rule.to_string())).or_default() += 1;
-                }
+                tally.add(q, &id)?;
             }
         }
-        Ok(counts
-            .into_iter()
-            .map(|((device, rule), count)| AlertCount {
-                device,
-                rule,
-                count,
-            })
-            .collect())
+        Ok(tally.counts())
     }
 
     async fn alert(&self, id: &str) -> Result<Option<Alert>> {
