@@ -13,7 +13,9 @@ use anyhow::Context;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::presigning::PresigningConfig;
 use messina_config::UploadsConfig;
-use messina_storage::{AttrValue, DeviceId, Millis, Storage, StorageError, Upload, UploadState};
+use messina_storage::{
+    AttrValue, Cause, DeviceId, Millis, Storage, StorageError, Upload, UploadState,
+};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -49,10 +51,10 @@ pub enum UploadError {
     Rejected(String),
     /// Object storage or the database could not answer now; retry later.
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// Stored data is broken; an operator must look.
     #[error("{0}")]
-    Fatal(String),
+    Fatal(#[source] Cause),
 }
 
 impl From<StorageError> for UploadError {
@@ -189,7 +191,7 @@ impl ObjectStore {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| {
-                UploadError::Fatal(format!("building the HTTP client for object storage: {e}"))
+                UploadError::Fatal(Cause::new("building the HTTP client for object storage", e))
             })?;
         Ok(ObjectStore {
             client: aws_sdk_s3::Client::from_conf(config),
@@ -200,7 +202,7 @@ impl ObjectStore {
 
     fn presigning(expires: Duration) -> Result<PresigningConfig, UploadError> {
         PresigningConfig::expires_in(expires)
-            .map_err(|e| UploadError::Fatal(format!("presigning: {e}")))
+            .map_err(|e| UploadError::Fatal(Cause::new("presigning", e)))
     }
 
     /// A URL for `PUT key` whose signature covers the content type and length, and the headers
@@ -221,7 +223,7 @@ impl ObjectStore {
             .content_length(i64::try_from(size).unwrap_or(i64::MAX))
             .presigned(Self::presigning(expires)?)
             .await
-            .map_err(|e| UploadError::Fatal(format!("presigning PUT {key}: {e}")))?;
+            .map_err(|e| UploadError::Fatal(Cause::new(format!("presigning PUT {key}"), e)))?;
         let mut headers: BTreeMap<String, String> = presigned
             .headers()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
@@ -241,7 +243,7 @@ impl ObjectStore {
             .key(key)
             .presigned(Self::presigning(expires)?)
             .await
-            .map_err(|e| UploadError::Fatal(format!("presigning GET {key}: {e}")))?;
+            .map_err(|e| UploadError::Fatal(Cause::new(format!("presigning GET {key}"), e)))?;
         Ok(presigned.uri().to_string())
     }
 
@@ -253,18 +255,17 @@ impl ObjectStore {
             .key(key)
             .presigned(Self::presigning(Duration::from_secs(60))?)
             .await
-            .map_err(|e| UploadError::Fatal(format!("presigning HEAD {key}: {e}")))?;
-        let r =
-            self.http.head(presigned.uri()).send().await.map_err(|e| {
-                UploadError::Unavailable(format!("object storage: HEAD {key}: {e}"))
-            })?;
+            .map_err(|e| UploadError::Fatal(Cause::new(format!("presigning HEAD {key}"), e)))?;
+        let r = self.http.head(presigned.uri()).send().await.map_err(|e| {
+            UploadError::Unavailable(Cause::new(format!("object storage: HEAD {key}"), e))
+        })?;
         match r.status().as_u16() {
             200 => {}
             404 => return Ok(None),
             s => {
-                return Err(UploadError::Unavailable(format!(
-                    "object storage answered HEAD {key} with {s}"
-                )))
+                return Err(UploadError::Unavailable(
+                    format!("object storage answered HEAD {key} with {s}").into(),
+                ))
             }
         }
         let header = |name| {
@@ -277,9 +278,10 @@ impl ObjectStore {
         let size = header("content-length")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| {
-                UploadError::Unavailable(format!(
-                    "object storage answered HEAD {key} without a valid Content-Length"
-                ))
+                UploadError::Unavailable(
+                    format!("object storage answered HEAD {key} without a valid Content-Length")
+                        .into(),
+                )
             })?;
         Ok(Some(Head {
             size,
@@ -297,17 +299,17 @@ impl ObjectStore {
     ) -> Result<(std::fs::File, String), UploadError> {
         use tokio::io::AsyncWriteExt;
         let url = self.presign_get(key, Duration::from_secs(60)).await?;
-        let failed =
-            |e: reqwest::Error| UploadError::Unavailable(format!("object storage: GET {key}: {e}"));
+        let failed = |e: reqwest::Error| {
+            UploadError::Unavailable(Cause::new(format!("object storage: GET {key}"), e))
+        };
         let mut r = self.http.get(url).send().await.map_err(failed)?;
         if !r.status().is_success() {
-            return Err(UploadError::Unavailable(format!(
-                "object storage answered GET {key} with {}",
-                r.status()
-            )));
+            return Err(UploadError::Unavailable(
+                format!("object storage answered GET {key} with {}", r.status()).into(),
+            ));
         }
         let spool = |e: std::io::Error| {
-            UploadError::Fatal(format!("spooling an upload to a temporary file: {e}"))
+            UploadError::Fatal(Cause::new("spooling an upload to a temporary file", e))
         };
         let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(spool)?);
         let mut hash = Sha256::new();
@@ -583,7 +585,7 @@ impl UploadService {
             inspect::inspect_source(&content_type, file, size).map_err(UploadError::Rejected)
         })
         .await
-        .map_err(|e| UploadError::Fatal(format!("inspecting an upload: {e}")))?
+        .map_err(|e| UploadError::Fatal(Cause::new("inspecting an upload", e)))?
     }
 
     /// A short-lived download URL of a completed upload's object.

@@ -40,7 +40,7 @@ use crate::query::{
     UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
-use crate::{Result, Storage, StorageError};
+use crate::{Cause, Result, Storage, StorageError};
 
 /// Settings of the embedded backend.
 #[derive(Debug, Clone)]
@@ -129,17 +129,17 @@ fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
 }
 
 fn io(e: fjall::Error) -> StorageError {
-    StorageError::Unavailable(format!("embedded store: {e}"))
+    StorageError::Unavailable(Cause::new("embedded store", e))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(value)
-        .map_err(|e| StorageError::Fatal(format!("cannot encode a row: {e}")))
+        .map_err(|e| StorageError::Fatal(Cause::new("cannot encode a row", e)))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes)
-        .map_err(|e| StorageError::Fatal(format!("stored row does not decode: {e}")))
+        .map_err(|e| StorageError::Fatal(Cause::new("stored row does not decode", e)))
 }
 
 /// Lower and upper key bounds of a scan.
@@ -324,19 +324,22 @@ impl EmbeddedStorage {
     /// Opens (creating when missing) the store in `options.path`.
     pub fn open(options: &EmbeddedOptions) -> Result<Self> {
         std::fs::create_dir_all(&options.path).map_err(|e| {
-            StorageError::Fatal(format!(
-                "cannot create data directory {}: {e}",
-                options.path.display()
+            StorageError::Fatal(Cause::new(
+                format!("cannot create data directory {}", options.path.display()),
+                e,
             ))
         })?;
         let db = Database::builder(&options.path)
             .cache_size(options.cache_bytes)
             .open()
             .map_err(|e| {
-                StorageError::Fatal(format!(
-                    "cannot open embedded store in {}: {e} (is another Messina using it?)",
-                    options.path.display()
-                ))
+                StorageError::Fatal(
+                    format!(
+                        "cannot open embedded store in {}: {e} (is another Messina using it?)",
+                        options.path.display()
+                    )
+                    .into(),
+                )
             })?;
         let ks = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
@@ -381,7 +384,7 @@ impl EmbeddedStorage {
         }
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StorageError::Fatal(format!("storage task failed: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("storage task failed", e)))?
     }
 }
 
@@ -925,11 +928,11 @@ impl Storage for EmbeddedStorage {
             for guard in inner.uploads_pending.range::<Vec<u8>, _>(range).take(limit) {
                 let key = guard.key().map_err(io)?;
                 let id = std::str::from_utf8(&key[8..])
-                    .map_err(|e| StorageError::Fatal(format!("pending upload key: {e}")))?;
+                    .map_err(|e| StorageError::Fatal(Cause::new("pending upload key", e)))?;
                 let Some((device, created_at)) = Upload::parse_id(id) else {
-                    return Err(StorageError::Fatal(format!(
-                        "pending upload key holds {id:?}, not an upload id"
-                    )));
+                    return Err(StorageError::Fatal(
+                        format!("pending upload key holds {id:?}, not an upload id").into(),
+                    ));
                 };
                 match inner
                     .uploads
@@ -938,9 +941,9 @@ impl Storage for EmbeddedStorage {
                 {
                     Some(bytes) => found.push(decode(&bytes)?),
                     None => {
-                        return Err(StorageError::Fatal(format!(
-                            "pending upload {id} has no upload row"
-                        )))
+                        return Err(StorageError::Fatal(
+                            format!("pending upload {id} has no upload row").into(),
+                        ))
                     }
                 }
             }

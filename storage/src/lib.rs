@@ -32,19 +32,74 @@ pub enum StorageError {
     /// The backend could not do it now (I/O error, timeout, overload); the same call may succeed
     /// later. Writers keep the batch and retry.
     #[error("storage unavailable, retry later: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The request itself is wrong (e.g. a cursor that was not issued for this query); do not
     /// retry, tell the caller.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// Stored data cannot be read back, or the backend is closed; an operator must look.
     #[error("storage failure: {0}")]
-    Fatal(String),
+    Fatal(#[source] Cause),
 }
 
 impl StorageError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+/// A lower-level error, as [`Error::source`](std::error::Error::source) gives it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What storage was doing when it failed, and the driver's or the disk's error that made it fail,
+/// kept as the error's source. Its `Display` shows both (`what: source`), so a one-line log of a
+/// storage error is complete.
+#[derive(Debug)]
+pub struct Cause {
+    what: String,
+    source: Option<BoxError>,
+}
+
+impl Cause {
+    /// `what` failed because of `source`.
+    pub fn new(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Cause {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// What was being done, without the source.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.what),
+            None => f.write_str(&self.what),
+        }
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// A failure found by storage itself (a malformed row, a closed backend), with no lower error.
+impl From<String> for Cause {
+    fn from(what: String) -> Self {
+        Cause { what, source: None }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(what: &str) -> Self {
+        Cause::from(what.to_string())
     }
 }
 
@@ -150,4 +205,31 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Makes everything written durable and releases the backend; later calls fail with `Fatal`.
     async fn close(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn storage_errors_keep_the_error_that_caused_them() {
+        let disk = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left");
+        let e = StorageError::Unavailable(Cause::new("writing a batch", disk));
+        assert_eq!(
+            e.to_string(),
+            "storage unavailable, retry later: writing a batch: no space left"
+        );
+        let cause = e.source().expect("the cause");
+        let io = cause
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io::Error under the cause");
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        assert!(e.is_retryable());
+
+        let own = StorageError::Fatal("a row is malformed".into());
+        assert_eq!(own.to_string(), "storage failure: a row is malformed");
+        assert!(own.source().and_then(|c| c.source()).is_none());
+    }
 }

@@ -144,9 +144,9 @@ impl AlertTally {
     /// is a corrupt index entry.
     pub fn add(&mut self, query: &AlertCountQuery, id: &str) -> Result<(), crate::StorageError> {
         let Some((device, rule, _)) = crate::Alert::parse_id(id) else {
-            return Err(crate::StorageError::Fatal(format!(
-                "the alert index holds {id:?}, not an alert id"
-            )));
+            return Err(crate::StorageError::Fatal(
+                format!("the alert index holds {id:?}, not an alert id").into(),
+            ));
         };
         if query.device.as_ref().is_none_or(|d| *d == device) {
             *self.0.entry((device, rule.to_string())).or_default() += 1;

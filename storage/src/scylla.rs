@@ -33,7 +33,7 @@ use crate::query::{
     FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
-use crate::{Result, Storage, StorageError};
+use crate::{BoxError, Cause, Result, Storage, StorageError};
 
 /// The schema applied at start; see the file for the tables.
 pub const SCHEMA: &str = include_str!("../schema.cql");
@@ -216,14 +216,17 @@ fn attrs_from_cql(attrs: Option<BTreeMap<String, String>>) -> Result<BTreeMap<St
         .into_iter()
         .map(|(k, v)| {
             serde_json::from_str(&v).map(|v| (k, v)).map_err(|e| {
-                StorageError::Fatal(format!("attribute value {v:?} is not a JSON scalar: {e}"))
+                StorageError::Fatal(Cause::new(
+                    format!("attribute value {v:?} is not a JSON scalar"),
+                    e,
+                ))
             })
         })
         .collect()
 }
 
 fn device(id: String) -> Result<DeviceId> {
-    DeviceId::new(id).map_err(|e| StorageError::Fatal(format!("stored device id is invalid: {e}")))
+    DeviceId::new(id).map_err(|e| StorageError::Fatal(Cause::new("stored device id is invalid", e)))
 }
 
 /// Decides whether a failed request may succeed later, keeping the statement in the message.
@@ -252,14 +255,14 @@ fn classify(statement: &str, e: ExecutionError) -> StorageError {
         },
         _ => false,
     };
-    let message = format!(
-        "{}: {e}",
-        statement.split_whitespace().collect::<Vec<_>>().join(" ")
+    let cause = Cause::new(
+        statement.split_whitespace().collect::<Vec<_>>().join(" "),
+        e,
     );
     if retryable {
-        StorageError::Unavailable(message)
+        StorageError::Unavailable(cause)
     } else {
-        StorageError::Fatal(message)
+        StorageError::Fatal(cause)
     }
 }
 
@@ -456,9 +459,9 @@ fn alert_from_row(r: AlertRow) -> Result<Alert> {
         "acknowledged" => AlertState::Acknowledged,
         "cleared" => AlertState::Cleared,
         other => {
-            return Err(StorageError::Fatal(format!(
-                "stored alert state {other:?} is unknown"
-            )))
+            return Err(StorageError::Fatal(
+                format!("stored alert state {other:?} is unknown").into(),
+            ))
         }
     };
     Ok(Alert {
@@ -513,16 +516,18 @@ type UploadRow = (
 );
 
 fn upload_from_row(r: UploadRow) -> Result<Upload> {
-    let state = UploadState::parse(&r.8)
-        .ok_or_else(|| StorageError::Fatal(format!("stored upload state {:?} is unknown", r.8)))?;
+    let state = UploadState::parse(&r.8).ok_or_else(|| {
+        StorageError::Fatal(format!("stored upload state {:?} is unknown", r.8).into())
+    })?;
     Ok(Upload {
         device: device(r.0)?,
         created_at: r.1 .0,
         id: r.2,
         kind: r.3,
         content_type: r.4,
-        size: u64::try_from(r.5)
-            .map_err(|_| StorageError::Fatal(format!("stored upload size {} is negative", r.5)))?,
+        size: u64::try_from(r.5).map_err(|_| {
+            StorageError::Fatal(format!("stored upload size {} is negative", r.5).into())
+        })?,
         sha256: r.6,
         object_key: r.7,
         state,
@@ -586,7 +591,7 @@ fn device_values(d: &RegisteredDevice) -> Result<DeviceValues<'_>> {
 
 fn device_from_row(r: DeviceRow) -> Result<RegisteredDevice> {
     let bad = |e: crate::registry::UnknownName| {
-        StorageError::Fatal(format!("devices row {:?}: {e}", r.0))
+        StorageError::Fatal(Cause::new(format!("devices row {:?}", r.0), e))
     };
     Ok(RegisteredDevice {
         role: r.1.parse().map_err(bad)?,
@@ -706,9 +711,12 @@ impl ScyllaStorage {
             builder = builder.user(user, password);
         }
         let session = builder.build().await.map_err(|e| {
-            StorageError::Unavailable(format!(
-                "cannot connect to ScyllaDB at {} (`storage.scylla.nodes`): {e}",
-                options.nodes.join(", ")
+            StorageError::Unavailable(Cause::new(
+                format!(
+                    "cannot connect to ScyllaDB at {} (`storage.scylla.nodes`)",
+                    options.nodes.join(", ")
+                ),
+                e,
             ))
         })?;
         let ks = &options.keyspace;
@@ -723,7 +731,7 @@ impl ScyllaStorage {
         session
             .use_keyspace(ks, false)
             .await
-            .map_err(|e| StorageError::Fatal(format!("USE {ks}: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new(format!("USE {ks}"), e)))?;
         for statement in schema_statements(SCHEMA) {
             session
                 .query_unpaged(statement.as_str(), ())
@@ -809,14 +817,14 @@ impl ScyllaStorage {
             .await
             .map_err(|e| classify(&select, e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("{select}: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new(select.to_string(), e)))?
             .maybe_first_row::<(Option<i32>,)>()
-            .map_err(|e| StorageError::Fatal(format!("{select}: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new(select.to_string(), e)))?
             .and_then(|(v,)| v);
         match found {
             Some(v) if v > SCHEMA_VERSION => Err(StorageError::Fatal(format!(
                 "keyspace {ks} holds schema version {v}, newer than this Messina's {SCHEMA_VERSION}; upgrade Messina"
-            ))),
+            ).into())),
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             _ => {
                 let insert = format!(
@@ -850,7 +858,7 @@ impl Statements {
             session
                 .prepare(cql.as_str())
                 .await
-                .map_err(|e| StorageError::Fatal(format!("preparing {cql}: {e}")))
+                .map_err(|e| StorageError::Fatal(Cause::new(format!("preparing {cql}"), e)))
         };
         let reading_cols = "device_id, ts, seq, received_at, battery, rssi, online, metrics, attrs";
         let event_cols = "device_id, ts, seq, received_at, kind, attrs";
@@ -1085,7 +1093,7 @@ impl Inner {
             .get_table_spec()
             .map(|t| t.table_name().to_string())
             .unwrap_or_default();
-        let fatal = |e: &dyn std::fmt::Display| StorageError::Fatal(format!("{table}: {e}"));
+        let fatal = |e: BoxError| StorageError::Fatal(Cause::new(table.clone(), e));
         let mut items = Vec::new();
         loop {
             // A page never holds more rows than items still wanted, so the paging state after it
@@ -1097,9 +1105,9 @@ impl Inner {
                 .execute_single_page(&stmt, (), paging)
                 .await
                 .map_err(|e| classify(stmt.get_statement(), e))?;
-            let rows = result.into_rows_result().map_err(|e| fatal(&e))?;
-            for row in rows.rows::<R>().map_err(|e| fatal(&e))? {
-                if let Some(item) = keep(row.map_err(|e| fatal(&e))?)? {
+            let rows = result.into_rows_result().map_err(|e| fatal(e.into()))?;
+            for row in rows.rows::<R>().map_err(|e| fatal(e.into()))? {
+                if let Some(item) = keep(row.map_err(|e| fatal(e.into()))?)? {
                     items.push(item);
                 }
             }
@@ -1229,13 +1237,13 @@ impl Inner {
             .session
             .execute_iter(self.st.fleet_shard.clone(), (shard,))
             .await
-            .map_err(|e| StorageError::Unavailable(format!("recounting the fleet: {e}")))?
+            .map_err(|e| StorageError::Unavailable(Cause::new("recounting the fleet", e)))?
             .rows_stream::<(Option<bool>,)>()
-            .map_err(|e| StorageError::Fatal(format!("recounting the fleet: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("recounting the fleet", e)))?;
         let (mut devices, mut low) = (0i64, 0i64);
         while let Some(row) = rows.next().await {
             let (flag,) =
-                row.map_err(|e| StorageError::Unavailable(format!("recounting the fleet: {e}")))?;
+                row.map_err(|e| StorageError::Unavailable(Cause::new("recounting the fleet", e)))?;
             devices += 1;
             low += i64::from(flag == Some(true));
         }
@@ -1259,14 +1267,14 @@ impl Inner {
             .session
             .execute_iter(self.st.latest_batteries.clone(), ())
             .await
-            .map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?
+            .map_err(|e| StorageError::Unavailable(Cause::new("counting the fleet", e)))?
             .rows_stream::<(String, Option<CqlTimestamp>, Option<f64>, Option<i64>)>()
-            .map_err(|e| StorageError::Fatal(format!("counting the fleet: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("counting the fleet", e)))?;
         let mut jobs = Vec::new();
         let mut seen = 0u64;
         while let Some(row) = rows.next().await {
             let (device, reading_ts, battery, written) =
-                row.map_err(|e| StorageError::Unavailable(format!("counting the fleet: {e}")))?;
+                row.map_err(|e| StorageError::Unavailable(Cause::new("counting the fleet", e)))?;
             if reading_ts.is_none() {
                 // Only last_seen: not a device yet.
                 continue;
@@ -1318,12 +1326,12 @@ impl Inner {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))?;
         rows.rows::<(Option<i64>, Option<i64>, Option<f64>)>()
-            .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))?
             .map(|row| {
                 row.map(|(d, l, t)| (d.unwrap_or(0), l.unwrap_or(0), t))
-                    .map_err(|e| StorageError::Fatal(format!("fleet_counts: {e}")))
+                    .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))
             })
             .collect()
     }
@@ -1337,12 +1345,12 @@ impl Inner {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))?;
         rows.rows::<(String, Option<i64>)>()
-            .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))?
             .map(|row| {
                 row.map(|(n, c)| (n, c.unwrap_or(0)))
-                    .map_err(|e| StorageError::Fatal(format!("nodes: {e}")))
+                    .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))
             })
             .collect()
     }
@@ -1577,13 +1585,13 @@ impl Inner {
         self.session
             .execute_iter(stmt.clone(), values)
             .await
-            .map_err(|e| StorageError::Unavailable(format!("SELECT day FROM partitions: {e}")))?
+            .map_err(|e| StorageError::Unavailable(Cause::new("SELECT day FROM partitions", e)))?
             .rows_stream::<(CqlDate,)>()
-            .map_err(|e| StorageError::Fatal(format!("SELECT day FROM partitions: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("SELECT day FROM partitions", e)))?
             .map_ok(|(d,)| from_cql_date(d))
             .try_collect()
             .await
-            .map_err(|e| StorageError::Unavailable(format!("SELECT day FROM partitions: {e}")))
+            .map_err(|e| StorageError::Unavailable(Cause::new("SELECT day FROM partitions", e)))
     }
 
     /// Pages through day partitions in order, resuming at a cursor, with the driver's paging state
@@ -1630,13 +1638,13 @@ impl Inner {
                 .map_err(|e| classify(stmt.get_statement(), e))?;
             let rows = result
                 .into_rows_result()
-                .map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?;
+                .map_err(|e| StorageError::Fatal(Cause::new(stmt.get_statement(), e)))?;
             for row in rows
                 .rows::<R>()
-                .map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?
+                .map_err(|e| StorageError::Fatal(Cause::new(stmt.get_statement(), e)))?
             {
                 let row =
-                    row.map_err(|e| StorageError::Fatal(format!("{}: {e}", stmt.get_statement())))?;
+                    row.map_err(|e| StorageError::Fatal(Cause::new(stmt.get_statement(), e)))?;
                 let item = decode(row)?;
                 if keep(&item) {
                     items.push(item);
@@ -1734,10 +1742,10 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("device_latest", e)))?;
         match rows
             .maybe_first_row::<LatestRow>()
-            .map_err(|e| StorageError::Fatal(format!("device_latest: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("device_latest", e)))?
         {
             // A row with only last_seen (its readings not yet written) is not a device yet.
             Some(row) if row.1.is_some() => Ok(Some(latest_from_row(row)?)),
@@ -1843,14 +1851,14 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("device_connections", e)))?;
         let mut by_device: HashMap<DeviceId, Vec<Connection>> = HashMap::new();
         for row in rows
             .rows::<(String, String, Option<bool>, Option<CqlTimestamp>)>()
-            .map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("device_connections", e)))?
         {
             let (device, node, connected, at) =
-                row.map_err(|e| StorageError::Fatal(format!("device_connections: {e}")))?;
+                row.map_err(|e| StorageError::Fatal(Cause::new("device_connections", e)))?;
             let Ok(device) = DeviceId::new(device) else {
                 continue;
             };
@@ -2068,12 +2076,12 @@ impl Storage for ScyllaStorage {
                     (q.family.as_str(), cql_date(day), ts(q.since), ts(q.until)),
                 )
                 .await
-                .map_err(|e| StorageError::Unavailable(format!("alerts_by_family: {e}")))?
+                .map_err(|e| StorageError::Unavailable(Cause::new("alerts_by_family", e)))?
                 .rows_stream::<(String,)>()
-                .map_err(|e| StorageError::Fatal(format!("alerts_by_family: {e}")))?;
+                .map_err(|e| StorageError::Fatal(Cause::new("alerts_by_family", e)))?;
             while let Some(row) = rows.next().await {
                 let (id,) =
-                    row.map_err(|e| StorageError::Unavailable(format!("alerts_by_family: {e}")))?;
+                    row.map_err(|e| StorageError::Unavailable(Cause::new("alerts_by_family", e)))?;
                 tally.add(q, &id)?;
             }
         }
@@ -2093,9 +2101,9 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("alerts: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("alerts", e)))?;
         rows.maybe_first_row::<AlertRow>()
-            .map_err(|e| StorageError::Fatal(format!("alerts: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("alerts", e)))?
             .map(alert_from_row)
             .transpose()
     }
@@ -2132,17 +2140,18 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?;
         // A lightweight transaction answers with `[applied]` first, then the existing row.
         let applied = rows
             .maybe_first_row::<scylla::value::Row>()
-            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?
             .and_then(|row| row.columns.into_iter().next().flatten());
         match applied {
             Some(scylla::value::CqlValue::Boolean(applied)) => Ok(applied),
-            other => Err(StorageError::Fatal(format!(
-                "registering a device: unexpected answer {other:?} to IF NOT EXISTS"
-            ))),
+            other => Err(StorageError::Fatal(
+                format!("registering a device: unexpected answer {other:?} to IF NOT EXISTS")
+                    .into(),
+            )),
         }
     }
 
@@ -2191,15 +2200,15 @@ impl Storage for ScyllaStorage {
                 .await
                 .map_err(|e| classify(st.get_statement(), e))?
                 .into_rows_result()
-                .map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?;
+                .map_err(|e| StorageError::Fatal(Cause::new("registry_changes", e)))?;
             for row in rows
                 .rows::<(CqlTimestamp, String)>()
-                .map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?
+                .map_err(|e| StorageError::Fatal(Cause::new("registry_changes", e)))?
             {
                 let (at, device) =
-                    row.map_err(|e| StorageError::Fatal(format!("registry_changes: {e}")))?;
+                    row.map_err(|e| StorageError::Fatal(Cause::new("registry_changes", e)))?;
                 let device = DeviceId::new(device).map_err(|e| {
-                    StorageError::Fatal(format!("registry_changes holds a bad device id: {e}"))
+                    StorageError::Fatal(Cause::new("registry_changes holds a bad device id", e))
                 })?;
                 found.push(RegistryChange { at: at.0, device });
             }
@@ -2217,9 +2226,9 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?;
         rows.maybe_first_row::<DeviceRow>()
-            .map_err(|e| StorageError::Fatal(format!("devices: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?
             .map(device_from_row)
             .transpose()
     }
@@ -2320,22 +2329,20 @@ impl Storage for ScyllaStorage {
 
     async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
         self.check_open()?;
-        let failed = |e: &dyn std::fmt::Display| {
-            StorageError::Unavailable(format!("reading alert_states: {e}"))
-        };
+        let failed = |e: BoxError| StorageError::Unavailable(Cause::new("reading alert_states", e));
         let mut rows = self
             .inner
             .session
             .execute_iter(self.inner.st.alert_states.clone(), ())
             .await
-            .map_err(|e| failed(&e))?
+            .map_err(|e| failed(e.into()))?
             .rows_stream::<(String, Vec<u8>)>()
-            .map_err(|e| StorageError::Fatal(format!("alert_states: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("alert_states", e)))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().await {
-            let (id, state) = row.map_err(|e| failed(&e))?;
-            let device =
-                DeviceId::new(id).map_err(|e| StorageError::Fatal(format!("alert_states: {e}")))?;
+            let (id, state) = row.map_err(|e| failed(e.into()))?;
+            let device = DeviceId::new(id)
+                .map_err(|e| StorageError::Fatal(Cause::new("alert_states", e)))?;
             out.push((device, state));
         }
         Ok(out)
@@ -2354,9 +2361,9 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("uploads: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("uploads", e)))?;
         rows.maybe_first_row::<UploadRow>()
-            .map_err(|e| StorageError::Fatal(format!("uploads: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("uploads", e)))?
             .map(upload_from_row)
             .transpose()
     }
@@ -2391,11 +2398,11 @@ impl Storage for ScyllaStorage {
             .await
             .map_err(|e| classify(st.get_statement(), e))?
             .into_rows_result()
-            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("uploads_pending", e)))?
             .rows::<(String,)>()
-            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?
+            .map_err(|e| StorageError::Fatal(Cause::new("uploads_pending", e)))?
             .collect::<std::result::Result<_, _>>()
-            .map_err(|e| StorageError::Fatal(format!("uploads_pending: {e}")))?;
+            .map_err(|e| StorageError::Fatal(Cause::new("uploads_pending", e)))?;
         let mut found = Vec::with_capacity(ids.len());
         for (id,) in ids {
             match self.upload(&id).await? {
@@ -2403,9 +2410,9 @@ impl Storage for ScyllaStorage {
                 // Finished, but the index entry outlived a failed delete: remove it now.
                 Some(u) => self.put_upload(&u).await?,
                 None => {
-                    return Err(StorageError::Fatal(format!(
-                        "pending upload {id} has no upload row"
-                    )))
+                    return Err(StorageError::Fatal(
+                        format!("pending upload {id} has no upload row").into(),
+                    ))
                 }
             }
         }
