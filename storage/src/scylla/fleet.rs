@@ -454,39 +454,20 @@ impl Inner {
 
     /// Each shard's counts row: (devices, low battery, threshold).
     pub(super) async fn shard_counts(&self) -> Result<Vec<(i64, i64, Option<f64>)>> {
-        let st = &self.st.fleet_counts;
         let rows = self
-            .session
-            .execute_unpaged(st, ())
-            .await
-            .map_err(|e| classify(st.get_statement(), e))?
-            .into_rows_result()
-            .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))?;
-        rows.rows::<(Option<i64>, Option<i64>, Option<f64>)>()
-            .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))?
-            .map(|row| {
-                row.map(|(d, l, t)| (d.unwrap_or(0), l.unwrap_or(0), t))
-                    .map_err(|e| StorageError::Fatal(Cause::new("fleet_counts", e)))
-            })
-            .collect()
+            .small_table::<(Option<i64>, Option<i64>, Option<f64>)>(&self.st.fleet_counts)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, l, t)| (d.unwrap_or(0), l.unwrap_or(0), t))
+            .collect())
     }
 
     /// The nodes whose reports hold, with their connected devices.
     pub(super) async fn live_nodes(&self) -> Result<Vec<(String, i64)>> {
-        let st = &self.st.nodes;
         let rows = self
-            .session
-            .execute_unpaged(st, ())
-            .await
-            .map_err(|e| classify(st.get_statement(), e))?
-            .into_rows_result()
-            .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))?;
-        rows.rows::<(String, Option<i64>)>()
-            .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))?
-            .map(|row| {
-                row.map(|(n, c)| (n, c.unwrap_or(0)))
-                    .map_err(|e| StorageError::Fatal(Cause::new("nodes", e)))
-            })
-            .collect()
+            .small_table::<(String, Option<i64>)>(&self.st.nodes)
+            .await?;
+        Ok(rows.into_iter().map(|(n, c)| (n, c.unwrap_or(0))).collect())
     }
 }

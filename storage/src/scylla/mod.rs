@@ -424,6 +424,25 @@ impl Inner {
         }
     }
 
+    /// Every row of an unpaged query on a small table (tens of rows: fleet shards, nodes).
+    async fn small_table<R>(&self, st: &PreparedStatement) -> Result<Vec<R>>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        let fatal = |e: BoxError| StorageError::Fatal(Cause::new(st.get_statement(), e));
+        let rows = self
+            .session
+            .execute_unpaged(st, ())
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| fatal(e.into()))?;
+        rows.rows::<R>()
+            .map_err(|e| fatal(e.into()))?
+            .map(|row| row.map_err(|e| fatal(e.into())))
+            .collect()
+    }
+
     fn ttl(&self) -> i32 {
         self.options.ttl_seconds
     }
