@@ -270,13 +270,13 @@ async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_ro
 }
 
 /// Waits for `child` to exit, or kills it after `within`; `None` when it was still running.
-fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+async fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
             return Some(status);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
 }
@@ -308,7 +308,7 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+    let Some(status) = exit_within(&mut child, Duration::from_secs(60)).await else {
         child.kill().unwrap();
         child.wait().unwrap();
         panic!("messina served HTTP to the network without any API key");
@@ -354,7 +354,7 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let stopped = exit_within(&mut child, Duration::from_secs(30));
+    let stopped = exit_within(&mut child, Duration::from_secs(30)).await;
     if stopped.is_none() {
         child.kill().unwrap();
         child.wait().unwrap();

@@ -2143,7 +2143,7 @@ impl Mosquitto {
     /// Starts Mosquitto with a bridge to Messina's 3.1.1 listener: `devices/#` out, `alerts/#`
     /// in. rumqttd rejects Mosquitto's private bridge protocol level (0x84), hence `try_private
     /// false`; keep-alive stays non-zero because rumqttd refuses 0.
-    fn start(dir: &Path, messina_port: u16) -> Result<Mosquitto, String> {
+    async fn start(dir: &Path, messina_port: u16) -> Result<Mosquitto, String> {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         let log = dir.join("mosquitto.log");
@@ -2173,14 +2173,17 @@ impl Mosquitto {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             if Instant::now() > deadline {
                 return Err(format!(
                     "mosquitto not listening after 10 s: {}",
                     mosquitto.log_tail()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(mosquitto)
     }
@@ -2226,7 +2229,7 @@ fn tool(path: &str) -> Result<&str, String> {
 impl Cx {
     async fn mosquitto(&self) -> Result<&Mosquitto, String> {
         self.bridge
-            .get_or_init(|| async { Mosquitto::start(&self.dir, self.server.mqtt) })
+            .get_or_init(|| Mosquitto::start(&self.dir, self.server.mqtt))
             .await
             .as_ref()
             .map_err(Clone::clone)
