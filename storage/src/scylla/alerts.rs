@@ -172,17 +172,11 @@ pub(super) async fn alert(store: &ScyllaStorage, id: &str) -> Result<Option<Aler
     let Some((_, _, raised_at)) = Alert::parse_id(id) else {
         return Ok(None);
     };
-    let st = &store.inner.st.alert;
-    let rows = store
+    let key = (cql_date(day_of(raised_at)), ts(raised_at), id);
+    store
         .inner
-        .session
-        .execute_unpaged(st, (cql_date(day_of(raised_at)), ts(raised_at), id))
-        .await
-        .map_err(|e| classify(st.get_statement(), e))?
-        .into_rows_result()
-        .map_err(|e| StorageError::Fatal(Cause::new("alerts", e)))?;
-    rows.maybe_first_row::<AlertRow>()
-        .map_err(|e| StorageError::Fatal(Cause::new("alerts", e)))?
+        .first_row::<AlertRow>(&store.inner.st.alert, key)
+        .await?
         .map(alert_from_row)
         .transpose()
 }

@@ -80,19 +80,11 @@ pub(super) async fn device(
     device: &DeviceId,
 ) -> Result<Option<DeviceState>> {
     store.check_open()?;
-    let st = &store.inner.st.latest;
-    let rows = store
+    let latest = store
         .inner
-        .session
-        .execute_unpaged(st, (device.as_str(),))
-        .await
-        .map_err(|e| classify(st.get_statement(), e))?
-        .into_rows_result()
-        .map_err(|e| StorageError::Fatal(Cause::new("device_latest", e)))?;
-    match rows
-        .maybe_first_row::<LatestRow>()
-        .map_err(|e| StorageError::Fatal(Cause::new("device_latest", e)))?
-    {
+        .first_row::<LatestRow>(&store.inner.st.latest, (device.as_str(),))
+        .await?;
+    match latest {
         // A row with only last_seen (its readings not yet written) is not a device yet.
         Some(row) if row.1.is_some() => Ok(Some(latest_from_row(row)?)),
         _ => Ok(None),

@@ -16,6 +16,7 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::response::query_result::QueryRowsResult;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch as CqlBatch, BatchType};
@@ -424,19 +425,42 @@ impl Inner {
         }
     }
 
+    /// The whole answer of one unpaged execution of `st`: a lookup by key or a small table.
+    async fn unpaged(
+        &self,
+        st: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<QueryRowsResult> {
+        self.session
+            .execute_unpaged(st, values)
+            .await
+            .map_err(|e| classify(st.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| StorageError::Fatal(Cause::new(st.get_statement(), e)))
+    }
+
+    /// The first row `st` answers with, if any: a lookup by primary key.
+    async fn first_row<R>(
+        &self,
+        st: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Option<R>>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        self.unpaged(st, values)
+            .await?
+            .maybe_first_row::<R>()
+            .map_err(|e| StorageError::Fatal(Cause::new(st.get_statement(), e)))
+    }
+
     /// Every row of an unpaged query on a small table (tens of rows: fleet shards, nodes).
     async fn small_table<R>(&self, st: &PreparedStatement) -> Result<Vec<R>>
     where
         R: for<'f, 'm> DeserializeRow<'f, 'm>,
     {
         let fatal = |e: BoxError| StorageError::Fatal(Cause::new(st.get_statement(), e));
-        let rows = self
-            .session
-            .execute_unpaged(st, ())
-            .await
-            .map_err(|e| classify(st.get_statement(), e))?
-            .into_rows_result()
-            .map_err(|e| fatal(e.into()))?;
+        let rows = self.unpaged(st, ()).await?;
         rows.rows::<R>()
             .map_err(|e| fatal(e.into()))?
             .map(|row| row.map_err(|e| fatal(e.into())))

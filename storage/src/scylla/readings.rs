@@ -122,34 +122,57 @@ pub(super) type EventByKindValues = (
 
 pub(super) type PartitionValues = (String, String, CqlDate, i32);
 
-pub(super) async fn telemetry(store: &ScyllaStorage, q: &TelemetryQuery) -> Result<Page<Reading>> {
-    store.check_open()?;
-    let inner = &store.inner;
-    let days = inner
-        .days(q.device.as_str(), "telemetry", &q.range, q.order)
-        .await?;
-    let stmt = match q.order {
-        Order::NewestFirst => &inner.st.telemetry_desc,
-        Order::OldestFirst => &inner.st.telemetry_asc,
+/// A page of one device stream keyed by nothing else (`telemetry`, or `events` of every kind):
+/// the days `partitions` lists for the stream, then each day's rows in the order asked. The
+/// stream's name is also its cursor's tag.
+#[allow(clippy::too_many_arguments)]
+async fn device_stream<R, T>(
+    inner: &Inner,
+    stream: &str,
+    device: &str,
+    (newest_first, oldest_first): (&PreparedStatement, &PreparedStatement),
+    range: &TimeRange,
+    order: Order,
+    page: &PageRequest,
+    decode: impl Fn(R) -> Result<T>,
+) -> Result<Page<T>>
+where
+    R: for<'f, 'm> DeserializeRow<'f, 'm>,
+{
+    let days = inner.days(device, stream, range, order).await?;
+    let stmt = match order {
+        Order::NewestFirst => newest_first,
+        Order::OldestFirst => oldest_first,
     };
-    let id = fingerprint(&[
-        b"telemetry",
-        q.device.as_str().as_bytes(),
-        order_byte(q.order),
-    ]);
-    let (since, until) = bounds(&q.range);
-    let device = q.device.as_str();
+    let id = fingerprint(&[stream.as_bytes(), device.as_bytes(), order_byte(order)]);
+    let (since, until) = bounds(range);
     inner
         .page_days(
             id,
             days,
             stmt,
             |day| (device, day, since, until),
-            &q.page,
-            reading_from_row,
+            page,
+            decode,
             |_| true,
         )
         .await
+}
+
+pub(super) async fn telemetry(store: &ScyllaStorage, q: &TelemetryQuery) -> Result<Page<Reading>> {
+    store.check_open()?;
+    let st = &store.inner.st;
+    device_stream(
+        &store.inner,
+        "telemetry",
+        q.device.as_str(),
+        (&st.telemetry_desc, &st.telemetry_asc),
+        &q.range,
+        q.order,
+        &q.page,
+        reading_from_row,
+    )
+    .await
 }
 
 pub(super) async fn events(store: &ScyllaStorage, q: &EventQuery) -> Result<Page<Event>> {
@@ -159,23 +182,17 @@ pub(super) async fn events(store: &ScyllaStorage, q: &EventQuery) -> Result<Page
     let device = q.device.as_str();
     match &q.kind {
         None => {
-            let days = inner.days(device, "events", &q.range, q.order).await?;
-            let stmt = match q.order {
-                Order::NewestFirst => &inner.st.events_desc,
-                Order::OldestFirst => &inner.st.events_asc,
-            };
-            let id = fingerprint(&[b"events", device.as_bytes(), order_byte(q.order)]);
-            inner
-                .page_days(
-                    id,
-                    days,
-                    stmt,
-                    |day| (device, day, since, until),
-                    &q.page,
-                    event_from_row,
-                    |_| true,
-                )
-                .await
+            device_stream(
+                inner,
+                "events",
+                device,
+                (&inner.st.events_desc, &inner.st.events_asc),
+                &q.range,
+                q.order,
+                &q.page,
+                event_from_row,
+            )
+            .await
         }
         Some(kind) => {
             let days = inner

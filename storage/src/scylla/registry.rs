@@ -74,19 +74,11 @@ pub(super) fn device_from_row(r: DeviceRow) -> Result<RegisteredDevice> {
 
 pub(super) async fn register_device(store: &ScyllaStorage, d: &RegisteredDevice) -> Result<bool> {
     store.check_open()?;
-    let st = &store.inner.st.register_device;
-    let rows = store
-        .inner
-        .session
-        .execute_unpaged(st, device_values(d)?)
-        .await
-        .map_err(|e| classify(st.get_statement(), e))?
-        .into_rows_result()
-        .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?;
     // A lightweight transaction answers with `[applied]` first, then the existing row.
-    let applied = rows
-        .maybe_first_row::<scylla::value::Row>()
-        .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?
+    let applied = store
+        .inner
+        .first_row::<scylla::value::Row>(&store.inner.st.register_device, device_values(d)?)
+        .await?
         .and_then(|row| row.columns.into_iter().next().flatten());
     match applied {
         Some(scylla::value::CqlValue::Boolean(applied)) => Ok(applied),
@@ -166,17 +158,10 @@ pub(super) async fn registered_device(
     id: &DeviceId,
 ) -> Result<Option<RegisteredDevice>> {
     store.check_open()?;
-    let st = &store.inner.st.registered_device;
-    let rows = store
+    store
         .inner
-        .session
-        .execute_unpaged(st, (id.as_str(),))
-        .await
-        .map_err(|e| classify(st.get_statement(), e))?
-        .into_rows_result()
-        .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?;
-    rows.maybe_first_row::<DeviceRow>()
-        .map_err(|e| StorageError::Fatal(Cause::new("devices", e)))?
+        .first_row::<DeviceRow>(&store.inner.st.registered_device, (id.as_str(),))
+        .await?
         .map(device_from_row)
         .transpose()
 }

@@ -95,17 +95,11 @@ pub(super) async fn upload(store: &ScyllaStorage, id: &str) -> Result<Option<Upl
     let Some((device, created_at)) = Upload::parse_id(id) else {
         return Ok(None);
     };
-    let st = &store.inner.st.upload;
-    let rows = store
+    let key = (device.as_str(), ts(created_at), id);
+    store
         .inner
-        .session
-        .execute_unpaged(st, (device.as_str(), ts(created_at), id))
-        .await
-        .map_err(|e| classify(st.get_statement(), e))?
-        .into_rows_result()
-        .map_err(|e| StorageError::Fatal(Cause::new("uploads", e)))?;
-    rows.maybe_first_row::<UploadRow>()
-        .map_err(|e| StorageError::Fatal(Cause::new("uploads", e)))?
+        .first_row::<UploadRow>(&store.inner.st.upload, key)
+        .await?
         .map(upload_from_row)
         .transpose()
 }
