@@ -78,6 +78,12 @@ impl Storage for Recording {
     async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
         self.inner.telemetry(q).await
     }
+    async fn aggregates(&self, d: &DeviceId, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        self.inner.aggregates(d, q).await
+    }
+    async fn fleet_aggregates(&self, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        self.inner.fleet_aggregates(q).await
+    }
     async fn events(&self, q: &EventQuery) -> Result<Page<Event>> {
         self.inner.events(q).await
     }

@@ -2,18 +2,19 @@
 //! backend by [`contract_suite!`](crate::contract_suite). A storage behaviour is specified here
 //! first; a backend is done when it passes all of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::model::{
-    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, Event, Reading, Upload,
-    UploadState,
+    Aggregate, Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, Event,
+    Reading, Upload, UploadState,
 };
 use crate::query::{
-    AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, DeadLetterQuery, EventQuery,
-    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, Bucket,
+    DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery,
+    TimeRange, UploadQuery,
 };
 use crate::registry::{
     Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role,
@@ -43,7 +44,8 @@ macro_rules! contract_suite {
             alert_states_replace_per_device_and_survive_reopen,
             registry_registers_each_id_once, registry_updates_lists_and_filters,
             registry_changes_are_read_in_order_for_a_week,
-            connections_hold_while_their_node_reports, alert_counts_read_one_rule_family);
+            connections_hold_while_their_node_reports, alert_counts_read_one_rule_family,
+            aggregates_match_the_raw_readings, aggregates_refuse_bad_ranges);
     };
     (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
         $( $crate::contract_suite!(@one $attrs $harness, $name); )*
@@ -1128,4 +1130,245 @@ pub async fn alert_counts_read_one_rule_family(h: &dyn Harness) {
         .await
         .unwrap()
         .is_empty());
+}
+
+const MIN: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+
+/// A reading for the aggregate tests at `ts`: battery on most, rssi and `temp_c` on all, a text
+/// attribute (not a metric) on all; values vary with the time and the device.
+fn sample(device: &str, ts: i64, seq: u64) -> Reading {
+    let k = ts.rem_euclid(10 * DAY) / 1000 + device.len() as i64 * 17;
+    Reading {
+        device: dev(device),
+        ts,
+        seq,
+        received_at: ts + 5,
+        battery: (k % 5 != 0).then_some((k * 7 % 1000) as f64 / 10.0),
+        rssi: Some(-((k * 13 % 120) as i32)),
+        online: None,
+        metrics: BTreeMap::from([("temp_c".to_string(), 20.0 + ((k * 37) % 91) as f64 / 7.0)]),
+        attrs: BTreeMap::from([("fw".to_string(), AttrValue::Text("1.2".into()))]),
+    }
+}
+
+/// The buckets computed from every stored reading one by one, the way a user would check them.
+fn brute_force(
+    stored: &HashMap<(DeviceId, i64, u64), Reading>,
+    device: Option<&str>,
+    q: &AggregateQuery,
+) -> Vec<Aggregate> {
+    let mut by_bucket: BTreeMap<i64, Vec<(i64, u64, f64)>> = BTreeMap::new();
+    for r in stored.values() {
+        if device.is_some_and(|d| r.device.as_str() != d) || r.ts < q.since || r.ts >= q.until {
+            continue;
+        }
+        if let Some(v) = r.metric(&q.metric) {
+            by_bucket
+                .entry(q.bucket.start_of(r.ts))
+                .or_default()
+                .push((r.ts, r.seq, v));
+        }
+    }
+    by_bucket
+        .into_iter()
+        .map(|(start, mut points)| {
+            points.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.total_cmp(&b.2)));
+            let values: Vec<f64> = points.iter().map(|p| p.2).collect();
+            let sum: f64 = values.iter().sum();
+            Aggregate {
+                start,
+                count: values.len() as u64,
+                min: values.iter().copied().fold(f64::INFINITY, f64::min),
+                max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                avg: sum / values.len() as f64,
+                sum,
+                first: values[0],
+                last: values[values.len() - 1],
+            }
+        })
+        .collect()
+}
+
+fn check_aggregates(got: &[Aggregate], expected: &[Aggregate], what: &str) {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    let starts = |a: &[Aggregate]| a.iter().map(|b| b.start).collect::<Vec<_>>();
+    assert_eq!(starts(got), starts(expected), "{what}: bucket starts");
+    for (g, e) in got.iter().zip(expected) {
+        assert_eq!(
+            (g.count, g.min, g.max, g.first, g.last),
+            (e.count, e.min, e.max, e.first, e.last),
+            "{what}: bucket {}",
+            g.start
+        );
+        assert!(
+            close(g.sum, e.sum) && close(g.avg, e.avg),
+            "{what}: bucket {}: sum {} avg {}, expected {} {}",
+            g.start,
+            g.sum,
+            g.avg,
+            e.sum,
+            e.avg
+        );
+    }
+}
+
+pub async fn aggregates_match_the_raw_readings(h: &dyn Harness) {
+    let s = h.open().await;
+    // 23:00 UTC: the data crosses an hour and a day boundary, and a few readings lie in the
+    // months before and after.
+    let base = Bucket::Day.start_of(T0) + 23 * HOUR;
+    let devices = ["d1", "d2", "d3"];
+    let mut on_time = Vec::new();
+    let mut late = Vec::new();
+    for (i, device) in devices.iter().enumerate() {
+        for j in 0..200u64 {
+            let r = sample(
+                device,
+                base - 40 * MIN + j as i64 * 37_000 + i as i64 * 3_000,
+                j,
+            );
+            if j % 7 == 3 {
+                late.push(r);
+            } else {
+                on_time.push(r);
+            }
+        }
+        // On a bucket boundary (the new day) and just before it.
+        on_time.push(sample(device, base + HOUR, 1000));
+        on_time.push(sample(device, base + HOUR - 1, 1001));
+    }
+    // Two readings at one device time, told apart by seq.
+    on_time.push(sample("d1", base + 10 * MIN + 500, 2000));
+    on_time.push(sample("d1", base + 10 * MIN + 500, 2001));
+    for (device, days) in [("d1", -20), ("d2", 25), ("d3", 25)] {
+        on_time.push(sample(device, base + days * DAY + 7 * MIN, 3000));
+    }
+    let mut stored: HashMap<(DeviceId, i64, u64), Reading> = HashMap::new();
+    let mut store = |rows: &[Reading]| {
+        for r in rows {
+            stored.insert((r.device.clone(), r.ts, r.seq), r.clone());
+        }
+    };
+    // In batches of 50, so several batches touch each minute and hour.
+    for chunk in on_time.chunks(50) {
+        write(&*s, chunk.to_vec()).await;
+        store(chunk);
+    }
+    // Redelivered: a fifth of the readings again, some twice within one batch.
+    let again: Vec<Reading> = on_time
+        .iter()
+        .step_by(5)
+        .flat_map(|r| [r.clone(), r.clone()])
+        .collect();
+    write(&*s, again).await;
+    // Late: older readings after newer ones, into minutes and hours already rolled up.
+    for chunk in late.chunks(40) {
+        write(&*s, chunk.to_vec()).await;
+        store(chunk);
+    }
+    // Sent again with other values under the same (device, ts, seq): the new values replace
+    // the old ones, in the rollups as in the rows.
+    let changed: Vec<Reading> = on_time
+        .iter()
+        .step_by(11)
+        .map(|r| {
+            let mut r = r.clone();
+            r.battery = r.battery.map(|b| 100.0 - b);
+            r.metrics.insert("temp_c".into(), -40.0);
+            r
+        })
+        .collect();
+    write(&*s, changed.clone()).await;
+    store(&changed);
+
+    let ranges = [
+        (base - 40 * MIN, base + 2 * HOUR + 10 * MIN),
+        (base - 37 * MIN - 12_345, base + HOUR + 23 * MIN + 4_567),
+        (base + 5 * MIN, base + HOUR + 50 * MIN),
+        (base + HOUR - 30_000, base + HOUR + 30_000),
+        // Inside one minute: the readings of j = 165 (d1 at :45, d3 at :51).
+        (base + HOUR + MIN + 44_000, base + HOUR + MIN + 52_000),
+        (base - 30 * DAY, base + 30 * DAY),
+    ];
+    // Fleet rollups may settle after the batch is stored (the ScyllaDB backend settles them
+    // each second, answering unsettled minutes from the devices' rollups meanwhile): the
+    // answers are checked at once, and again once everything has settled.
+    for round in ["at once", "settled"] {
+        if round == "settled" {
+            tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        }
+        for (since, until) in ranges {
+            for bucket in Bucket::ALL {
+                for metric in ["battery", "rssi", "temp_c"] {
+                    let q = AggregateQuery {
+                        metric: metric.to_string(),
+                        bucket,
+                        since,
+                        until,
+                    };
+                    if q.bucket_count() > AggregateQuery::MAX_BUCKETS {
+                        continue;
+                    }
+                    for device in [Some("d1"), Some("d2"), Some("d3"), None] {
+                        let got = match device {
+                            Some(d) => s.aggregates(&dev(d), &q).await,
+                            None => s.fleet_aggregates(&q).await,
+                        }
+                        .expect("aggregates");
+                        let expected = brute_force(&stored, device, &q);
+                        let what =
+                            format!("{round}: {device:?} {metric} {bucket:?} [{since}, {until})");
+                        assert!(
+                            device.is_some() || !expected.is_empty(),
+                            "{what}: the test data covers it"
+                        );
+                        check_aggregates(&got, &expected, &what);
+                    }
+                }
+            }
+        }
+    }
+    // A text attribute is not a metric; unknown metrics and devices have no buckets.
+    let whole = |metric: &str| AggregateQuery {
+        metric: metric.to_string(),
+        bucket: Bucket::Hour,
+        since: base - DAY,
+        until: base + DAY,
+    };
+    assert_eq!(s.fleet_aggregates(&whole("fw")).await.unwrap(), vec![]);
+    assert_eq!(
+        s.aggregates(&dev("d1"), &whole("nope")).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        s.aggregates(&dev("nobody"), &whole("battery"))
+            .await
+            .unwrap(),
+        vec![]
+    );
+}
+
+pub async fn aggregates_refuse_bad_ranges(h: &dyn Harness) {
+    let s = h.open().await;
+    let q = |bucket, since, until| AggregateQuery {
+        metric: "battery".into(),
+        bucket,
+        since,
+        until,
+    };
+    for bad in [
+        q(Bucket::Hour, T0, T0 - 1),
+        q(Bucket::Minute, T0, T0 + 10_001 * MIN),
+    ] {
+        let err = s.fleet_aggregates(&bad).await.expect_err("refused");
+        assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
+        let err = s.aggregates(&dev("d1"), &bad).await.expect_err("refused");
+        assert!(matches!(err, StorageError::InvalidRequest(_)), "{err:?}");
+    }
+    assert_eq!(
+        s.fleet_aggregates(&q(Bucket::Day, T0, T0)).await.unwrap(),
+        vec![]
+    );
 }

@@ -16,10 +16,14 @@
 //! - `fleet`: `counts` → the fleet's counts and the threshold they were counted at, written in
 //!   the same batch as the latest states they count
 //! - `connections`: `device 0x00 node` → the device's last `Connection` change on that node
+//! - `rollups`: `owner 0x00 len(metric) metric resolution start` → `rollup::Summary`, where
+//!   the owner is a device id or `*` for the fleet and the resolution is `m` or `h`
+//! - `rollup_devices`: `len(metric) metric minute device` → that device's minute `Summary`,
+//!   the devices a fleet minute merges
 //!
 //! fjall's calls block on disk, so every call runs on tokio's blocking pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,15 +35,19 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::{
-    now_millis, Alert, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event, Millis,
-    Reading, Upload, UploadState,
+    now_millis, Aggregate, Alert, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
+    Millis, Reading, Upload, UploadState,
 };
 use crate::query::{
-    low_battery, AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor, DeadLetterQuery,
-    EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
-    UploadQuery,
+    low_battery, AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor,
+    DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery,
+    TimeRange, UploadQuery,
 };
 use crate::registry::{DeviceQuery, RegisteredDevice, RegistryChange};
+use crate::rollup::{
+    self, Buckets, Loaded, MinutePoints, Need, Resolution, RollupCache, Span, Summary, FLEET,
+    HOUR_MS, MINUTE_MS,
+};
 use crate::{Cause, Result, Storage, StorageError};
 
 /// Settings of the embedded backend.
@@ -96,11 +104,22 @@ struct Inner {
     counts: Mutex<FleetCounts>,
     /// Node reports: connected devices, and until when the report holds.
     nodes: Mutex<HashMap<String, (u64, Millis)>>,
+    /// Minute and hour rollups of each device and of the fleet.
+    rollups: Keyspace,
+    /// Each device's minute rollup again, by (metric, minute), for the fleet's minute rollup.
+    rollup_devices: Keyspace,
+    /// The rollups as stored, so a batch's are computed from what it changes; changed under
+    /// `write_lock`.
+    rollup_cache: Mutex<RollupCache>,
     fsync: bool,
     closed: AtomicBool,
     /// One writer at a time, because the latest state is read, merged and written back.
     write_lock: Mutex<()>,
 }
+
+/// Entries of each kind the rollup cache keeps (device minutes, hours): the minutes and hours
+/// being written to, for this many devices.
+const ROLLUP_CACHE_ENTRIES: usize = 65_536;
 
 /// Tags the first byte of a cursor with the result set it belongs to.
 const CURSOR_TELEMETRY: u8 = b'T';
@@ -128,6 +147,42 @@ fn alert_key(raised_at: Millis, id: &str) -> Vec<u8> {
     key
 }
 
+fn metric_prefix(key: &mut Vec<u8>, metric: &str) {
+    // Length-prefixed, so no metric name is a prefix of another's keys whatever its bytes.
+    let len = u16::try_from(metric.len()).unwrap_or(u16::MAX);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(&metric.as_bytes()[..usize::from(len)]);
+}
+
+fn resolution_byte(resolution: Resolution) -> u8 {
+    match resolution {
+        Resolution::Minute => b'm',
+        Resolution::Hour => b'h',
+    }
+}
+
+/// `owner 0x00 len(metric) metric resolution`, the prefix of one series of rollups.
+fn rollup_prefix(owner: &str, metric: &str, resolution: Resolution) -> Vec<u8> {
+    let mut key = Vec::with_capacity(owner.len() + metric.len() + 12);
+    key.extend_from_slice(owner.as_bytes());
+    key.push(0);
+    metric_prefix(&mut key, metric);
+    key.push(resolution_byte(resolution));
+    key
+}
+
+fn rollup_key(owner: &str, metric: &str, resolution: Resolution, start: Millis) -> Vec<u8> {
+    with_time(&rollup_prefix(owner, metric, resolution), start)
+}
+
+/// `len(metric) metric minute`, the devices with a rollup of that minute follow.
+fn rollup_devices_prefix(metric: &str, minute: Millis) -> Vec<u8> {
+    let mut key = Vec::with_capacity(metric.len() + 10);
+    metric_prefix(&mut key, metric);
+    key.extend_from_slice(&time_key(minute));
+    key
+}
+
 fn io(e: fjall::Error) -> StorageError {
     StorageError::Unavailable(Cause::new("embedded store", e))
 }
@@ -140,6 +195,20 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes)
         .map_err(|e| StorageError::Fatal(Cause::new("stored row does not decode", e)))
+}
+
+/// Writes a rollup row, or removes it when nothing is left to summarise.
+fn put_summary(
+    wb: &mut fjall::OwnedWriteBatch,
+    keyspace: &Keyspace,
+    key: Vec<u8>,
+    summary: Option<Summary>,
+) -> Result<()> {
+    match summary {
+        Some(s) => wb.insert(keyspace, key, encode(&s)?),
+        None => wb.remove(keyspace, key),
+    }
+    Ok(())
 }
 
 /// Lower and upper key bounds of a scan.
@@ -362,6 +431,9 @@ impl EmbeddedStorage {
             low_battery_percent: options.low_battery_percent,
             counts: Mutex::new(FleetCounts::default()),
             nodes: Mutex::new(HashMap::new()),
+            rollups: ks("rollups")?,
+            rollup_devices: ks("rollup_devices")?,
+            rollup_cache: Mutex::new(RollupCache::new(ROLLUP_CACHE_ENTRIES, true)),
             db,
             fsync: options.fsync,
             closed: AtomicBool::new(false),
@@ -447,7 +519,7 @@ impl Inner {
 
     fn write_batch(&self, batch: &Batch) -> Result<()> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wb = self.batch();
+        let mut wb = self.db.batch();
         // Each device's state before and after the batch.
         let mut states: HashMap<&DeviceId, (Option<bool>, DeviceState)> = HashMap::new();
         for r in &batch.readings {
@@ -502,10 +574,164 @@ impl Inner {
             key.extend_from_slice(&d.id.to_be_bytes());
             wb.insert(&self.dead_letters, key, encode(d)?);
         }
-        wb.commit().map_err(io)?;
+        let mut cache = self.rollup_cache.lock().expect("rollup cache");
+        let rollups = self
+            .rollup_rows(&mut cache, &batch.readings, &mut wb)
+            .and_then(|()| {
+                wb.durability(self.fsync.then_some(PersistMode::SyncData))
+                    .commit()
+                    .map_err(io)
+            });
+        if rollups.is_err() {
+            // Nothing of the batch is stored; the cache already holds it.
+            cache.clear();
+        }
+        rollups?;
         // Committed with the states it counts; in force for readers from now on.
         *self.counts.lock().expect("fleet counts") = counts;
         Ok(())
+    }
+
+    /// Adds to `wb` the rollup rows the readings change: the cache is loaded from the store
+    /// where it misses, then laid over with the readings (see [`RollupCache`]). Committed with
+    /// the rows themselves, so the rollups hold exactly what is stored, also after a crash.
+    fn rollup_rows(
+        &self,
+        cache: &mut RollupCache,
+        readings: &[Reading],
+        wb: &mut fjall::OwnedWriteBatch,
+    ) -> Result<()> {
+        loop {
+            let needs = cache.needs(readings);
+            if needs.is_empty() {
+                break;
+            }
+            for need in needs {
+                let loaded = self.load_rollup(&need)?;
+                cache.fill(need, loaded);
+            }
+        }
+        let writes = cache.apply(readings);
+        for row in writes.rollups {
+            let key = rollup_key(&row.owner, &row.metric, row.resolution, row.start);
+            put_summary(wb, &self.rollups, key, row.summary)?;
+        }
+        for row in writes.device_minutes {
+            let mut key = rollup_devices_prefix(&row.metric, row.minute);
+            key.extend_from_slice(row.device.as_bytes());
+            put_summary(wb, &self.rollup_devices, key, row.summary)?;
+        }
+        Ok(())
+    }
+
+    fn load_rollup(&self, need: &Need) -> Result<Loaded> {
+        Ok(match need {
+            Need::Minute { device, minute } => {
+                let range = TimeRange {
+                    since: Some(*minute),
+                    until: Some(minute + MINUTE_MS),
+                };
+                let rows = self
+                    .telemetry
+                    .range::<Vec<u8>, _>(time_bounds(&device_prefix(device), &range))
+                    .map(|guard| decode::<Reading>(&guard.value().map_err(io)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Loaded::Minute(MinutePoints::of(&rows))
+            }
+            Need::Hour {
+                owner,
+                metric,
+                hour,
+            } => {
+                let prefix = rollup_prefix(owner, metric, Resolution::Minute);
+                let bounds = with_time(&prefix, *hour)..with_time(&prefix, hour + HOUR_MS);
+                let mut minutes = BTreeMap::new();
+                for guard in self.rollups.range::<Vec<u8>, _>(bounds) {
+                    let (key, value) = guard.into_inner().map_err(io)?;
+                    let start = from_time_key(&key[prefix.len()..])
+                        .ok_or_else(|| StorageError::Fatal("a rollup key is malformed".into()))?;
+                    minutes.insert(start, decode(&value)?);
+                }
+                Loaded::Hour(minutes)
+            }
+            Need::FleetMinute { metric, minute } => {
+                let prefix = rollup_devices_prefix(metric, *minute);
+                let mut devices = BTreeMap::new();
+                for guard in self.rollup_devices.prefix(&prefix) {
+                    let (key, value) = guard.into_inner().map_err(io)?;
+                    let device = String::from_utf8(key[prefix.len()..].to_vec()).map_err(|_| {
+                        StorageError::Fatal("a rollup_devices key is malformed".into())
+                    })?;
+                    devices.insert(device, decode(&value)?);
+                }
+                Loaded::FleetMinute(devices)
+            }
+        })
+    }
+
+    /// Aggregates of a device (`Some`) or of the fleet (`None`).
+    fn aggregates(&self, device: Option<&DeviceId>, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        rollup::check(q)?;
+        let mut buckets = Buckets::new(q.bucket);
+        for span in rollup::plan(q) {
+            match span {
+                Span::Raw { since, until } => {
+                    let devices = match device {
+                        Some(d) => vec![d.clone()],
+                        // The fleet's devices with this metric in that minute.
+                        None => self.devices_in_minute(&q.metric, since)?,
+                    };
+                    let range = TimeRange {
+                        since: Some(since),
+                        until: Some(until),
+                    };
+                    for d in &devices {
+                        let bounds = time_bounds(&device_prefix(d), &range);
+                        for guard in self.telemetry.range::<Vec<u8>, _>(bounds) {
+                            let r: Reading = decode(&guard.value().map_err(io)?)?;
+                            buckets.add_reading(&r, &q.metric);
+                        }
+                    }
+                }
+                Span::Rollup {
+                    resolution,
+                    since,
+                    until,
+                } => {
+                    let owner = device.map_or(FLEET, DeviceId::as_str);
+                    let prefix = rollup_prefix(owner, &q.metric, resolution);
+                    let bounds = with_time(&prefix, since)..with_time(&prefix, until);
+                    for guard in self.rollups.range::<Vec<u8>, _>(bounds) {
+                        let (key, value) = guard.into_inner().map_err(io)?;
+                        let start = from_time_key(&key[prefix.len()..]).ok_or_else(|| {
+                            StorageError::Fatal("a rollup key is malformed".into())
+                        })?;
+                        buckets.add(start, &decode(&value)?);
+                    }
+                }
+                Span::Devices { minute } => {
+                    let prefix = rollup_devices_prefix(&q.metric, minute);
+                    for guard in self.rollup_devices.prefix(&prefix) {
+                        buckets.add(minute, &decode(&guard.value().map_err(io)?)?);
+                    }
+                }
+            }
+        }
+        Ok(buckets.finish())
+    }
+
+    fn devices_in_minute(&self, metric: &str, ts: Millis) -> Result<Vec<DeviceId>> {
+        let prefix = rollup_devices_prefix(metric, Resolution::Minute.start_of(ts));
+        self.rollup_devices
+            .prefix(&prefix)
+            .map(|guard| {
+                let key = guard.key().map_err(io)?;
+                std::str::from_utf8(&key[prefix.len()..])
+                    .ok()
+                    .and_then(|id| DeviceId::new(id).ok())
+                    .ok_or_else(|| StorageError::Fatal("a rollup_devices key is malformed".into()))
+            })
+            .collect()
     }
 
     fn fleet(&self, query: &FleetQuery) -> Result<Page<DeviceState>> {
@@ -643,6 +869,17 @@ impl Storage for EmbeddedStorage {
             )
         })
         .await
+    }
+
+    async fn aggregates(&self, device: &DeviceId, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        let (device, q) = (device.clone(), q.clone());
+        self.blocking(move |inner| inner.aggregates(Some(&device), &q))
+            .await
+    }
+
+    async fn fleet_aggregates(&self, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        let q = q.clone();
+        self.blocking(move |inner| inner.aggregates(None, &q)).await
     }
 
     async fn events(&self, query: &EventQuery) -> Result<Page<Event>> {

@@ -7,19 +7,20 @@ pub mod embedded;
 pub mod model;
 pub mod query;
 pub mod registry;
+pub mod rollup;
 pub mod scylla;
 
 use async_trait::async_trait;
 
 pub use embedded::EmbeddedStorage;
 pub use model::{
-    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
-    InvalidDeviceId, Millis, Reading, Stamped, Upload, UploadState,
+    Aggregate, Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState,
+    Event, InvalidDeviceId, Millis, Reading, Stamped, Upload, UploadState,
 };
 pub use query::{
-    low_battery, AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, Cursor,
-    DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery,
-    TimeRange, UploadQuery,
+    low_battery, AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, AlertStateFilter, Bucket,
+    Cursor, DeadLetterQuery, EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest,
+    TelemetryQuery, TimeRange, UploadQuery,
 };
 pub use registry::{
     Credential, DeviceQuery, DeviceStatus, RegisteredDevice, RegistryChange, Role, UnknownName,
@@ -110,7 +111,8 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Stores a batch idempotently: a reading or event with the same `(device, ts, seq)` as a stored
-    /// one overwrites it. Updates each device's latest state by device time. When this returns
+    /// one overwrites it. Updates each device's latest state by device time, and recomputes the
+    /// aggregate rollups of every minute and hour the batch's readings fall in. When this returns
     /// `Ok`, the batch is durable to the backend's configured degree.
     async fn write_batch(&self, batch: &Batch) -> Result<()>;
 
@@ -141,6 +143,15 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Readings of one device in a time range.
     async fn telemetry(&self, query: &TelemetryQuery) -> Result<Page<Reading>>;
+
+    /// Aggregates of one metric of one device per time bucket, oldest first, empty buckets left
+    /// out. Exact whatever the range: served from the rollups `write_batch` keeps (per minute,
+    /// per hour; days from hours), with raw readings only for the partial minutes at the edges.
+    async fn aggregates(&self, device: &DeviceId, query: &AggregateQuery)
+        -> Result<Vec<Aggregate>>;
+
+    /// Aggregates of one metric over every device per time bucket, as [`Storage::aggregates`].
+    async fn fleet_aggregates(&self, query: &AggregateQuery) -> Result<Vec<Aggregate>>;
 
     /// Events of one device in a time range.
     async fn events(&self, query: &EventQuery) -> Result<Page<Event>>;

@@ -109,6 +109,59 @@ pub struct Reading {
     pub attrs: BTreeMap<String, AttrValue>,
 }
 
+impl Reading {
+    /// The numeric values this reading carries, by metric name: every entry of `metrics`, with
+    /// `battery` and `rssi` taken from their own fields when the reading has them. Non-finite
+    /// numbers are left out; `online` and `attrs` are not numeric metrics.
+    pub fn numeric_metrics(&self) -> BTreeMap<&str, f64> {
+        let mut values: BTreeMap<&str, f64> = self
+            .metrics
+            .iter()
+            .map(|(name, v)| (name.as_str(), *v))
+            .collect();
+        if let Some(b) = self.battery {
+            values.insert("battery", b);
+        }
+        if let Some(r) = self.rssi {
+            values.insert("rssi", f64::from(r));
+        }
+        values.retain(|_, v| v.is_finite());
+        values
+    }
+
+    /// The value of one metric, as [`Reading::numeric_metrics`] names them.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let value = match name {
+            "battery" => self.battery.or_else(|| self.metrics.get(name).copied()),
+            "rssi" => self
+                .rssi
+                .map(f64::from)
+                .or_else(|| self.metrics.get(name).copied()),
+            _ => self.metrics.get(name).copied(),
+        };
+        value.filter(|v| v.is_finite())
+    }
+}
+
+/// The aggregate of one metric over one time bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregate {
+    /// Start of the bucket (aligned to a multiple of its size since the epoch, UTC). The first
+    /// and last buckets of a query cover only the part inside the query's range.
+    pub start: Millis,
+    /// Readings in the bucket that carry the metric.
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    /// `sum / count`.
+    pub avg: f64,
+    pub sum: f64,
+    /// The value of the earliest reading by device time (ties: lower `seq`, then lower value).
+    pub first: f64,
+    /// The value of the latest reading by device time (ties: higher `seq`, then higher value).
+    pub last: f64,
+}
+
 /// A discrete event of one device: a button press, a sync result, ...
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

@@ -219,3 +219,116 @@ pub struct UploadQuery {
     pub device: DeviceId,
     pub page: PageRequest,
 }
+
+/// The size of the time buckets of an aggregate query. Buckets are aligned to multiples of their
+/// size since the Unix epoch, so every bucket starts on a UTC minute, hour or midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bucket {
+    Minute,
+    FiveMinutes,
+    FifteenMinutes,
+    Hour,
+    SixHours,
+    Day,
+}
+
+impl Bucket {
+    pub const ALL: [Bucket; 6] = [
+        Bucket::Minute,
+        Bucket::FiveMinutes,
+        Bucket::FifteenMinutes,
+        Bucket::Hour,
+        Bucket::SixHours,
+        Bucket::Day,
+    ];
+
+    /// `1m`, `5m`, `15m`, `1h`, `6h` or `1d`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Minute => "1m",
+            Bucket::FiveMinutes => "5m",
+            Bucket::FifteenMinutes => "15m",
+            Bucket::Hour => "1h",
+            Bucket::SixHours => "6h",
+            Bucket::Day => "1d",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Bucket::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+
+    pub fn millis(self) -> Millis {
+        const MINUTE: Millis = 60_000;
+        match self {
+            Bucket::Minute => MINUTE,
+            Bucket::FiveMinutes => 5 * MINUTE,
+            Bucket::FifteenMinutes => 15 * MINUTE,
+            Bucket::Hour => 60 * MINUTE,
+            Bucket::SixHours => 360 * MINUTE,
+            Bucket::Day => 1440 * MINUTE,
+        }
+    }
+
+    /// The start of the bucket holding `ts`.
+    pub fn start_of(self, ts: Millis) -> Millis {
+        ts - ts.rem_euclid(self.millis())
+    }
+}
+
+/// Aggregates of one metric over the time buckets of a half-open range `[since, until)` of device
+/// time: of one device, or of the whole fleet. A bucket cut by `since` or `until` aggregates only
+/// the readings inside the range, so every answer is exact for the range asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateQuery {
+    /// `battery`, `rssi` or the name of any numeric metric readings carry.
+    pub metric: String,
+    pub bucket: Bucket,
+    pub since: Millis,
+    pub until: Millis,
+}
+
+impl AggregateQuery {
+    /// The most buckets one query may span.
+    pub const MAX_BUCKETS: u64 = 10_000;
+    /// Times beyond ±2^52 ms (about 140,000 years) are refused, so bucket arithmetic cannot
+    /// overflow.
+    pub const MAX_ABS_TIME: Millis = 1 << 52;
+
+    /// How many buckets the range touches.
+    pub fn bucket_count(&self) -> u64 {
+        if self.since >= self.until {
+            return 0;
+        }
+        let first = self.bucket.start_of(self.since);
+        let last = self.bucket.start_of(self.until - 1);
+        ((last - first) / self.bucket.millis() + 1) as u64
+    }
+
+    /// Why the query cannot be answered, naming the field at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.metric.is_empty() {
+            return Err(("metric", "must name a metric".into()));
+        }
+        for (name, t) in [("since", self.since), ("until", self.until)] {
+            if t.abs() > Self::MAX_ABS_TIME {
+                return Err((name, format!("{t} is out of range")));
+            }
+        }
+        if self.since > self.until {
+            return Err(("until", "must not be before `since`".into()));
+        }
+        let n = self.bucket_count();
+        if n > Self::MAX_BUCKETS {
+            return Err((
+                "since",
+                format!(
+                    "the range spans {n} buckets of {}; at most {} are allowed: narrow the range or use a larger bucket",
+                    self.bucket.as_str(),
+                    Self::MAX_BUCKETS
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

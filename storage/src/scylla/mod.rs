@@ -26,12 +26,13 @@ use scylla::value::{CqlDate, CqlTimestamp, MaybeUnset};
 
 use crate::backoff::Backoff;
 use crate::model::{
-    Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState, Event,
-    Millis, Reading, Stamped, Upload, UploadState,
+    Aggregate, Alert, AlertState, AttrValue, Batch, Connection, DeadLetter, DeviceId, DeviceState,
+    Event, Millis, Reading, Stamped, Upload, UploadState,
 };
 use crate::query::{
-    AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor, DeadLetterQuery, EventQuery,
-    FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange, UploadQuery,
+    AggregateQuery, AlertCount, AlertCountQuery, AlertQuery, AlertTally, Cursor, DeadLetterQuery,
+    EventQuery, FleetCounts, FleetQuery, Order, Page, PageRequest, TelemetryQuery, TimeRange,
+    UploadQuery,
 };
 use crate::registry::{Credential, DeviceQuery, RegisteredDevice, RegistryChange};
 use crate::{BoxError, Cause, Result, Storage, StorageError};
@@ -41,6 +42,7 @@ mod dead_letters;
 mod fleet;
 mod readings;
 mod registry;
+mod rollups;
 mod statements;
 mod uploads;
 mod write;
@@ -50,6 +52,7 @@ use self::dead_letters::*;
 use self::fleet::*;
 use self::readings::*;
 use self::registry::*;
+use self::rollups::*;
 use self::statements::*;
 use self::uploads::*;
 use self::write::*;
@@ -121,6 +124,7 @@ struct Inner {
     fleet_flags: Mutex<HashMap<DeviceId, Option<bool>>>,
     /// Shards whose devices changed since their last recount.
     dirty_shards: Mutex<BTreeSet<i32>>,
+    rollups: RollupState,
     closed: AtomicBool,
 }
 
@@ -300,10 +304,12 @@ impl ScyllaStorage {
                 known_partitions: Mutex::new(HashSet::new()),
                 fleet_flags: Mutex::new(HashMap::new()),
                 dirty_shards: Mutex::new(BTreeSet::new()),
+                rollups: RollupState::new(),
                 closed: AtomicBool::new(false),
             }),
         };
         storage.start_fleet_upkeep().await?;
+        storage.start_rollup_settler().await?;
         Ok(storage)
     }
 
@@ -459,8 +465,17 @@ impl Inner {
     where
         R: for<'f, 'm> DeserializeRow<'f, 'm>,
     {
+        self.all_rows(st, ()).await
+    }
+
+    /// Every row of one unpaged execution of `st`, for answers known to be small (a small
+    /// table, a minute of one device, an hour of rollups).
+    async fn all_rows<R>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Vec<R>>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
         let fatal = |e: BoxError| StorageError::Fatal(Cause::new(st.get_statement(), e));
-        let rows = self.unpaged(st, ()).await?;
+        let rows = self.unpaged(st, values).await?;
         rows.rows::<R>()
             .map_err(|e| fatal(e.into()))?
             .map(|row| row.map_err(|e| fatal(e.into())))
@@ -522,6 +537,16 @@ impl Storage for ScyllaStorage {
 
     async fn telemetry(&self, q: &TelemetryQuery) -> Result<Page<Reading>> {
         readings::telemetry(self, q).await
+    }
+
+    async fn aggregates(&self, device: &DeviceId, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        self.check_open()?;
+        self.inner.aggregates(Some(device), q).await
+    }
+
+    async fn fleet_aggregates(&self, q: &AggregateQuery) -> Result<Vec<Aggregate>> {
+        self.check_open()?;
+        self.inner.aggregates(None, q).await
     }
 
     async fn events(&self, q: &EventQuery) -> Result<Page<Event>> {
@@ -707,7 +732,7 @@ mod tests {
     #[test]
     fn schema_splits_into_statements_without_comments() {
         let statements = schema_statements(SCHEMA);
-        assert_eq!(statements.len(), 18);
+        assert_eq!(statements.len(), 21);
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));

@@ -51,6 +51,7 @@ pub(super) struct Statements {
     pub(super) register_device: PreparedStatement,
     pub(super) registered_device: PreparedStatement,
     pub(super) registered_devices: PreparedStatement,
+    pub(super) rollups: RollupStatements,
 }
 
 impl Statements {
@@ -229,6 +230,7 @@ impl Statements {
             ))
             .await?,
             registered_devices: prepare(format!("SELECT {DEVICE_COLS} FROM {ks}.devices")).await?,
+            rollups: RollupStatements::prepare(session, ks).await?,
         })
     }
 }

@@ -58,6 +58,8 @@ pub(super) async fn write_batch(store: &ScyllaStorage, batch: &Batch) -> Result<
         return Ok(());
     }
     let inner = &store.inner;
+    // Before the rows are written: the rollup cache loads the store without the batch.
+    inner.prepare_rollups(&batch.readings).await?;
     let mut jobs = inner.jobs(batch)?;
     let changed_shards = inner.fleet_jobs(batch, &mut jobs);
     let requests: Vec<futures::future::BoxFuture<'_, Result<()>>> = jobs
@@ -76,7 +78,9 @@ pub(super) async fn write_batch(store: &ScyllaStorage, batch: &Batch) -> Result<
     } else if !changed_shards.is_empty() {
         lock(&inner.dirty_shards).extend(changed_shards);
     }
-    result.map(|_| ())
+    result?;
+    // After the rows are stored; a failure here fails the batch, which is written again.
+    inner.write_rollups(&batch.readings).await
 }
 
 impl Inner {
