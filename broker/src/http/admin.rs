@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
-use super::{device_id, page_json, ApiError, ApiResult, AppState, PageJson, Params};
+use super::{device_id, ApiError, ApiResult, AppState, Params};
+use crate::json::{device_json, page_json, PageJson};
 use crate::security::provision::{self, Changes, NewDevice, ProvisionError, Provisioned};
 
 /// Most devices one import request may register (each costs a hash); send more in several.
@@ -115,7 +116,7 @@ fn body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, example: &str) -
 
 /// A device as the admin API answers it after creating or rotating it: with its secret, once.
 fn with_secret(p: &Provisioned) -> Value {
-    let mut v = provision::device_json(&p.device);
+    let mut v = device_json(&p.device);
     v["secret"] = json!(p.secret);
     v
 }
@@ -206,7 +207,7 @@ async fn list(
     };
     Ok(Json(page_json(
         state.storage.registered_devices(&query).await?,
-        provision::device_json,
+        device_json,
     )))
 }
 
@@ -218,7 +219,7 @@ async fn show(
     Params::new(params, &[])?;
     let id = device_id(id)?;
     match state.storage.registered_device(&id).await? {
-        Some(d) => Ok(Json(provision::device_json(&d))),
+        Some(d) => Ok(Json(device_json(&d))),
         None => Err(ProvisionError::NotFound(id).into()),
     }
 }
@@ -240,7 +241,7 @@ async fn change(
     )?;
     let device = provision::set(&state.storage, &id, &changes).await?;
     tracing::info!(by = %caller, device = %id, "device changed");
-    Ok(Json(provision::device_json(&device)))
+    Ok(Json(device_json(&device)))
 }
 
 /// A new secret, in this answer only; the old one is refused from now on, and the live MQTT
@@ -277,7 +278,7 @@ async fn revoke(
     state.access.devices.forget(&id);
     let disconnected = state.sessions.revoke(id.as_str());
     tracing::info!(by = %caller, device = %id, disconnected, "device revoked");
-    let mut v = provision::device_json(&device);
+    let mut v = device_json(&device);
     v["disconnected"] = json!(disconnected);
     Ok(Json(v))
 }
@@ -309,7 +310,7 @@ mod tests {
 
     /// Posts a reading as the device itself.
     async fn ingest(app: &Router, id: &str, secret: &str) -> StatusCode {
-        let reading = json!({"ts": crate::mqtt::now_millis(), "battery": 50});
+        let reading = json!({"ts": crate::clock::now_millis(), "battery": 50});
         send(
             app,
             Method::POST,

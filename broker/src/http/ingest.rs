@@ -20,8 +20,6 @@ use messina_bridge::Kind;
 use messina_log::{LogError, Record};
 use messina_storage::DeviceId;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use super::AppState;
 use crate::ingest::KIND_PUBLISH;
@@ -161,7 +159,7 @@ async fn ingest(
         );
     }
 
-    let now = crate::mqtt::now_millis();
+    let now = crate::clock::now_millis();
     let topic = messina_bridge::topics::device_data(device.as_str(), kind);
     let mut payloads = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
@@ -255,10 +253,10 @@ fn unavailable(why: &str) -> Response {
 /// error the item is left as it was.
 fn rfc3339_to_millis(item: &mut Value) -> Result<(), String> {
     if let Some(Value::String(s)) = item.get_mut("ts") {
-        let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+        let ms = crate::clock::parse_rfc3339(s).map_err(|e| {
             format!("`{s}` is neither milliseconds since the epoch nor RFC 3339: {e}")
         })?;
-        item["ts"] = Value::from((t.unix_timestamp_nanos() / 1_000_000) as i64);
+        item["ts"] = Value::from(ms);
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::secret;
-use crate::mqtt::now_millis;
+use crate::clock::now_millis;
 
 /// What a provisioning step can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -444,27 +444,6 @@ pub async fn import(
         }
     }
     Ok(imported)
-}
-
-/// A registered identity as shown by the CLI and the HTTP API: everything but the credential's
-/// value (a hash is nobody's business; a fingerprint is shown).
-pub fn device_json(d: &RegisteredDevice) -> Value {
-    json!({
-        "id": d.id.as_str(),
-        "role": d.role.as_str(),
-        "status": d.status.as_str(),
-        "credential": match &d.credential {
-            Credential::Secret { .. } => json!({"kind": "secret"}),
-            Credential::Certificate { sha256 } => json!({"kind": "certificate", "sha256": sha256}),
-        },
-        "name": d.name,
-        "model": d.model,
-        "labels": d.labels,
-        "profile": d.profile,
-        "photo_upload": d.photo_upload,
-        "created_at": crate::http::rfc3339(d.created_at),
-        "updated_at": crate::http::rfc3339(d.updated_at),
-    })
 }
 
 #[cfg(test)]

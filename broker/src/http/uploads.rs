@@ -1,0 +1,139 @@
+//! Uploads over HTTP: a presigned upload URL on a device's behalf, completing an upload, a
+//! device's uploads, and one upload with a short-lived download URL once it is complete.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use messina_storage::{Millis, UploadQuery};
+use serde_json::Value;
+
+use super::{device_id, ApiError, ApiResult, AppState, Params};
+use crate::clock::{now_millis, rfc3339};
+use crate::json::{page_json, ticket_json, upload_json, PageJson};
+use crate::uploads::{UploadError, UploadRequest, UploadService};
+
+/// The routes, to nest under `/v1`.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/devices/{id}/uploads",
+            get(list_uploads).post(request_upload),
+        )
+        .route(
+            "/devices/{id}/uploads/{upload}/complete",
+            post(complete_upload),
+        )
+        .route("/uploads/{upload}", get(one_upload))
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let (title, parameter) = match &e {
+            UploadError::Invalid { field, .. } => {
+                ("Invalid upload request", Some(field.to_string()))
+            }
+            UploadError::NotFound(_) => ("Not found", None),
+            UploadError::Conflict(_) => ("Upload not ready", None),
+            UploadError::Rejected(_) => ("Upload rejected", None),
+            UploadError::Unavailable(_) => {
+                tracing::warn!(error = %e, "upload request failed");
+                ("Object storage unavailable", None)
+            }
+            UploadError::Fatal(_) => {
+                tracing::error!(error = %e, "upload request failed");
+                return ApiError {
+                    status,
+                    title: "Internal error",
+                    detail: "the upload request failed; see the server log".into(),
+                    parameter: None,
+                };
+            }
+        };
+        ApiError {
+            status,
+            title,
+            detail: e.to_string(),
+            parameter,
+        }
+    }
+}
+
+fn uploads_service(state: &AppState) -> ApiResult<&Arc<UploadService>> {
+    state
+        .uploads
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("uploads are disabled (`uploads.enabled = false`)"))
+}
+
+/// Asks for a presigned upload URL on behalf of a device.
+pub async fn request_upload(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    Params::new(params, &[])?;
+    let device = device_id(id)?;
+    let service = uploads_service(&state)?;
+    let request = UploadRequest::parse(&body)?;
+    let ticket = service.request(&device, request, now_millis()).await?;
+    Ok((StatusCode::CREATED, Json(ticket_json(&ticket))))
+}
+
+/// Checks an uploaded object and records its metadata.
+pub async fn complete_upload(
+    State(state): State<Arc<AppState>>,
+    Path((id, upload)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let device = device_id(id)?;
+    let service = uploads_service(&state)?;
+    let now = now_millis();
+    let done = service.complete(&device, &upload, now).await?;
+    Ok(Json(with_download(service, &done, now).await))
+}
+
+async fn with_download(service: &UploadService, u: &messina_storage::Upload, now: Millis) -> Value {
+    let mut v = upload_json(u);
+    if let Some((url, expires)) = service.download_url(u, now).await {
+        v["download_url"] = Value::String(url);
+        v["download_expires_at"] = Value::String(rfc3339(expires));
+    }
+    v
+}
+
+pub async fn list_uploads(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson>> {
+    let p = Params::new(params, &["limit", "cursor"])?;
+    let query = UploadQuery {
+        device: device_id(id)?,
+        page: p.page(&state)?,
+    };
+    Ok(Json(page_json(
+        state.storage.uploads(&query).await?,
+        upload_json,
+    )))
+}
+
+/// One upload with its metadata and, once completed, a short-lived download URL.
+pub async fn one_upload(
+    State(state): State<Arc<AppState>>,
+    Path(upload): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Params::new(params, &[])?;
+    let service = uploads_service(&state)?;
+    match state.storage.upload(&upload).await? {
+        Some(u) => Ok(Json(with_download(service, &u, now_millis()).await)),
+        None => Err(ApiError::not_found(format!("no upload `{upload}`"))),
+    }
+}
