@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::clock::now_millis;
 use crate::edge::router::{Feed, Tag};
 use crate::ingest::{UploadJob, PRESENCE_SOURCE};
-use crate::json::{alert_json, presence_json, ticket_json, upload_json};
+use crate::json::{alert_json, presence_json, ticket_json, to_value, upload_json};
 use crate::uploads::{UploadError, UploadRequest, UploadService};
 
 /// Upload requests waiting for the upload worker; past this the ingest consumer answers "busy"
@@ -131,11 +131,11 @@ fn notice_message(notice: &Notice) -> (String, Vec<u8>) {
     let (topic, body) = match notice {
         Notice::Alert(a) => (
             messina_bridge::topics::alert(a.device.as_str(), &a.rule),
-            alert_json(a),
+            to_value(alert_json(a)),
         ),
         Notice::Presence { device, online, at } => (
             messina_bridge::topics::presence(device.as_str()),
-            presence_json(device, *online, *at, PRESENCE_SOURCE),
+            to_value(presence_json(device, *online, *at, PRESENCE_SOURCE)),
         ),
     };
     (topic, body.to_string().into_bytes())
@@ -182,7 +182,7 @@ async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
         let id = upload_id_of(&job.payload);
         match id {
             Ok(id) => service.complete(&job.device, &id, now).await.map(|u| {
-                let mut v = upload_json(&u);
+                let mut v = to_value(upload_json(&u));
                 v["status"] = 200.into();
                 v
             }),
@@ -191,7 +191,7 @@ async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
     } else {
         match UploadRequest::parse(&job.payload) {
             Ok(request) => service.request(&job.device, request, now).await.map(|t| {
-                let mut v = ticket_json(&t);
+                let mut v = to_value(ticket_json(&t));
                 v["status"] = 201.into();
                 v
             }),

@@ -93,16 +93,23 @@ impl UploadError {
 
 /// What a device sends to ask for an upload URL (JSON over HTTP; JSON or MessagePack over MQTT).
 /// Any other top-level key is kept as device metadata, as are the keys of `metadata`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct UploadRequest {
+    /// `audio`, `photo` or `log`.
     pub kind: String,
+    /// The MIME type the object will be `PUT` with; one the kind allows.
     pub content_type: String,
+    /// The object's exact size in bytes, within the kind's limit.
     pub size: u64,
+    /// The object's SHA-256, lowercase hex, checked on completion.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Device metadata kept with the upload: scalars only.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, crate::json::Attr>)]
     pub metadata: BTreeMap<String, Value>,
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: BTreeMap<String, Value>,
 }
 

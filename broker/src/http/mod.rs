@@ -7,6 +7,12 @@
 //! This file holds what every handler shares (the state, the router, the error type, the
 //! query parameters and the limits around the port); the handlers are in a file per resource
 //! (`devices`, `alerts`, `uploads`, `admin`, `ingest`, `health`), each with its `routes()`.
+//!
+//! A route is added in one place: its handler, annotated with `#[utoipa::path(...)]` (method,
+//! path relative to `/v1`, parameters, body, answers; the body types are the `json` shapes
+//! it returns), registered with `.routes(routes!(handler))` in its resource's `routes()`. The
+//! router and the OpenAPI document (`openapi`) are both built from those registrations, and
+//! `openapi::tests` checks that every route is documented and that the document is valid.
 
 pub mod admin;
 pub mod alerts;
@@ -14,6 +20,7 @@ pub mod auth;
 pub mod devices;
 pub mod health;
 pub mod ingest;
+pub mod openapi;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -23,7 +30,6 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -32,8 +38,10 @@ use messina_storage::{
     Cursor, DeviceId, Millis, Order, PageRequest, Storage, StorageError, TimeRange,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
 
+use crate::json::Problem;
 use crate::tls::PeerCertificate;
 use crate::uploads::UploadService;
 
@@ -64,33 +72,32 @@ pub struct AppState {
     pub max_concurrent_requests: usize,
 }
 
-/// The whole HTTP API as a router, testable without a socket.
-pub fn app(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
+/// The routes under `/v1`, each with its documentation, by resource.
+fn v1_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
         .merge(devices::routes())
         .merge(alerts::routes())
         .merge(uploads::routes())
         .merge(admin::routes())
+}
+
+/// The whole HTTP API as a router, testable without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    let authorize = middleware::from_fn_with_state(state.clone(), auth::authorize);
+    let (v1, _) = v1_routes().split_for_parts();
+    let v1 = v1
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        ))
+        .route_layer(authorize.clone())
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
+    let (guarded, _) = health::guarded_routes().split_for_parts();
+    // Load balancers, orchestrators and API tools read these without credentials.
+    let (open, _) = health::open_routes().split_for_parts();
     let (timeout, max_concurrent) = (state.request_timeout, state.max_concurrent_requests);
     let cors = cors(&state.cors_origins);
     let router = Router::new()
         .nest("/v1", v1)
-        .route(
-            "/metrics",
-            get(health::prometheus).route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::authorize,
-            )),
-        )
-        // Load balancers and orchestrators probe these without credentials.
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(health::readyz))
+        .merge(guarded.route_layer(authorize))
+        .merge(open)
         .fallback(not_found)
         .with_state(state);
     let router = with_limits(router, timeout, max_concurrent);
@@ -253,15 +260,13 @@ impl From<StorageError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        if let Some(p) = self.parameter {
-            body["parameter"] = Value::String(p);
-        }
+        let body = Problem {
+            detail: self.detail,
+            parameter: self.parameter,
+            status: self.status.as_u16(),
+            title: self.title.to_string(),
+            kind: "about:blank".to_string(),
+        };
         let mut response = (self.status, Json(body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -283,7 +288,29 @@ struct Params {
     map: HashMap<String, String>,
 }
 
+/// A page of a listing.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
+pub struct PageParams {
+    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page, unchanged.
+    cursor: Option<String>,
+}
+
 impl Params {
+    /// The query, checked against the parameters `Q` documents: the document and the check are
+    /// one list.
+    fn of<Q: IntoParams>(map: HashMap<String, String>) -> ApiResult<Self> {
+        let names: Vec<String> = Q::into_params(|| None)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Params::new(map, &names)
+    }
+
     fn new(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Self> {
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ApiError::bad_parameter(
@@ -392,9 +419,11 @@ pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::{HeaderMap, Request};
+    use axum::routing::get;
     use base64::engine::general_purpose::STANDARD;
     use messina_config::{Anonymous, ApiKey, ApiRole};
     use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+    use serde_json::Value;
     use tower::ServiceExt;
 
     async fn call(app: &Router, uri: &str, key: Option<&str>) -> (StatusCode, String, Value) {

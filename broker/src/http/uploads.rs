@@ -6,28 +6,22 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use messina_storage::{Millis, UploadQuery};
-use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{device_id, ApiError, ApiResult, AppState, Params};
+use super::{device_id, ApiError, ApiResult, AppState, PageParams, Params};
 use crate::clock::{now_millis, rfc3339};
-use crate::json::{page_json, ticket_json, upload_json, PageJson};
+use crate::json::{page_json, ticket_json, upload_json, PageJson, TicketJson, UploadJson};
 use crate::uploads::{UploadError, UploadRequest, UploadService};
 
 /// The routes, to nest under `/v1`.
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route(
-            "/devices/{id}/uploads",
-            get(list_uploads).post(request_upload),
-        )
-        .route(
-            "/devices/{id}/uploads/{upload}/complete",
-            post(complete_upload),
-        )
-        .route("/uploads/{upload}", get(one_upload))
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_uploads, request_upload))
+        .routes(routes!(complete_upload))
+        .routes(routes!(one_upload))
 }
 
 impl From<UploadError> for ApiError {
@@ -71,12 +65,26 @@ fn uploads_service(state: &AppState) -> ApiResult<&Arc<UploadService>> {
 }
 
 /// Asks for a presigned upload URL on behalf of a device.
+///
+/// Any top-level key besides those listed is kept as device metadata too.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/uploads",
+    tag = "uploads",
+    params(("id" = String, Path, description = "The device id")),
+    request_body(content = UploadRequest, description = "JSON (or MessagePack)"),
+    responses(
+        (status = 201, description = "The presigned `PUT`", body = TicketJson),
+        (status = 400, description = "A field is invalid or over the kind's limit, named in `parameter`"),
+        (status = 404, description = "Uploads are disabled"),
+    )
+)]
 pub async fn request_upload(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
     body: axum::body::Bytes,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<TicketJson>)> {
     Params::new(params, &[])?;
     let device = device_id(id)?;
     let service = uploads_service(&state)?;
@@ -86,11 +94,26 @@ pub async fn request_upload(
 }
 
 /// Checks an uploaded object and records its metadata.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/uploads/{upload}/complete",
+    tag = "uploads",
+    params(
+        ("id" = String, Path, description = "The device id"),
+        ("upload" = String, Path, description = "The upload id"),
+    ),
+    responses(
+        (status = 200, description = "The completed upload, with a download URL", body = UploadJson),
+        (status = 404, description = "No such upload of this device, or uploads are disabled"),
+        (status = 409, description = "Nothing was uploaded yet, or the upload was rejected"),
+        (status = 422, description = "The object fails a check (size, type, format, SHA-256)"),
+    )
+)]
 pub async fn complete_upload(
     State(state): State<Arc<AppState>>,
     Path((id, upload)): Path<(String, String)>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UploadJson>> {
     Params::new(params, &[])?;
     let device = device_id(id)?;
     let service = uploads_service(&state)?;
@@ -99,21 +122,36 @@ pub async fn complete_upload(
     Ok(Json(with_download(service, &done, now).await))
 }
 
-async fn with_download(service: &UploadService, u: &messina_storage::Upload, now: Millis) -> Value {
+async fn with_download(
+    service: &UploadService,
+    u: &messina_storage::Upload,
+    now: Millis,
+) -> UploadJson {
     let mut v = upload_json(u);
     if let Some((url, expires)) = service.download_url(u, now).await {
-        v["download_url"] = Value::String(url);
-        v["download_expires_at"] = Value::String(rfc3339(expires));
+        v.download_url = Some(url);
+        v.download_expires_at = Some(rfc3339(expires));
     }
     v
 }
 
+/// The device's uploads, newest first.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/uploads",
+    tag = "uploads",
+    params(("id" = String, Path, description = "The device id"), PageParams),
+    responses(
+        (status = 200, description = "A page of uploads", body = PageJson<UploadJson>),
+        (status = 400, description = "An invalid parameter, named in `parameter`"),
+    )
+)]
 pub async fn list_uploads(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(params, &["limit", "cursor"])?;
+) -> ApiResult<Json<PageJson<UploadJson>>> {
+    let p = Params::of::<PageParams>(params)?;
     let query = UploadQuery {
         device: device_id(id)?,
         page: p.page(&state)?,
@@ -125,11 +163,23 @@ pub async fn list_uploads(
 }
 
 /// One upload with its metadata and, once completed, a short-lived download URL.
+///
+/// The URL is valid `uploads.download_url_expiry_s`.
+#[utoipa::path(
+    get,
+    path = "/uploads/{upload}",
+    tag = "uploads",
+    params(("upload" = String, Path, description = "The upload id")),
+    responses(
+        (status = 200, description = "The upload", body = UploadJson),
+        (status = 404, description = "No such upload, or uploads are disabled"),
+    )
+)]
 pub async fn one_upload(
     State(state): State<Arc<AppState>>,
     Path(upload): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UploadJson>> {
     Params::new(params, &[])?;
     let service = uploads_service(&state)?;
     match state.storage.upload(&upload).await? {

@@ -35,10 +35,11 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ProvisionErr
 }
 
 /// An identity to register.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
     pub id: String,
+    /// `device` (the default), `fleet_manager` or `service`.
     #[serde(default = "device_role")]
     pub role: String,
     #[serde(default)]
@@ -270,7 +271,7 @@ pub async fn revoke(
 
 /// Changes to a device's attributes; `None` leaves a field as it is, an empty name or model
 /// clears it.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Changes {
     #[serde(default)]
