@@ -77,8 +77,10 @@ pub fn reading_json(r: &Reading) -> ReadingJson {
 #[derive(Serialize, ToSchema)]
 pub struct ConnectionJson {
     /// `null` when the device never connected.
+    #[schema(required = true)]
     pub changed_at: Option<String>,
     pub connected: bool,
+    #[schema(required = true)]
     pub node: Option<String>,
 }
 
@@ -102,6 +104,7 @@ pub struct StateJson {
     /// When Messina last received anything from the device.
     pub last_seen: String,
     pub metrics: BTreeMap<String, f64>,
+    #[schema(required = true)]
     pub online: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rssi: Option<i32>,
@@ -168,6 +171,7 @@ pub fn event_json(e: &Event) -> EventJson {
 #[derive(Serialize, ToSchema)]
 pub struct DeadLetterJson {
     /// `null` when the topic names no valid device.
+    #[schema(required = true)]
     pub device_id: Option<String>,
     pub id: String,
     pub payload_base64: String,
@@ -192,8 +196,11 @@ pub fn dead_letter_json(d: &DeadLetter) -> DeadLetterJson {
 /// An alert as the API answers it and as it is published on `alerts/{device}/{rule}`.
 #[derive(Serialize, ToSchema)]
 pub struct AlertJson {
+    #[schema(required = true)]
     pub acked_at: Option<String>,
+    #[schema(required = true)]
     pub acked_by: Option<String>,
+    #[schema(required = true)]
     pub cleared_at: Option<String>,
     pub device_id: String,
     pub id: String,
@@ -205,7 +212,9 @@ pub struct AlertJson {
     pub severity: String,
     #[schema(pattern = "^(raised|acknowledged|cleared)$")]
     pub state: String,
+    #[schema(required = true)]
     pub threshold: Option<f64>,
+    #[schema(required = true)]
     pub value: Option<f64>,
 }
 
@@ -230,6 +239,7 @@ pub fn alert_json(a: &Alert) -> AlertJson {
 #[derive(Serialize, ToSchema)]
 pub struct PageJson<T> {
     pub items: Vec<T>,
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
@@ -257,11 +267,13 @@ pub struct UploadJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub download_url: Option<String>,
     /// Why the upload was rejected.
+    #[schema(required = true)]
     pub error: Option<String>,
     pub expires_at: String,
     /// What Messina read from the object (format, dimensions, duration, ...).
     #[schema(value_type = BTreeMap<String, Attr>)]
     pub extracted: Attrs,
+    #[schema(required = true)]
     pub finished_at: Option<String>,
     /// `audio`, `photo` or `log`.
     pub kind: String,
@@ -269,6 +281,7 @@ pub struct UploadJson {
     #[schema(value_type = BTreeMap<String, Attr>)]
     pub metadata: Attrs,
     pub object_key: String,
+    #[schema(required = true)]
     pub sha256: Option<String>,
     pub size: u64,
     #[schema(pattern = "^(pending|completed|rejected|expired)$")]
@@ -360,8 +373,11 @@ pub struct DeviceJson {
     pub disconnected: Option<usize>,
     pub id: String,
     pub labels: BTreeSet<String>,
+    #[schema(required = true)]
     pub model: Option<String>,
+    #[schema(required = true)]
     pub name: Option<String>,
+    #[schema(required = true)]
     pub photo_upload: Option<String>,
     #[schema(value_type = BTreeMap<String, Attr>)]
     pub profile: Attrs,
@@ -407,6 +423,7 @@ pub struct FleetJson {
     /// Devices whose latest battery is below `low_battery_percent`.
     pub low_battery: u64,
     pub low_battery_percent: f64,
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
     pub not_connected: u64,
     /// Devices with a reading.
@@ -418,6 +435,7 @@ pub struct FleetJson {
 pub struct FailingDeviceJson {
     /// The active `sync_failures` alert.
     pub alert: AlertJson,
+    #[schema(required = true)]
     pub consecutive_failures: Option<f64>,
     pub device_id: String,
     pub failing_since: String,

@@ -351,6 +351,7 @@ async fn registry_show(
         (status = 200, description = "The changed identity", body = DeviceJson),
         (status = 400, description = "An invalid field, named in `parameter`"),
         (status = 404, description = "The device is not registered"),
+        (status = 413, description = "A body over `http.max_body_kib`"),
         (status = 415, description = "A body that is not `application/json`"),
     )
 )]

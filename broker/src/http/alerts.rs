@@ -154,6 +154,7 @@ pub struct AckBody {
         (status = 400, description = "A body that is not `{\"by\": \"name\"}`"),
         (status = 404, description = "No such alert, or alerts are disabled"),
         (status = 409, description = "The alert is not raised (acknowledged or cleared)"),
+        (status = 413, description = "A body over `http.max_body_kib`"),
     )
 )]
 pub async fn ack_alert(

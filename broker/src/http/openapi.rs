@@ -176,6 +176,11 @@ fn guard(method: &Method, path: &str, operation: &mut Operation) {
             .entry(status.to_string())
             .or_insert_with(|| Response::new(description).into());
     }
+    if path.starts_with("/v1/") {
+        responses
+            .entry("500".to_string())
+            .or_insert_with(|| Response::new("Storage failed; see the server log").into());
+    }
 }
 
 /// The answers every route may give, and the problem body of every error without a body of

@@ -77,6 +77,7 @@ fn uploads_service(state: &AppState) -> ApiResult<&Arc<UploadService>> {
         (status = 201, description = "The presigned `PUT`", body = TicketJson),
         (status = 400, description = "A field is invalid or over the kind's limit, named in `parameter`"),
         (status = 404, description = "Uploads are disabled"),
+        (status = 413, description = "A body over `http.max_body_kib`"),
     )
 )]
 pub async fn request_upload(
@@ -104,6 +105,7 @@ pub async fn request_upload(
     ),
     responses(
         (status = 200, description = "The completed upload, with a download URL", body = UploadJson),
+        (status = 400, description = "An invalid device id or an unknown parameter"),
         (status = 404, description = "No such upload of this device, or uploads are disabled"),
         (status = 409, description = "Nothing was uploaded yet, or the upload was rejected"),
         (status = 422, description = "The object fails a check (size, type, format, SHA-256)"),
@@ -172,6 +174,7 @@ pub async fn list_uploads(
     params(("upload" = String, Path, description = "The upload id")),
     responses(
         (status = 200, description = "The upload", body = UploadJson),
+        (status = 400, description = "An unknown parameter"),
         (status = 404, description = "No such upload, or uploads are disabled"),
     )
 )]
