@@ -230,20 +230,74 @@ mod tests {
         template.replace("{id}", "d1").replace("{upload}", "u1")
     }
 
+    /// A validator of answers against the schema `schema` of `doc` (its `$ref`s resolve in
+    /// the document's components).
+    fn validator(doc: &Value, schema: &Value) -> jsonschema::Validator {
+        let mut root = schema.clone();
+        root["$schema"] = "https://json-schema.org/draft/2020-12/schema".into();
+        root["components"] = doc["components"].clone();
+        jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{schema}: {e}"))
+    }
+
+    /// Some data of device `d1`, so the listings answer items.
+    async fn some_data(storage: &dyn messina_storage::Storage) {
+        use messina_storage::{AttrValue, Batch, DeadLetter, DeviceId, Event, Reading};
+        let now = crate::clock::now_millis();
+        let d1 = DeviceId::new("d1").unwrap();
+        let attrs = std::collections::BTreeMap::from([
+            ("fw".to_string(), AttrValue::Text("1.2".into())),
+            ("n".to_string(), AttrValue::Int(3)),
+        ]);
+        let batch = Batch {
+            readings: vec![Reading {
+                device: d1.clone(),
+                ts: now,
+                seq: 1,
+                received_at: now,
+                battery: Some(15.0),
+                rssi: Some(-60),
+                online: Some(true),
+                metrics: [("temp_c".to_string(), 21.5)].into(),
+                attrs: attrs.clone(),
+            }],
+            events: vec![Event {
+                device: d1.clone(),
+                ts: now,
+                seq: 1,
+                received_at: now,
+                kind: "boot".into(),
+                attrs,
+            }],
+            dead_letters: vec![DeadLetter {
+                id: 1,
+                received_at: now,
+                topic: "devices/d1/telemetry".into(),
+                device: Some(d1),
+                payload: vec![0xc1],
+                reason: "not MessagePack".into(),
+            }],
+        };
+        storage.write_batch(&batch).await.unwrap();
+    }
+
     #[tokio::test]
     async fn every_documented_route_is_served_with_exactly_its_documented_methods() {
         let dir = tempfile::tempdir().unwrap();
-        let app = crate::http::app(state_with(
+        let state = state_with(
             dir.path(),
             Setup {
                 keys: &[(ADMIN, ApiRole::Admin)],
                 ingest: true,
                 ..Setup::default()
             },
-        ));
+        );
+        some_data(state.storage.as_ref()).await;
+        let app = crate::http::app(state);
+        let doc = serde_json::to_value(document()).unwrap();
         let documented = documented();
         assert!(documented.len() >= 28, "{documented:?}");
         let key = bearer(ADMIN);
+        let mut validated = 0;
         for (template, method) in &documented {
             let uri = concrete(template);
             let a = send(&app, method.clone(), &uri, Some(&key), None).await;
@@ -257,7 +311,27 @@ mod tests {
                 a.status,
                 a.body
             );
+            // The answer is one the document lists, in the shape it gives.
+            let what = format!("{method} {template} answered {}", a.status);
+            let response = &doc["paths"][template][method.as_str().to_lowercase()]["responses"]
+                [a.status.as_str()];
+            assert!(response.is_object(), "{what}, undocumented: {}", a.body);
+            for (media, content) in response["content"].as_object().unwrap() {
+                if media.ends_with("json") && *template != "/openapi.json" {
+                    let errors: Vec<String> = validator(&doc, &content["schema"])
+                        .iter_errors(&a.body)
+                        .map(|e| format!("{}: {e}", e.instance_path))
+                        .collect();
+                    assert!(errors.is_empty(), "{what}: {errors:?} in {}", a.body);
+                    validated += 1;
+                }
+            }
         }
+        // Every answer but the plain-text probes and the document itself was checked.
+        assert!(
+            validated >= documented.len() - 4,
+            "{validated} answers checked"
+        );
         // A method the document does not list for a path is one the router does not serve, so
         // the document holds every method of every path.
         let paths: std::collections::BTreeSet<&str> =
@@ -451,6 +525,24 @@ mod tests {
                 assert!(r["content"].is_object(), "{what} {error} has no body");
             }
         }
+    }
+
+    #[test]
+    fn every_schema_is_valid_json_schema_2020_12() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        assert!(schemas.len() > 20);
+        for (name, schema) in schemas {
+            jsonschema::draft202012::meta::validate(schema)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            validator(&doc, schema);
+        }
+        // The validators do refuse what a schema does not allow.
+        let alert = validator(
+            &doc,
+            &serde_json::json!({"$ref": "#/components/schemas/AlertJson"}),
+        );
+        assert!(!alert.is_valid(&serde_json::json!({"id": "a", "state": "raised"})));
     }
 
     #[test]
