@@ -21,7 +21,6 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::clock::rfc3339;
-use crate::uploads::Ticket;
 
 /// An attribute value as JSON: a bool, a number or a text (storage's `AttrValue`, untagged).
 #[derive(Serialize, ToSchema)]
@@ -323,14 +322,15 @@ pub struct TicketJson {
     pub url: String,
 }
 
-pub fn ticket_json(t: &Ticket) -> TicketJson {
+/// The ticket of `upload`: its presigned `url` and the `headers` that URL signs.
+pub fn ticket_json(upload: &Upload, url: &str, headers: &BTreeMap<String, String>) -> TicketJson {
     TicketJson {
-        expires_at: rfc3339(t.upload.expires_at),
-        headers: t.headers.clone(),
+        expires_at: rfc3339(upload.expires_at),
+        headers: headers.clone(),
         method: "PUT",
-        object_key: t.upload.object_key.clone(),
-        upload_id: t.upload.id.clone(),
-        url: t.url.clone(),
+        object_key: upload.object_key.clone(),
+        upload_id: upload.id.clone(),
+        url: url.to_string(),
     }
 }
 
@@ -505,6 +505,7 @@ mod tests {
     //! Each shape against the `json!` value the API answered before the shapes were typed:
     //! the same bytes, for records with every optional value present and with none.
     use super::*;
+    use crate::uploads::Ticket;
     use messina_storage::{AlertState, DeviceStatus, Role, Stamped, UploadState};
     use serde_json::json;
 
@@ -766,7 +767,7 @@ mod tests {
             headers: BTreeMap::from([("content-type".to_string(), "image/png".to_string())]),
         };
         check(
-            ticket_json(&ticket),
+            ticket_json(&ticket.upload, &ticket.url, &ticket.headers),
             json!({
                 "upload_id": u.id, "url": ticket.url, "method": "PUT",
                 "headers": ticket.headers, "expires_at": rfc3339(u.expires_at),

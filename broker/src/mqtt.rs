@@ -191,7 +191,7 @@ async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
     } else {
         match UploadRequest::parse(&job.payload) {
             Ok(request) => service.request(&job.device, request, now).await.map(|t| {
-                let mut v = to_value(ticket_json(&t));
+                let mut v = to_value(ticket_json(&t.upload, &t.url, &t.headers));
                 v["status"] = 201.into();
                 v
             }),

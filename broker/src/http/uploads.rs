@@ -91,7 +91,10 @@ pub async fn request_upload(
     let service = uploads_service(&state)?;
     let request = UploadRequest::parse(&body)?;
     let ticket = service.request(&device, request, now_millis()).await?;
-    Ok((StatusCode::CREATED, Json(ticket_json(&ticket))))
+    Ok((
+        StatusCode::CREATED,
+        Json(ticket_json(&ticket.upload, &ticket.url, &ticket.headers)),
+    ))
 }
 
 /// Checks an uploaded object and records its metadata.
