@@ -36,8 +36,8 @@ pub const DEVICE_CERTIFICATE: &str = "device_certificate";
             `next_cursor`; unknown query parameters are errors; every error is \
             `application/problem+json`. When API keys are configured (`http.api_keys`), the \
             routes under `/v1` and `/metrics` need one with the role each states; a device may \
-            use its own credentials on its own ingest and upload routes. An open API \
-            (`http.open`, loopback only by default) checks none.",
+            use its own credentials on its own ingest and upload routes. Without any API key \
+            (allowed on a loopback listener, or with `http.open = true`) nothing is checked.",
     ),
     tags(
         (name = "devices", description = "Latest state, telemetry, events, dead letters, the fleet"),
