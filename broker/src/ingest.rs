@@ -138,7 +138,7 @@ impl Dispatch {
             received_at: entry.received_at,
         };
         let stale = entry.pos < replay_end
-            && crate::mqtt::now_millis() - inbound.received_at > REPLAY_TTL_MS;
+            && crate::clock::now_millis() - inbound.received_at > REPLAY_TTL_MS;
         if let Some(job) = UploadJob::parse(&inbound, Meta::decode(&entry.meta)) {
             match &self.uploads {
                 Some(_) if stale => {

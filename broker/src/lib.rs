@@ -2,11 +2,13 @@
 //! side-port from one `Config`, and shuts them down in order. `messina serve` is a thin wrapper
 //! around [`serve`].
 
+pub mod clock;
 pub mod edge;
 pub mod http;
 pub mod http_server;
 pub mod ingest;
 pub mod inspect;
+pub mod json;
 pub mod limit;
 pub mod mqtt;
 pub mod security;
@@ -294,7 +296,7 @@ pub async fn serve(
     let ticker = alerts.clone().map(|service| {
         spawn_every(Duration::from_secs(1), shutdown.clone(), move || {
             let service = Arc::clone(&service);
-            async move { service.tick(mqtt::now_millis()).await }
+            async move { service.tick(clock::now_millis()).await }
         })
     });
     let (uploads, embedded_s3) = start_uploads(&config, &storage, &shutdown).await?;

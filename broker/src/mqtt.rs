@@ -3,8 +3,6 @@
 //! them like any message), and the worker that answers upload requests.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -14,9 +12,11 @@ use rumqttd::protocol::PublishProperties;
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::clock::now_millis;
 use crate::edge::router::{Feed, Tag};
 use crate::ingest::{UploadJob, PRESENCE_SOURCE};
-use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
+use crate::json::{alert_json, presence_json, ticket_json, to_value, upload_json};
+use crate::uploads::{UploadError, UploadRequest, UploadService};
 
 /// Upload requests waiting for the upload worker; past this the ingest consumer answers "busy"
 /// rather than wait, so telemetry never queues behind object storage.
@@ -131,16 +131,11 @@ fn notice_message(notice: &Notice) -> (String, Vec<u8>) {
     let (topic, body) = match notice {
         Notice::Alert(a) => (
             messina_bridge::topics::alert(a.device.as_str(), &a.rule),
-            crate::http::alert_json(a),
+            to_value(alert_json(a)),
         ),
         Notice::Presence { device, online, at } => (
             messina_bridge::topics::presence(device.as_str()),
-            serde_json::json!({
-                "device_id": device.as_str(),
-                "online": online,
-                "at": crate::http::rfc3339(*at),
-                "source": PRESENCE_SOURCE,
-            }),
+            to_value(presence_json(device, *online, *at, PRESENCE_SOURCE)),
         ),
     };
     (topic, body.to_string().into_bytes())
@@ -187,7 +182,7 @@ async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
         let id = upload_id_of(&job.payload);
         match id {
             Ok(id) => service.complete(&job.device, &id, now).await.map(|u| {
-                let mut v = upload_json(&u);
+                let mut v = to_value(upload_json(&u));
                 v["status"] = 200.into();
                 v
             }),
@@ -196,7 +191,7 @@ async fn answer(service: &UploadService, job: &UploadJob) -> Reply {
     } else {
         match UploadRequest::parse(&job.payload) {
             Ok(request) => service.request(&job.device, request, now).await.map(|t| {
-                let mut v = t.json();
+                let mut v = to_value(ticket_json(&t.upload, &t.url, &t.headers));
                 v["status"] = 201.into();
                 v
             }),
@@ -249,11 +244,4 @@ fn upload_id_of(payload: &[u8]) -> Result<String, UploadError> {
             detail: "the body must be {\"upload_id\": \"...\"} or the bare upload id".into(),
         }),
     }
-}
-
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

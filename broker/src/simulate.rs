@@ -9,12 +9,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_millis;
 
 /// What to simulate.
 #[derive(Debug, Clone, clap::Args)]
@@ -92,19 +94,12 @@ impl Latencies {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Message `seq` of a device: (whether it is an event, MessagePack).
 fn payload(seq: u64, args: &SimulateArgs, rng: &mut impl Rng) -> (bool, Vec<u8>) {
     if args.payload_bytes > 0 {
         return (false, fixed_reading(seq, args.payload_bytes));
     }
-    let ts = now_ms();
+    let ts = now_millis();
     let every = args.event_every;
     let is_event = every > 0 && seq % every == every - 1;
     let value = if !is_event {
@@ -139,7 +134,7 @@ fn payload(seq: u64, args: &SimulateArgs, rng: &mut impl Rng) -> (bool, Vec<u8>)
 /// A reading padded to about `size` bytes with a filler attribute.
 fn fixed_reading(seq: u64, size: usize) -> Vec<u8> {
     let reading = |pad: Option<String>| {
-        let mut v = json!({"ts": now_ms(), "seq": seq, "battery": 87, "rssi": -61});
+        let mut v = json!({"ts": now_millis(), "seq": seq, "battery": 87, "rssi": -61});
         if let Some(p) = pad {
             v["pad"] = json!(p);
         }

@@ -18,7 +18,7 @@ use messina_storage::{
 };
 use rand::Rng;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -93,16 +93,23 @@ impl UploadError {
 
 /// What a device sends to ask for an upload URL (JSON over HTTP; JSON or MessagePack over MQTT).
 /// Any other top-level key is kept as device metadata, as are the keys of `metadata`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct UploadRequest {
+    /// `audio`, `photo` or `log`.
     pub kind: String,
+    /// The MIME type the object will be `PUT` with; one the kind allows.
     pub content_type: String,
+    /// The object's exact size in bytes, within the kind's limit.
     pub size: u64,
+    /// The object's SHA-256, lowercase hex, checked on completion.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Device metadata kept with the upload: scalars only.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, crate::json::Attr>)]
     pub metadata: BTreeMap<String, Value>,
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: BTreeMap<String, Value>,
 }
 
@@ -131,19 +138,6 @@ pub struct Ticket {
     pub upload: Upload,
     pub url: String,
     pub headers: BTreeMap<String, String>,
-}
-
-impl Ticket {
-    pub fn json(&self) -> Value {
-        json!({
-            "upload_id": self.upload.id,
-            "url": self.url,
-            "method": "PUT",
-            "headers": self.headers,
-            "expires_at": crate::http::rfc3339(self.upload.expires_at),
-            "object_key": self.upload.object_key,
-        })
-    }
 }
 
 /// Presigns requests against one bucket of an S3-compatible endpoint, and makes the few requests
@@ -616,7 +610,7 @@ impl UploadService {
         crate::spawn_every(period, shutdown, move || {
             let service = Arc::clone(&self);
             async move {
-                if let Err(e) = service.sweep(crate::mqtt::now_millis()).await {
+                if let Err(e) = service.sweep(crate::clock::now_millis()).await {
                     tracing::warn!(error = %e, "upload expiry sweep failed; retrying next round");
                 }
             }
@@ -669,26 +663,6 @@ fn attr(key: &str, value: Value) -> Result<AttrValue, UploadError> {
                 ),
             ))
         }
-    })
-}
-
-/// An upload as the API shows it.
-pub fn upload_json(u: &Upload) -> Value {
-    json!({
-        "upload_id": u.id,
-        "device_id": u.device.as_str(),
-        "kind": u.kind,
-        "content_type": u.content_type,
-        "size": u.size,
-        "sha256": u.sha256,
-        "object_key": u.object_key,
-        "state": u.state.as_str(),
-        "created_at": crate::http::rfc3339(u.created_at),
-        "expires_at": crate::http::rfc3339(u.expires_at),
-        "finished_at": u.finished_at.map(crate::http::rfc3339),
-        "metadata": u.attrs,
-        "extracted": u.meta,
-        "error": u.error,
     })
 }
 

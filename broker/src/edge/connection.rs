@@ -789,7 +789,7 @@ impl Connection {
         let tag = Tag::take(&mut forward.properties);
         let props = forward.properties.take().unwrap_or_default();
         let retained = forward.cursor.is_none();
-        let now = crate::mqtt::now_millis();
+        let now = crate::clock::now_millis();
         for internal in &props.subscription_identifiers {
             let Some(sub) = self
                 .session

@@ -136,7 +136,7 @@ impl Shared {
         wanted: bool,
     ) -> Result<Option<u64>, LogError> {
         let topic = &*publish.topic;
-        let now = crate::mqtt::now_millis();
+        let now = crate::clock::now_millis();
         let mut end = None;
         let parsed = Topic::parse(topic);
         if parsed.is_ingest() {

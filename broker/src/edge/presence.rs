@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::session::Registry;
-use crate::mqtt::now_millis;
+use crate::clock::now_millis;
 
 /// How often changes are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);

@@ -13,28 +13,32 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use messina_storage::{DeviceQuery, DeviceStatus, Role};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::{device_id, page_json, ApiError, ApiResult, AppState, PageJson, Params};
+use super::{device_id, ApiError, ApiResult, AppState, Params};
+use crate::json::{device_json, page_json, DeviceJson, ImportJson, PageJson};
 use crate::security::provision::{self, Changes, NewDevice, ProvisionError, Provisioned};
 
 /// Most devices one import request may register (each costs a hash); send more in several.
 pub const MAX_IMPORT: usize = 1_000;
 
 /// The routes, to nest under `/v1`.
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/admin/devices", get(list).post(create))
-        .route("/admin/devices/{id}", get(show).patch(change))
-        .route("/admin/devices/{id}/rotate", post(rotate))
-        .route("/admin/devices/{id}/revoke", post(revoke))
-        .route("/registry/devices", get(list))
-        .route("/registry/devices/{id}", get(show))
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, change))
+        .routes(routes!(rotate))
+        .routes(routes!(revoke))
+        .routes(routes!(registry_list))
+        .routes(routes!(registry_show))
 }
 
 impl From<ProvisionError> for ApiError {
@@ -114,14 +118,68 @@ fn body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, example: &str) -
 }
 
 /// A device as the admin API answers it after creating or rotating it: with its secret, once.
-fn with_secret(p: &Provisioned) -> Value {
-    let mut v = provision::device_json(&p.device);
-    v["secret"] = json!(p.secret);
+fn with_secret(p: &Provisioned) -> DeviceJson {
+    let mut v = device_json(&p.device);
+    v.secret = Some(p.secret.clone());
     v
 }
 
+/// What `POST /v1/admin/devices` takes: one device, or an array of them to import.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Its schema documents the body `create` reads.
+pub enum CreateBody {
+    One(NewDevice),
+    Many(Vec<NewDevice>),
+}
+
+/// What `POST /v1/admin/devices` answers: the device with its secret, or the import.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Its schema documents the answers of `create`.
+pub enum Created {
+    One(Box<DeviceJson>),
+    Many(ImportJson),
+}
+
+/// The query of the registry: by label, profile field, role and status, and a page.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
+pub struct RegistryParams {
+    /// Only devices with this label.
+    label: Option<String>,
+    /// Only devices whose profile field has this value: `key:value`, e.g. `pet_name:Rex`.
+    profile: Option<String>,
+    /// `device`, `fleet_manager` or `service`.
+    role: Option<String>,
+    /// `active` or `revoked`.
+    status: Option<String>,
+    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page, unchanged.
+    cursor: Option<String>,
+}
+
+/// Registers a device, or imports several.
+///
 /// The new device as one object, or an array of them to import (checked whole first: one bad
-/// item registers none; ids registered already are left as they are and listed).
+/// item registers none; ids registered already are left as they are and listed). A generated
+/// secret is in this answer and nowhere else.
+#[utoipa::path(
+    post,
+    path = "/admin/devices",
+    tag = "registry",
+    request_body(content = CreateBody),
+    responses(
+        (status = 201, description = "Registered: the device with its secret, or the import with each new device's", body = Created),
+        (status = 200, description = "An import that registered none (every id exists)", body = ImportJson),
+        (status = 400, description = "An invalid field, named in `parameter` (`[2].role`)"),
+        (status = 409, description = "The device is registered already"),
+        (status = 413, description = "More than 1000 devices in one import, or a body over `http.max_body_kib`"),
+        (status = 415, description = "A body that is not `application/json`"),
+    )
+)]
 async fn create(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -153,8 +211,9 @@ async fn create(
             StatusCode::CREATED
         };
         let existing: Vec<&str> = imported.existing.iter().map(|id| id.as_str()).collect();
-        let items: Vec<Value> = imported.registered.iter().map(with_secret).collect();
-        return Ok((status, Json(json!({"items": items, "existing": existing}))).into_response());
+        let items: Vec<DeviceJson> = imported.registered.iter().map(with_secret).collect();
+        let existing = existing.into_iter().map(str::to_string).collect();
+        return Ok((status, Json(ImportJson { existing, items })).into_response());
     }
     let new: NewDevice = body(&headers, &bytes, example)?;
     let added = provision::add(&state.storage, &new).await?;
@@ -167,14 +226,39 @@ async fn create(
 }
 
 /// Registered identities, filtered by `label`, `profile=key:value`, `role` and `status`.
+#[utoipa::path(
+    get,
+    path = "/admin/devices",
+    tag = "registry",
+    params(RegistryParams),
+    responses(
+        (status = 200, description = "A page of identities", body = PageJson<DeviceJson>),
+        (status = 400, description = "An invalid parameter, named in `parameter`"),
+    )
+)]
 async fn list(
+    state: State<Arc<AppState>>,
+    params: Query<HashMap<String, String>>,
+) -> ApiResult<Json<PageJson<DeviceJson>>> {
+    registry_list(state, params).await
+}
+
+/// Registered identities, read-only (read keys): as `GET /v1/admin/devices`.
+#[utoipa::path(
+    get,
+    path = "/registry/devices",
+    tag = "registry",
+    params(RegistryParams),
+    responses(
+        (status = 200, description = "A page of identities", body = PageJson<DeviceJson>),
+        (status = 400, description = "An invalid parameter, named in `parameter`"),
+    )
+)]
+async fn registry_list(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(
-        params,
-        &["label", "profile", "role", "status", "limit", "cursor"],
-    )?;
+) -> ApiResult<Json<PageJson<DeviceJson>>> {
+    let p = Params::of::<RegistryParams>(params)?;
     let profile = match p.get("profile") {
         None => None,
         Some(v) => match v.split_once(':') {
@@ -206,32 +290,78 @@ async fn list(
     };
     Ok(Json(page_json(
         state.storage.registered_devices(&query).await?,
-        provision::device_json,
+        device_json,
     )))
 }
 
+/// One registered identity.
+#[utoipa::path(
+    get,
+    path = "/admin/devices/{id}",
+    tag = "registry",
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The identity", body = DeviceJson),
+        (status = 400, description = "An invalid device id or an unknown parameter"),
+        (status = 404, description = "The device is not registered"),
+    )
+)]
 async fn show(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    params: Query<HashMap<String, String>>,
+) -> ApiResult<Json<DeviceJson>> {
+    registry_show(state, id, params).await
+}
+
+/// One registered identity, read-only (read keys): as `GET /v1/admin/devices/{id}`.
+#[utoipa::path(
+    get,
+    path = "/registry/devices/{id}",
+    tag = "registry",
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The identity", body = DeviceJson),
+        (status = 400, description = "An invalid device id or an unknown parameter"),
+        (status = 404, description = "The device is not registered"),
+    )
+)]
+async fn registry_show(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceJson>> {
     Params::new(params, &[])?;
     let id = device_id(id)?;
     match state.storage.registered_device(&id).await? {
-        Some(d) => Ok(Json(provision::device_json(&d))),
+        Some(d) => Ok(Json(device_json(&d))),
         None => Err(ProvisionError::NotFound(id).into()),
     }
 }
 
 /// Changes attributes (`provision::Changes`: name, model, labels added and removed, profile
 /// fields set or removed with `null`, photo).
+#[utoipa::path(
+    patch,
+    path = "/admin/devices/{id}",
+    tag = "registry",
+    params(("id" = String, Path, description = "The device id")),
+    request_body(content = Changes),
+    responses(
+        (status = 200, description = "The changed identity", body = DeviceJson),
+        (status = 400, description = "An invalid field, named in `parameter`"),
+        (status = 404, description = "The device is not registered"),
+        (status = 413, description = "A body over `http.max_body_kib`"),
+        (status = 415, description = "A body that is not `application/json`"),
+    )
+)]
 async fn change(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceJson>> {
     let id = device_id(id)?;
     let changes: Changes = body(
         &headers,
@@ -240,17 +370,28 @@ async fn change(
     )?;
     let device = provision::set(&state.storage, &id, &changes).await?;
     tracing::info!(by = %caller, device = %id, "device changed");
-    Ok(Json(provision::device_json(&device)))
+    Ok(Json(device_json(&device)))
 }
 
 /// A new secret, in this answer only; the old one is refused from now on, and the live MQTT
 /// connections that authenticated with it end now (their sessions stay, for the device to
 /// resume with the new secret; other nodes end theirs within `mqtt.registry_poll_secs`).
+#[utoipa::path(
+    post,
+    path = "/admin/devices/{id}/rotate",
+    tag = "registry",
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The identity with its new `secret` and the connections ended (`disconnected`)", body = DeviceJson),
+        (status = 400, description = "An invalid device id"),
+        (status = 404, description = "The device is not registered"),
+    )
+)]
 async fn rotate(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceJson>> {
     let id = device_id(id)?;
     let rotated = provision::rotate(&state.storage, &id).await?;
     state.access.devices.forget(&id);
@@ -259,17 +400,28 @@ async fn rotate(
         .end_stale(id.as_str(), &rotated.device.credential);
     tracing::info!(by = %caller, device = %id, disconnected, "device secret rotated");
     let mut v = with_secret(&rotated);
-    v["disconnected"] = json!(disconnected);
+    v.disconnected = Some(disconnected);
     Ok(Json(v))
 }
 
 /// Revokes an identity: new connections and requests are refused, and its live MQTT
 /// connections end now.
+#[utoipa::path(
+    post,
+    path = "/admin/devices/{id}/revoke",
+    tag = "registry",
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The revoked identity and the connections ended (`disconnected`)", body = DeviceJson),
+        (status = 400, description = "An invalid device id"),
+        (status = 404, description = "The device is not registered"),
+    )
+)]
 async fn revoke(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceJson>> {
     let id = device_id(id)?;
     let device = provision::revoke(&state.storage, &id).await?;
     // Stored first, so a reconnect is refused; then nothing cached admits it, then its
@@ -277,8 +429,8 @@ async fn revoke(
     state.access.devices.forget(&id);
     let disconnected = state.sessions.revoke(id.as_str());
     tracing::info!(by = %caller, device = %id, disconnected, "device revoked");
-    let mut v = provision::device_json(&device);
-    v["disconnected"] = json!(disconnected);
+    let mut v = device_json(&device);
+    v.disconnected = Some(disconnected);
     Ok(Json(v))
 }
 
@@ -287,7 +439,9 @@ mod tests {
     use super::*;
     use crate::http::tests::{basic, bearer, send, state_with, Answer, Setup};
     use axum::http::Method;
+    use axum::Router;
     use messina_config::ApiRole;
+    use serde_json::json;
 
     const READ: &str = "read-key-0123456789";
     const ADMIN: &str = "admin-key-0123456789";
@@ -309,7 +463,7 @@ mod tests {
 
     /// Posts a reading as the device itself.
     async fn ingest(app: &Router, id: &str, secret: &str) -> StatusCode {
-        let reading = json!({"ts": crate::mqtt::now_millis(), "battery": 50});
+        let reading = json!({"ts": crate::clock::now_millis(), "battery": 50});
         send(
             app,
             Method::POST,

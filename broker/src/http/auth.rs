@@ -537,7 +537,7 @@ mod tests {
     ];
 
     fn reading() -> Option<Value> {
-        Some(json!({"ts": crate::mqtt::now_millis(), "seq": 1, "battery": 80}))
+        Some(json!({"ts": crate::clock::now_millis(), "seq": 1, "battery": 80}))
     }
 
     /// Asserts a 401 problem with its `Bearer` challenge.

@@ -19,18 +19,100 @@ use axum::Json;
 use messina_bridge::Kind;
 use messina_log::{LogError, Record};
 use messina_storage::DeviceId;
+use serde::Deserialize;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use super::AppState;
 use crate::ingest::KIND_PUBLISH;
+use crate::json::AcceptedJson;
 
 /// How long a request waits for room in a full ingest log before it is answered 503.
 const APPEND_WAIT: Duration = Duration::from_secs(10);
 
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
+/// A device time: milliseconds since the epoch, or RFC 3339 text.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Its schema documents the bodies `ingest` reads.
+pub enum Timestamp {
+    Millis(i64),
+    Rfc3339(String),
+}
+
+/// One reading, with the fields of the MQTT payload. Any other key is kept: a number as a
+/// metric, a string or bool as an attribute.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // Its schema documents the bodies `ingest` reads.
+pub struct TelemetryItem {
+    ts: Timestamp,
+    /// Per-device sequence; `(device, ts, seq)` is the reading's identity.
+    seq: Option<u64>,
+    /// Percent, 0 to 100.
+    #[schema(minimum = 0, maximum = 100)]
+    battery: Option<f64>,
+    /// dBm, -200 to 0.
+    #[schema(minimum = -200, maximum = 0)]
+    rssi: Option<i32>,
+    online: Option<bool>,
+    /// Any other sensor values.
+    metrics: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+/// One event, with the fields of the MQTT payload; other top-level keys are kept as
+/// attributes.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // Its schema documents the bodies `ingest` reads.
+pub struct EventItem {
+    ts: Timestamp,
+    seq: Option<u64>,
+    /// 1 to 64 characters of `[A-Za-z0-9_.-]`, e.g. `button`, `sync`.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
+    kind: String,
+    #[schema(value_type = Option<std::collections::BTreeMap<String, crate::json::Attr>>)]
+    attrs: Option<Value>,
+}
+
+/// One reading or an array of them (at most `bridge.max_readings_per_message`).
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Its schema documents the bodies `ingest` reads.
+pub enum TelemetryBody {
+    One(TelemetryItem),
+    Many(Vec<TelemetryItem>),
+}
+
+/// One event or an array of them.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Its schema documents the bodies `ingest` reads.
+pub enum EventBody {
+    One(EventItem),
+    Many(Vec<EventItem>),
+}
+
+/// Device readings over HTTP, for devices without MQTT.
+///
+/// Answered only once every item is durable in the ingest log (as a PUBACK). Invalid items
+/// become dead letters and the rest are stored. Idempotent by (device, `ts`, `seq`).
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/telemetry",
+    operation_id = "ingest_telemetry",
+    tag = "ingest",
+    params(("id" = String, Path, description = "The device id")),
+    request_body(content(
+        (TelemetryBody = "application/json"),
+        (TelemetryBody = "application/msgpack"),
+    )),
+    responses(
+        (status = 202, description = "Every item is durable", body = AcceptedJson),
+        (status = 400, description = "Some items are invalid: `errors` names each one's field, `accepted` counts the others"),
+        (status = 413, description = "Over `http.max_body_kib` or `bridge.max_readings_per_message`"),
+        (status = 415, description = "Neither JSON nor MessagePack"),
+    )
+)]
 pub async fn telemetry(
     state: State<Arc<AppState>>,
     id: Path<String>,
@@ -40,6 +122,24 @@ pub async fn telemetry(
     ingest(state, id, headers, body, Kind::Telemetry).await
 }
 
+/// Device events over HTTP: as telemetry.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/events",
+    operation_id = "ingest_events",
+    tag = "ingest",
+    params(("id" = String, Path, description = "The device id")),
+    request_body(content(
+        (EventBody = "application/json"),
+        (EventBody = "application/msgpack"),
+    )),
+    responses(
+        (status = 202, description = "Every item is durable", body = AcceptedJson),
+        (status = 400, description = "Some items are invalid: `errors` names each one's field, `accepted` counts the others"),
+        (status = 413, description = "Over `http.max_body_kib` or `bridge.max_readings_per_message`"),
+        (status = 415, description = "Neither JSON nor MessagePack"),
+    )
+)]
 pub async fn events(
     state: State<Arc<AppState>>,
     id: Path<String>,
@@ -161,7 +261,7 @@ async fn ingest(
         );
     }
 
-    let now = crate::mqtt::now_millis();
+    let now = crate::clock::now_millis();
     let topic = messina_bridge::topics::device_data(device.as_str(), kind);
     let mut payloads = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
@@ -222,7 +322,7 @@ async fn ingest(
     metrics::counter!("messina_http_ingested_total", "kind" => kind.as_str())
         .increment(accepted as u64);
     if errors.is_empty() {
-        return (StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response();
+        return (StatusCode::ACCEPTED, Json(AcceptedJson { accepted })).into_response();
     }
     let first = errors[0]["field"].as_str().unwrap_or("body").to_string();
     problem(
@@ -255,10 +355,10 @@ fn unavailable(why: &str) -> Response {
 /// error the item is left as it was.
 fn rfc3339_to_millis(item: &mut Value) -> Result<(), String> {
     if let Some(Value::String(s)) = item.get_mut("ts") {
-        let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+        let ms = crate::clock::parse_rfc3339(s).map_err(|e| {
             format!("`{s}` is neither milliseconds since the epoch nor RFC 3339: {e}")
         })?;
-        item["ts"] = Value::from((t.unix_timestamp_nanos() / 1_000_000) as i64);
+        item["ts"] = Value::from(ms);
     }
     Ok(())
 }

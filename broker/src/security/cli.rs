@@ -219,7 +219,7 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
                 .registered_device(&id)
                 .await?
                 .ok_or(provision::ProvisionError::NotFound(id))?;
-            println!("{:#}", provision::device_json(&d));
+            println!("{:#}", crate::json::to_value(crate::json::device_json(&d)));
         }
         Action::Set {
             id,
@@ -248,7 +248,7 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
                 changes.profile.insert(k, Value::Null);
             }
             let d = provision::set(storage, &device_id(&id)?, &changes).await?;
-            println!("{:#}", provision::device_json(&d));
+            println!("{:#}", crate::json::to_value(crate::json::device_json(&d)));
         }
         Action::Rotate { id } => {
             print_secret(&provision::rotate(storage, &device_id(&id)?).await?);
@@ -297,7 +297,7 @@ async fn act(storage: &Arc<dyn Storage>, action: Action) -> anyhow::Result<()> {
 
 fn print_row(d: &RegisteredDevice, json: bool) {
     if json {
-        println!("{}", provision::device_json(d));
+        println!("{}", crate::json::to_value(crate::json::device_json(d)));
         return;
     }
     let labels: Vec<&str> = d.labels.iter().map(String::as_str).collect();

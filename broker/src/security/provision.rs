@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::secret;
-use crate::mqtt::now_millis;
+use crate::clock::now_millis;
 
 /// What a provisioning step can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +35,11 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ProvisionErr
 }
 
 /// An identity to register.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
     pub id: String,
+    /// `device` (the default), `fleet_manager` or `service`.
     #[serde(default = "device_role")]
     pub role: String,
     #[serde(default)]
@@ -270,7 +271,7 @@ pub async fn revoke(
 
 /// Changes to a device's attributes; `None` leaves a field as it is, an empty name or model
 /// clears it.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Changes {
     #[serde(default)]
@@ -444,27 +445,6 @@ pub async fn import(
         }
     }
     Ok(imported)
-}
-
-/// A registered identity as shown by the CLI and the HTTP API: everything but the credential's
-/// value (a hash is nobody's business; a fingerprint is shown).
-pub fn device_json(d: &RegisteredDevice) -> Value {
-    json!({
-        "id": d.id.as_str(),
-        "role": d.role.as_str(),
-        "status": d.status.as_str(),
-        "credential": match &d.credential {
-            Credential::Secret { .. } => json!({"kind": "secret"}),
-            Credential::Certificate { sha256 } => json!({"kind": "certificate", "sha256": sha256}),
-        },
-        "name": d.name,
-        "model": d.model,
-        "labels": d.labels,
-        "profile": d.profile,
-        "photo_upload": d.photo_upload,
-        "created_at": crate::http::rfc3339(d.created_at),
-        "updated_at": crate::http::rfc3339(d.updated_at),
-    })
 }
 
 #[cfg(test)]

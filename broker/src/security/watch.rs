@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Authenticator;
+use crate::clock::now_millis;
 use crate::edge::session::Registry;
-use crate::mqtt::now_millis;
 
 /// How far before the last poll each poll reads again.
 const OVERLAP_MS: Millis = 10_000;

@@ -3,37 +3,47 @@
 //! `/healthz` and `/readyz` passes `auth` (API keys with roles, or a device's own
 //! credentials). Handlers read through the storage trait; every error is
 //! `application/problem+json` that names the problem.
+//!
+//! This file holds what every handler shares (the state, the router, the error type, the
+//! query parameters and the limits around the port); the handlers are in a file per resource
+//! (`devices`, `alerts`, `uploads`, `admin`, `ingest`, `health`), each with its `routes()`.
+//!
+//! A route is added in one place: its handler, annotated with `#[utoipa::path(...)]` (method,
+//! path relative to `/v1`, parameters, body, answers; the body types are the `json` shapes
+//! it returns), registered with `.routes(routes!(handler))` in its resource's `routes()`. The
+//! router and the OpenAPI document (`openapi`) are both built from those registrations, and
+//! `openapi::tests` checks that every route is documented and that the document is valid.
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
+pub mod devices;
+pub mod health;
 pub mod ingest;
+pub mod openapi;
+pub mod uploads;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use messina_bridge::alerts::{AckError, AlertService, ANOMALY_PREFIX, SYNC_FAILURES};
+use messina_bridge::alerts::AlertService;
 use messina_storage::{
-    Alert, AlertCountQuery, AlertQuery, AlertState, AlertStateFilter, AttrValue, Connection,
-    Cursor, DeadLetter, DeadLetterQuery, DeviceId, DeviceState, Event, EventQuery, FleetQuery,
-    Millis, Order, Page, PageRequest, Reading, Storage, StorageError, TelemetryQuery, TimeRange,
-    UploadQuery,
+    Cursor, DeviceId, Millis, Order, PageRequest, Storage, StorageError, TimeRange,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
 
+use crate::json::Problem;
 use crate::tls::PeerCertificate;
-use crate::uploads::{upload_json, UploadError, UploadRequest, UploadService};
-use serde::Serialize;
-use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use crate::uploads::UploadService;
 
 /// What the handlers share.
 pub struct AppState {
@@ -62,52 +72,32 @@ pub struct AppState {
     pub max_concurrent_requests: usize,
 }
 
+/// The routes under `/v1`, each with its documentation, by resource.
+fn v1_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .merge(devices::routes())
+        .merge(alerts::routes())
+        .merge(uploads::routes())
+        .merge(admin::routes())
+}
+
 /// The whole HTTP API as a router, testable without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route("/devices", get(fleet))
-        .route("/devices/{id}", get(device))
-        .route(
-            "/devices/{id}/telemetry",
-            get(telemetry).post(ingest::telemetry),
-        )
-        .route("/devices/{id}/events", get(events).post(ingest::events))
-        .route("/dead-letters", get(dead_letters))
-        .route("/devices/failing", get(failing))
-        .route("/alerts", get(list_alerts))
-        .route("/alerts/{id}", get(one_alert))
-        .route("/alerts/{id}/ack", post(ack_alert))
-        .route("/anomalies", get(anomalies))
-        .route(
-            "/devices/{id}/uploads",
-            get(list_uploads).post(request_upload),
-        )
-        .route(
-            "/devices/{id}/uploads/{upload}/complete",
-            post(complete_upload),
-        )
-        .route("/uploads/{upload}", get(one_upload))
-        .merge(admin::routes())
+    let authorize = middleware::from_fn_with_state(state.clone(), auth::authorize);
+    let (v1, _) = v1_routes().split_for_parts();
+    let v1 = v1
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        ))
+        .route_layer(authorize.clone())
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
+    let (guarded, _) = health::guarded_routes().split_for_parts();
+    // Load balancers, orchestrators and API tools read these without credentials.
+    let (open, _) = health::open_routes().split_for_parts();
     let (timeout, max_concurrent) = (state.request_timeout, state.max_concurrent_requests);
     let cors = cors(&state.cors_origins);
     let router = Router::new()
         .nest("/v1", v1)
-        .route(
-            "/metrics",
-            get(prometheus).route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::authorize,
-            )),
-        )
-        // Load balancers and orchestrators probe these without credentials.
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .merge(guarded.route_layer(authorize))
+        .merge(open)
         .fallback(not_found)
         .with_state(state);
     let router = with_limits(router, timeout, max_concurrent);
@@ -268,50 +258,15 @@ impl From<StorageError> for ApiError {
     }
 }
 
-impl From<UploadError> for ApiError {
-    fn from(e: UploadError) -> Self {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let (title, parameter) = match &e {
-            UploadError::Invalid { field, .. } => {
-                ("Invalid upload request", Some(field.to_string()))
-            }
-            UploadError::NotFound(_) => ("Not found", None),
-            UploadError::Conflict(_) => ("Upload not ready", None),
-            UploadError::Rejected(_) => ("Upload rejected", None),
-            UploadError::Unavailable(_) => {
-                tracing::warn!(error = %e, "upload request failed");
-                ("Object storage unavailable", None)
-            }
-            UploadError::Fatal(_) => {
-                tracing::error!(error = %e, "upload request failed");
-                return ApiError {
-                    status,
-                    title: "Internal error",
-                    detail: "the upload request failed; see the server log".into(),
-                    parameter: None,
-                };
-            }
-        };
-        ApiError {
-            status,
-            title,
-            detail: e.to_string(),
-            parameter,
-        }
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        if let Some(p) = self.parameter {
-            body["parameter"] = Value::String(p);
-        }
+        let body = Problem {
+            detail: self.detail,
+            parameter: self.parameter,
+            status: self.status.as_u16(),
+            title: self.title.to_string(),
+            kind: "about:blank".to_string(),
+        };
         let mut response = (self.status, Json(body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -327,34 +282,35 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", request.uri().path()))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.storage.health().await {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "not ready");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
-        }
-    }
-}
-
-async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
-    match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => ApiError::not_found("metrics are not enabled in this process").into_response(),
-    }
-}
-
 /// Query parameters, checked against the names an endpoint accepts, so a typo is an error rather
 /// than a silently ignored filter.
 struct Params {
     map: HashMap<String, String>,
 }
 
+/// A page of a listing.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
+pub struct PageParams {
+    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page, unchanged.
+    cursor: Option<String>,
+}
+
 impl Params {
+    /// The query, checked against the parameters `Q` documents: the document and the check are
+    /// one list.
+    fn of<Q: IntoParams>(map: HashMap<String, String>) -> ApiResult<Self> {
+        let names: Vec<String> = Q::into_params(|| None)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Params::new(map, &names)
+    }
+
     fn new(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Self> {
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ApiError::bad_parameter(
@@ -383,8 +339,8 @@ impl Params {
         if let Ok(ms) = v.parse::<i64>() {
             return Ok(Some(ms));
         }
-        OffsetDateTime::parse(v, &Rfc3339)
-            .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
+        crate::clock::parse_rfc3339(v)
+            .map(Some)
             .map_err(|_| {
                 ApiError::bad_parameter(
                     name,
@@ -458,541 +414,16 @@ fn device_id(id: String) -> ApiResult<DeviceId> {
     })
 }
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T09:15:22.123Z`.
-pub fn rfc3339(ms: Millis) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
-}
-
-fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> Value {
-    serde_json::to_value(attrs).unwrap_or(Value::Null)
-}
-
-fn reading_json(r: &Reading) -> Value {
-    let mut v = json!({
-        "device_id": r.device.as_str(),
-        "ts": rfc3339(r.ts),
-        "seq": r.seq,
-        "received_at": rfc3339(r.received_at),
-        "metrics": r.metrics,
-    });
-    if let Some(b) = r.battery {
-        v["battery"] = json!(b);
-    }
-    if let Some(x) = r.rssi {
-        v["rssi"] = json!(x);
-    }
-    if let Some(o) = r.online {
-        v["online"] = json!(o);
-    }
-    if !r.attrs.is_empty() {
-        v["attrs"] = attrs_json(&r.attrs);
-    }
-    v
-}
-
-/// The latest state: each value flat, and `updated` giving the device time of every value.
-fn state_json(s: &DeviceState) -> Value {
-    let mut updated = serde_json::Map::new();
-    let mut v = json!({
-        "device_id": s.device.as_str(),
-        "ts": rfc3339(s.ts),
-        "seq": s.seq,
-        "last_seen": rfc3339(s.last_seen),
-        // null when the device never reported it
-        "online": s.online.map(|o| o.value),
-    });
-    if let Some(b) = s.battery {
-        v["battery"] = json!(b.value);
-        updated.insert("battery".into(), json!(rfc3339(b.ts)));
-    }
-    if let Some(x) = s.rssi {
-        v["rssi"] = json!(x.value);
-        updated.insert("rssi".into(), json!(rfc3339(x.ts)));
-    }
-    if let Some(o) = s.online {
-        updated.insert("online".into(), json!(rfc3339(o.ts)));
-    }
-    let mut metrics = serde_json::Map::new();
-    for (name, m) in &s.metrics {
-        metrics.insert(name.clone(), json!(m.value));
-        updated.insert(format!("metrics.{name}"), json!(rfc3339(m.ts)));
-    }
-    v["metrics"] = Value::Object(metrics);
-    v["updated"] = Value::Object(updated);
-    v
-}
-
-fn event_json(e: &Event) -> Value {
-    json!({
-        "device_id": e.device.as_str(),
-        "ts": rfc3339(e.ts),
-        "seq": e.seq,
-        "received_at": rfc3339(e.received_at),
-        "kind": e.kind,
-        "attrs": attrs_json(&e.attrs),
-    })
-}
-
-fn dead_letter_json(d: &DeadLetter) -> Value {
-    json!({
-        "id": d.id.to_string(),
-        "received_at": rfc3339(d.received_at),
-        "topic": d.topic,
-        "device_id": d.device.as_ref().map(DeviceId::as_str),
-        "reason": d.reason,
-        "payload_size": d.payload.len(),
-        "payload_base64": STANDARD.encode(&d.payload),
-    })
-}
-
-/// An alert as the API answers it and as it is published on `alerts/{device}/{rule}`.
-pub fn alert_json(a: &Alert) -> Value {
-    json!({
-        "id": a.id,
-        "device_id": a.device.as_str(),
-        "rule": a.rule,
-        "state": a.state.as_str(),
-        "severity": a.severity,
-        "message": a.message,
-        "value": a.value,
-        "threshold": a.threshold,
-        "raised_at": rfc3339(a.raised_at),
-        "acked_at": a.acked_at.map(rfc3339),
-        "acked_by": a.acked_by,
-        "cleared_at": a.cleared_at.map(rfc3339),
-    })
-}
-
-#[derive(Serialize)]
-struct PageJson {
-    items: Vec<Value>,
-    next_cursor: Option<String>,
-}
-
-fn page_json<T>(page: Page<T>, f: impl Fn(&T) -> Value) -> PageJson {
-    PageJson {
-        items: page.items.iter().map(f).collect(),
-        next_cursor: page.next_cursor.map(|c| URL_SAFE_NO_PAD.encode(c.0)),
-    }
-}
-
-/// A device's connection as the edge saw it: connected now (on a node whose report holds), or
-/// not, with when that last changed and on which node; apart from the `online` it reports.
-fn connection_json(c: Option<&Connection>) -> Value {
-    json!({
-        "connected": c.is_some_and(|c| c.connected),
-        "changed_at": c.map(|c| rfc3339(c.at)),
-        "node": c.map(|c| c.node.as_str()),
-    })
-}
-
-async fn device(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    Params::new(params, &[])?;
-    let id = device_id(id)?;
-    match state.storage.device(&id).await? {
-        Some(s) => {
-            let connections = state.storage.connections(std::slice::from_ref(&id)).await?;
-            let mut v = state_json(&s);
-            v["connection"] = connection_json(connections.first());
-            Ok(Json(v))
-        }
-        None => Err(ApiError::not_found(format!(
-            "device `{id}` has sent no telemetry"
-        ))),
-    }
-}
-
-async fn telemetry(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(params, &["since", "until", "limit", "cursor", "order"])?;
-    let query = TelemetryQuery {
-        device: device_id(id)?,
-        range: p.range()?,
-        order: p.order()?,
-        page: p.page(&state)?,
-    };
-    Ok(Json(page_json(
-        state.storage.telemetry(&query).await?,
-        reading_json,
-    )))
-}
-
-async fn events(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(
-        params,
-        &["kind", "since", "until", "limit", "cursor", "order"],
-    )?;
-    let query = EventQuery {
-        device: device_id(id)?,
-        kind: p.get("kind").map(str::to_string),
-        range: p.range()?,
-        order: p.order()?,
-        page: p.page(&state)?,
-    };
-    Ok(Json(page_json(
-        state.storage.events(&query).await?,
-        event_json,
-    )))
-}
-
-async fn dead_letters(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(params, &["device", "since", "until", "limit", "cursor"])?;
-    let device = match p.get("device") {
-        Some(d) => {
-            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
-        }
-        None => None,
-    };
-    let query = DeadLetterQuery {
-        device,
-        range: p.range()?,
-        page: p.page(&state)?,
-    };
-    Ok(Json(page_json(
-        state.storage.dead_letters(&query).await?,
-        dead_letter_json,
-    )))
-}
-
-async fn fleet(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let p = Params::new(params, &["limit", "cursor"])?;
-    let storage = &state.storage;
-    let query = FleetQuery {
-        page: p.page(&state)?,
-    };
-    let (page, counts, connected) = tokio::try_join!(
-        storage.fleet(&query),
-        storage.fleet_counts(),
-        storage.connected_devices(),
-    )?;
-    let ids: Vec<DeviceId> = page.items.iter().map(|d| d.device.clone()).collect();
-    let connections: HashMap<DeviceId, Connection> = storage
-        .connections(&ids)
-        .await?
-        .into_iter()
-        .map(|c| (c.device.clone(), c))
-        .collect();
-    let devices = page_json(page, |d| {
-        let mut v = state_json(d);
-        v["connection"] = connection_json(connections.get(&d.device));
-        v
-    });
-    Ok(Json(json!({
-        "total": counts.total,
-        "connected": connected,
-        "not_connected": counts.total.saturating_sub(connected),
-        "low_battery": counts.low_battery,
-        "low_battery_percent": state.low_battery_percent,
-        "items": devices.items,
-        "next_cursor": devices.next_cursor,
-    })))
-}
-
-fn alerts_service(state: &AppState) -> ApiResult<&Arc<AlertService>> {
-    state.alerts.as_ref().ok_or_else(|| ApiError {
-        status: StatusCode::NOT_FOUND,
-        title: "Alerts disabled",
-        detail: "alerts are disabled on this server (`alerts.enabled = false`)".into(),
-        parameter: None,
-    })
-}
-
-async fn list_alerts(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(
-        params,
-        &[
-            "state", "device", "rule", "since", "until", "limit", "cursor",
-        ],
-    )?;
-    let filter = match p.get("state") {
-        None | Some("all") => None,
-        Some("active") => Some(AlertStateFilter::Active),
-        Some("raised") => Some(AlertStateFilter::Only(AlertState::Raised)),
-        Some("acknowledged") => Some(AlertStateFilter::Only(AlertState::Acknowledged)),
-        Some("cleared") => Some(AlertStateFilter::Only(AlertState::Cleared)),
-        Some(v) => {
-            return Err(ApiError::bad_parameter(
-                "state",
-                format!("{v:?} is not active, raised, acknowledged, cleared or all"),
-            ))
-        }
-    };
-    let device = match p.get("device") {
-        Some(d) => {
-            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
-        }
-        None => None,
-    };
-    let query = AlertQuery {
-        state: filter,
-        device,
-        rule: p.get("rule").map(str::to_string),
-        range: p.range()?,
-        page: p.page(&state)?,
-    };
-    Ok(Json(page_json(
-        state.storage.alerts(&query).await?,
-        alert_json,
-    )))
-}
-
-async fn one_alert(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    match state.storage.alert(&id).await? {
-        Some(a) => Ok(Json(alert_json(&a))),
-        None => Err(ApiError::not_found(format!("no alert `{id}`"))),
-    }
-}
-
-async fn ack_alert(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    axum::Extension(caller): axum::Extension<auth::Caller>,
-    body: axum::body::Bytes,
-) -> ApiResult<Json<Value>> {
-    let service = alerts_service(&state)?;
-    // The body is optional: `{"by": "name"}` records who acknowledged; without it, the
-    // caller's API key name (or "api" on an open API).
-    let by_caller = match &caller {
-        auth::Caller::Open => "api".to_string(),
-        auth::Caller::Key { name, .. } => name.clone(),
-        auth::Caller::Device(id) => id.to_string(),
-    };
-    let by = if body.is_empty() {
-        by_caller
-    } else {
-        let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError {
-            status: StatusCode::BAD_REQUEST,
-            title: "Invalid body",
-            detail: format!("the body must be JSON like {{\"by\": \"name\"}}: {e}"),
-            parameter: Some("by".into()),
-        })?;
-        match &v["by"] {
-            Value::String(s) if !s.is_empty() && s.len() <= 128 => s.clone(),
-            Value::Null => by_caller,
-            _ => {
-                return Err(ApiError {
-                    status: StatusCode::BAD_REQUEST,
-                    title: "Invalid body",
-                    detail: "`by` must be a string of 1 to 128 characters".into(),
-                    parameter: Some("by".into()),
-                })
-            }
-        }
-    };
-    match service.ack(&id, &by, crate::mqtt::now_millis()).await {
-        Ok(alert) => {
-            tracing::info!(%caller, alert = %id, by, "alert acknowledged");
-            Ok(Json(alert_json(&alert)))
-        }
-        Err(AckError::NotActive(_)) => match state.storage.alert(&id).await? {
-            Some(a) => Err(ApiError {
-                status: StatusCode::CONFLICT,
-                title: "Alert not active",
-                detail: format!(
-                    "alert `{id}` is {}; only raised alerts can be acknowledged",
-                    a.state.as_str()
-                ),
-                parameter: None,
-            }),
-            None => Err(ApiError::not_found(format!("no alert `{id}`"))),
-        },
-    }
-}
-
-fn uploads_service(state: &AppState) -> ApiResult<&Arc<UploadService>> {
-    state
-        .uploads
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("uploads are disabled (`uploads.enabled = false`)"))
-}
-
-/// Asks for a presigned upload URL on behalf of a device.
-async fn request_upload(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-    body: axum::body::Bytes,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    Params::new(params, &[])?;
-    let device = device_id(id)?;
-    let service = uploads_service(&state)?;
-    let request = UploadRequest::parse(&body)?;
-    let ticket = service
-        .request(&device, request, crate::mqtt::now_millis())
-        .await?;
-    Ok((StatusCode::CREATED, Json(ticket.json())))
-}
-
-/// Checks an uploaded object and records its metadata.
-async fn complete_upload(
-    State(state): State<Arc<AppState>>,
-    Path((id, upload)): Path<(String, String)>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    Params::new(params, &[])?;
-    let device = device_id(id)?;
-    let service = uploads_service(&state)?;
-    let now = crate::mqtt::now_millis();
-    let done = service.complete(&device, &upload, now).await?;
-    Ok(Json(with_download(service, &done, now).await))
-}
-
-async fn with_download(service: &UploadService, u: &messina_storage::Upload, now: Millis) -> Value {
-    let mut v = upload_json(u);
-    if let Some((url, expires)) = service.download_url(u, now).await {
-        v["download_url"] = Value::String(url);
-        v["download_expires_at"] = Value::String(rfc3339(expires));
-    }
-    v
-}
-
-async fn list_uploads(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<PageJson>> {
-    let p = Params::new(params, &["limit", "cursor"])?;
-    let query = UploadQuery {
-        device: device_id(id)?,
-        page: p.page(&state)?,
-    };
-    Ok(Json(page_json(
-        state.storage.uploads(&query).await?,
-        upload_json,
-    )))
-}
-
-/// One upload with its metadata and, once completed, a short-lived download URL.
-async fn one_upload(
-    State(state): State<Arc<AppState>>,
-    Path(upload): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    Params::new(params, &[])?;
-    let service = uploads_service(&state)?;
-    match state.storage.upload(&upload).await? {
-        Some(u) => Ok(Json(
-            with_download(service, &u, crate::mqtt::now_millis()).await,
-        )),
-        None => Err(ApiError::not_found(format!("no upload `{upload}`"))),
-    }
-}
-
-/// Devices with repeated failed syncs (an active `sync_failures` alert).
-async fn failing(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    Params::new(params, &[])?;
-    let service = alerts_service(&state)?;
-    let items: Vec<Value> = service
-        .active_of(SYNC_FAILURES)
-        .iter()
-        .map(|a| {
-            json!({
-                "device_id": a.device.as_str(),
-                "consecutive_failures": a.value,
-                "failing_since": rfc3339(a.raised_at),
-                "alert": alert_json(a),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "total": items.len(), "items": items })))
-}
-
-/// Longest range the anomaly report reads (one index partition per day).
-const ANOMALY_MAX_DAYS: i64 = 366;
-/// Its range when `since` is not given: the 30 days before `until`.
-const ANOMALY_DEFAULT_DAYS: i64 = 30;
-
-/// How many anomaly alerts each device raised in a time range, by metric, from the alert index
-/// by rule family: it reads the anomalies it counts, not every alert.
-async fn anomalies(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let p = Params::new(params, &["device", "since", "until"])?;
-    let device = match p.get("device") {
-        Some(d) => {
-            Some(DeviceId::new(d).map_err(|e| ApiError::bad_parameter("device", e.to_string()))?)
-        }
-        None => None,
-    };
-    let range = p.range()?;
-    let until = range.until.unwrap_or_else(|| crate::mqtt::now_millis() + 1);
-    let since = range
-        .since
-        .unwrap_or(until - ANOMALY_DEFAULT_DAYS * 86_400_000);
-    if until - since > ANOMALY_MAX_DAYS * 86_400_000 {
-        return Err(ApiError::bad_parameter(
-            "since",
-            format!("the range may cover at most {ANOMALY_MAX_DAYS} days"),
-        ));
-    }
-    let counts = state
-        .storage
-        .alert_counts(&AlertCountQuery {
-            family: ANOMALY_PREFIX.trim_end_matches('.').to_string(),
-            device,
-            since,
-            until,
-        })
-        .await?;
-    let mut by_device: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for c in counts {
-        if let Some(metric) = c.rule.strip_prefix(ANOMALY_PREFIX) {
-            by_device
-                .entry(c.device.to_string())
-                .or_default()
-                .insert(metric.to_string(), c.count);
-        }
-    }
-    let items: Vec<Value> = by_device
-        .into_iter()
-        .map(|(device, by_metric)| {
-            json!({"device_id": device, "count": by_metric.values().sum::<u64>(), "by_metric": by_metric})
-        })
-        .collect();
-    Ok(Json(json!({
-        "since": rfc3339(since),
-        "until": rfc3339(until),
-        "items": items,
-    })))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::{HeaderMap, Request};
+    use axum::routing::get;
+    use base64::engine::general_purpose::STANDARD;
     use messina_config::{Anonymous, ApiKey, ApiRole};
     use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+    use serde_json::Value;
     use tower::ServiceExt;
 
     async fn call(app: &Router, uri: &str, key: Option<&str>) -> (StatusCode, String, Value) {
