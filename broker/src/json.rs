@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use messina_storage::{
-    Alert, AttrValue, Connection, Credential, DeadLetter, DeviceId, DeviceState, Event, Millis,
-    Page, Reading, RegisteredDevice, Upload,
+    Aggregate, AggregateQuery, Alert, AttrValue, Connection, Credential, DeadLetter, DeviceId,
+    DeviceState, Event, Millis, Page, Reading, RegisteredDevice, Upload,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -847,5 +847,67 @@ mod tests {
             &p,
             json!({"type": "about:blank", "title": "t", "status": 400, "detail": "d", "parameter": "limit"}),
         );
+    }
+}
+
+/// One time bucket of an aggregate.
+#[derive(Serialize, ToSchema)]
+pub struct BucketJson {
+    /// `sum / count`.
+    pub avg: f64,
+    /// Readings in the bucket that carry the metric.
+    pub count: u64,
+    /// The value of the earliest reading by device time (ties: lower `seq`).
+    pub first: f64,
+    /// The value of the latest reading by device time (ties: higher `seq`).
+    pub last: f64,
+    pub max: f64,
+    pub min: f64,
+    /// Start of the bucket (the bucket cut by `since` still starts on its boundary).
+    pub start: String,
+    /// `start` in milliseconds since the epoch.
+    pub start_ms: i64,
+    pub sum: f64,
+}
+
+/// Aggregates of one metric per time bucket, oldest first, empty buckets left out.
+#[derive(Serialize, ToSchema)]
+pub struct AggregatesJson {
+    /// `1m`, `5m`, `15m`, `1h`, `6h` or `1d`.
+    pub bucket: String,
+    pub buckets: Vec<BucketJson>,
+    /// The device, in a device's aggregates; absent over the fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    pub metric: String,
+    pub since: String,
+    pub until: String,
+}
+
+pub fn aggregates_json(
+    device: Option<&DeviceId>,
+    q: &AggregateQuery,
+    buckets: &[Aggregate],
+) -> AggregatesJson {
+    AggregatesJson {
+        bucket: q.bucket.as_str().to_string(),
+        buckets: buckets
+            .iter()
+            .map(|a| BucketJson {
+                avg: a.avg,
+                count: a.count,
+                first: a.first,
+                last: a.last,
+                max: a.max,
+                min: a.min,
+                start: rfc3339(a.start),
+                start_ms: a.start,
+                sum: a.sum,
+            })
+            .collect(),
+        device_id: device.map(|d| d.to_string()),
+        metric: q.metric.clone(),
+        since: rfc3339(q.since),
+        until: rfc3339(q.until),
     }
 }

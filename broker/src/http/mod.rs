@@ -15,6 +15,7 @@
 //! `openapi::tests` checks that every route is documented and that the document is valid.
 
 pub mod admin;
+pub mod aggregates;
 pub mod alerts;
 pub mod auth;
 pub mod devices;
@@ -76,6 +77,7 @@ pub struct AppState {
 fn v1_routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .merge(devices::routes())
+        .merge(aggregates::routes())
         .merge(alerts::routes())
         .merge(uploads::routes())
         .merge(admin::routes())
@@ -662,9 +664,128 @@ pub(crate) mod tests {
             ("/v1/devices?limit=-1", "limit"),
             ("/v1/dead-letters?device=a%20b", "device"),
             ("/v1/devices/bad%20id/telemetry", "id"),
+            ("/v1/devices/d1/telemetry/aggregate?bucket=1h&since=0", "metric"),
+            (
+                "/v1/devices/d1/telemetry/aggregate?metric=battery&since=0",
+                "bucket",
+            ),
+            (
+                "/v1/devices/d1/telemetry/aggregate?metric=battery&bucket=2h&since=0",
+                "bucket",
+            ),
+            ("/v1/fleet/aggregate?metric=battery&bucket=1h", "since"),
+            (
+                "/v1/fleet/aggregate?metric=battery&bucket=1h&since=yesterday",
+                "since",
+            ),
+            (
+                "/v1/fleet/aggregate?metric=battery&bucket=1h&since=9999999999999",
+                "since",
+            ),
+            (
+                "/v1/fleet/aggregate?metric=rssi&bucket=1m&since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+                "until",
+            ),
+            // Ten days of minutes: 14,400 buckets.
+            (
+                "/v1/fleet/aggregate?metric=rssi&bucket=1m&since=0&until=864000000",
+                "since",
+            ),
+            ("/v1/fleet/aggregate?metric=rssi&bucket=1h&since=0&limit=5", "limit"),
+            (
+                "/v1/devices/bad%20id/telemetry/aggregate?metric=rssi&bucket=1h&since=0",
+                "id",
+            ),
         ] {
             check_bad(&app, uri, parameter).await;
         }
+    }
+
+    #[tokio::test]
+    async fn aggregates_per_bucket_of_a_device_and_of_the_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "read-only-key-0123456789";
+        let state = state_with(
+            dir.path(),
+            Setup {
+                keys: &[(key, ApiRole::Read)],
+                ..Setup::default()
+            },
+        );
+        // 2026-01-01T00:00:00Z
+        const T: Millis = 1_767_225_600_000;
+        let reading = |device: &str, s: i64, seq: u64, battery: f64| messina_storage::Reading {
+            device: DeviceId::new(device).unwrap(),
+            ts: T + s * 1000,
+            seq,
+            received_at: T + s * 1000,
+            battery: Some(battery),
+            rssi: None,
+            online: None,
+            metrics: std::collections::BTreeMap::new(),
+            attrs: std::collections::BTreeMap::new(),
+        };
+        let batch = messina_storage::Batch {
+            readings: vec![
+                reading("d1", 10, 1, 50.0),
+                reading("d1", 40, 2, 70.0),
+                reading("d1", 65, 3, 60.0),
+                reading("d2", 20, 1, 10.0),
+            ],
+            ..Default::default()
+        };
+        state.storage.write_batch(&batch).await.unwrap();
+        // Redelivered: counted once.
+        state.storage.write_batch(&batch).await.unwrap();
+        let app = app(state);
+        let range = "since=2026-01-01T00:00:00Z&until=2026-01-01T00:02:00Z";
+        let uri = format!("/v1/devices/d1/telemetry/aggregate?metric=battery&bucket=1m&{range}");
+        let (status, _, body) = call(&app, &uri, Some(key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "device_id": "d1",
+                "metric": "battery",
+                "bucket": "1m",
+                "since": "2026-01-01T00:00:00Z",
+                "until": "2026-01-01T00:02:00Z",
+                "buckets": [
+                    {"start": "2026-01-01T00:00:00Z", "start_ms": T, "count": 2, "min": 50.0,
+                     "max": 70.0, "avg": 60.0, "sum": 120.0, "first": 50.0, "last": 70.0},
+                    {"start": "2026-01-01T00:01:00Z", "start_ms": T + 60_000, "count": 1,
+                     "min": 60.0, "max": 60.0, "avg": 60.0, "sum": 60.0, "first": 60.0,
+                     "last": 60.0},
+                ],
+            })
+        );
+        // The fleet, in one hour bucket; `since` cuts off d1's first reading.
+        let uri = "/v1/fleet/aggregate?metric=battery&bucket=1h&since=2026-01-01T00:00:15Z&until=2026-01-01T01:00:00Z";
+        let (status, _, body) = call(&app, uri, Some(key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["since"], "2026-01-01T00:00:15Z");
+        assert!(body.get("device_id").is_none(), "{body}");
+        let buckets = body["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), 1, "{body}");
+        let b = &buckets[0];
+        assert_eq!(b["start"], "2026-01-01T00:00:00Z");
+        assert_eq!(
+            (&b["count"], &b["min"], &b["max"], &b["first"], &b["last"]),
+            (
+                &serde_json::json!(3),
+                &serde_json::json!(10.0),
+                &serde_json::json!(70.0),
+                &serde_json::json!(10.0),
+                &serde_json::json!(60.0)
+            )
+        );
+        // A metric nobody sent has no buckets.
+        let uri = format!("/v1/fleet/aggregate?metric=temp_c&bucket=1d&{range}");
+        let (status, _, body) = call(&app, &uri, Some(key)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["buckets"], serde_json::json!([]));
+        let (status, _, _) = call(&app, &uri, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "the read role is needed");
     }
 
     #[tokio::test]
