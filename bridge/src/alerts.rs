@@ -15,9 +15,13 @@ use messina_storage::{
     Alert, AlertQuery, AlertState, AlertStateFilter, AttrValue, Batch, DeviceId, FleetQuery,
     Millis, PageRequest, Reading, Storage, StorageError,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::meter;
+
+/// Transitions kept for live watchers ([`AlertService::watch`]) that fall behind; one that falls
+/// further is told to read the active alerts again.
+const WATCH_BACKLOG: usize = 1024;
 
 pub const BATTERY_LOW: &str = "battery_low";
 pub const OFFLINE: &str = "offline";
@@ -726,6 +730,8 @@ impl AlertEngine {
 pub struct AlertService {
     engine: Mutex<AlertEngine>,
     commits: mpsc::UnboundedSender<Commit>,
+    /// Every stored transition, for live watchers (the dashboard's alert stream).
+    changes: broadcast::Sender<Alert>,
 }
 
 /// Notices for the committer: transitions to store (`store`), or active alerts to publish again;
@@ -791,10 +797,12 @@ impl AlertService {
         engine.restore(active, last_seen);
         meter::active_alerts(engine.active().count());
         let (commits, queue) = mpsc::unbounded_channel();
-        tokio::spawn(committer(queue, storage, notices));
+        let (changes, _) = broadcast::channel(WATCH_BACKLOG);
+        tokio::spawn(committer(queue, storage, notices, changes.clone()));
         Ok(Arc::new(AlertService {
             engine: Mutex::new(engine),
             commits,
+            changes,
         }))
     }
 
@@ -847,6 +855,17 @@ impl AlertService {
                 done: None,
             });
         }
+    }
+
+    /// The active alerts now, newest raised first, and every transition stored from now on, in
+    /// order. A transition of an alert in the snapshot may come again; a watcher that lags more
+    /// than [`WATCH_BACKLOG`] transitions gets `Lagged` and calls this again.
+    pub fn watch(&self) -> (Vec<Alert>, broadcast::Receiver<Alert>) {
+        // Subscribed first, so nothing between the snapshot and the first transition is missed.
+        let changes = self.changes.subscribe();
+        let mut active: Vec<Alert> = self.engine().active().cloned().collect();
+        active.sort_by(|a, b| b.raised_at.cmp(&a.raised_at).then(b.id.cmp(&a.id)));
+        (active, changes)
     }
 
     /// Active alerts of one rule, e.g. the devices with repeated sync failures.
@@ -940,6 +959,7 @@ async fn committer(
     mut queue: mpsc::UnboundedReceiver<Commit>,
     storage: Arc<dyn Storage>,
     notices: mpsc::Sender<Notice>,
+    changes: broadcast::Sender<Alert>,
 ) {
     while let Some(commit) = queue.recv().await {
         meter::alert_commits_pending(-1.0);
@@ -954,8 +974,10 @@ async fn committer(
         // A republished alert is already stored; only transitions are written and counted.
         if commit.store {
             store(&*storage, &alerts).await;
-            for a in &alerts {
-                meter::alert_transition(a);
+            for a in alerts {
+                meter::alert_transition(&a);
+                // No watcher is no error.
+                let _ = changes.send(a);
             }
         }
         if !commit.memory.is_empty() {

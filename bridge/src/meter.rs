@@ -1,6 +1,7 @@
 //! The bridge's internal events, each logged and counted in one place, so logs and Prometheus
 //! metrics never disagree. Metric names are listed in `names` for the HTTP side to describe.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use messina_storage::{Alert, AlertState, Batch, StorageError};
@@ -26,6 +27,29 @@ pub mod names {
     pub const ALERTS_ACTIVE: &str = "messina_alerts_active";
     pub const ALERT_COMMITS_PENDING: &str = "messina_alert_commits_pending";
     pub const UNTRACKED_METRICS: &str = "messina_alerts_untracked_metrics_total";
+}
+
+/// Rows stored and messages rejected since the process started: the same events as the
+/// `WRITTEN` and `REJECTED`/`REFUSED` counters, readable in the process (the dashboard's live
+/// rates) without parsing the Prometheus text.
+static STORED_ROWS: AtomicU64 = AtomicU64::new(0);
+static REJECTED_MESSAGES: AtomicU64 = AtomicU64::new(0);
+
+/// See [`totals`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Readings, events and dead letters written to storage.
+    pub stored_rows: u64,
+    /// Messages stored as dead letters instead of data (invalid, or refused by storage).
+    pub rejected: u64,
+}
+
+/// What this process has stored and rejected so far.
+pub fn totals() -> Totals {
+    Totals {
+        stored_rows: STORED_ROWS.load(Ordering::Relaxed),
+        rejected: REJECTED_MESSAGES.load(Ordering::Relaxed),
+    }
 }
 
 fn label(kind: Option<Kind>) -> &'static str {
@@ -78,10 +102,12 @@ pub fn rejected(kind: Option<Kind>, topic: &str, rejection: &Rejection) {
     // Debug, not warn: one misbehaving device must not flood the log; the dead letter keeps it all.
     tracing::debug!(topic, reason = %rejection, "message rejected, stored as dead letter");
     metrics::counter!(names::REJECTED, "kind" => label(kind)).increment(1);
+    REJECTED_MESSAGES.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn written(batch: &Batch, took: Duration) {
     tracing::trace!(rows = batch.len(), ?took, "batch written");
+    STORED_ROWS.fetch_add(batch.len() as u64, Ordering::Relaxed);
     for (table, n) in [
         ("telemetry", batch.readings.len()),
         ("events", batch.events.len()),
@@ -113,6 +139,7 @@ pub fn write_failed(error: &StorageError, rows: usize, giving_up: bool) {
 pub fn refused(topic: &str, error: &StorageError) {
     tracing::warn!(topic, %error, "storage refused a message; stored as a dead letter");
     metrics::counter!(names::REFUSED).increment(1);
+    REJECTED_MESSAGES.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn queue_depth(depth: usize) {

@@ -217,6 +217,25 @@ pub struct AlertJson {
     pub value: Option<f64>,
 }
 
+/// The ingest rates of one second, as `/v1/ingest/stream` sends them.
+#[derive(Serialize, ToSchema)]
+pub struct IngestRatesJson {
+    /// When the rates were taken (RFC 3339).
+    pub at: String,
+    /// Bytes accepted into the ingest log and not yet stored.
+    pub log_lag_bytes: u64,
+    /// Device messages accepted into the ingest log (MQTT and HTTP) per second.
+    pub received_per_s: f64,
+    /// Device messages accepted since the process started.
+    pub received_total: u64,
+    /// Messages stored as dead letters instead of data, per second.
+    pub rejected_per_s: f64,
+    pub rejected_total: u64,
+    /// Rows (readings, events, dead letters) written to storage per second.
+    pub stored_per_s: f64,
+    pub stored_total: u64,
+}
+
 pub fn alert_json(a: &Alert) -> AlertJson {
     AlertJson {
         acked_at: a.acked_at.map(rfc3339),

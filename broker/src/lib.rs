@@ -369,6 +369,8 @@ pub async fn serve(
         max_body_bytes: config.http.max_body_kib << 10,
         request_timeout: Duration::from_millis(config.http.request_timeout_ms),
         max_concurrent_requests: config.http.max_concurrent_requests,
+        streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
+        shutdown: shutdown.clone(),
     });
     // Kept to save the alert rules' state once the bridge has drained.
     let alerts_at_shutdown = alerts;

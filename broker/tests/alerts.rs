@@ -424,3 +424,139 @@ async fn a_failure_streak_resumes_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A server-sent-event stream read with plain HTTP: `(event, data)` as they arrive.
+struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl EventStream {
+    async fn open(server: &Server, path: &str) -> EventStream {
+        let response = reqwest::Client::new()
+            .get(server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET {path}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped), or `None` when the stream ended.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut event, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if event.is_empty() && data.is_empty() {
+                    continue;
+                }
+                return Some((event, serde_json::from_str(&data).unwrap()));
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(15), self.response.chunk())
+                .await
+                .expect("an event within 15 s")
+                .expect("the stream reads");
+            self.buffer.push_str(std::str::from_utf8(&chunk?).unwrap());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_stream_sends_the_active_alerts_then_each_transition_and_ends_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server =
+        Server::start(&dir.path().join("data"), "[alerts]\noffline_after_s = 0\n").await;
+    let t = now_ms() - 10_000;
+    let battery = |device: &str, ts: i64, value: f64| {
+        (
+            format!("devices/{device}/telemetry"),
+            mp(&json!({"ts": ts, "battery": value})),
+        )
+    };
+    publish_v4(server.mqtt, "dev-a", vec![battery("dev-a", t, 9.5)]).await;
+    messina_mosquitto_tests::wait_for("dev-a's alert", || async {
+        let active = server.json("/v1/alerts?state=active").await;
+        active["items"].as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+
+    let mut stream = EventStream::open(&server, "/v1/alerts/stream").await;
+    let (event, snapshot) = stream.next().await.unwrap();
+    assert_eq!(event, "snapshot");
+    let items = snapshot["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{snapshot}");
+    assert_eq!(
+        (items[0]["device_id"].as_str(), items[0]["state"].as_str()),
+        (Some("dev-a"), Some("raised"))
+    );
+
+    // Raised, acknowledged, cleared: each transition once it is stored, in order.
+    publish_v4(server.mqtt, "dev-b", vec![battery("dev-b", t, 7.0)]).await;
+    let (event, raised) = stream.next().await.unwrap();
+    assert_eq!(event, "alert");
+    assert_eq!(
+        (
+            raised["device_id"].as_str(),
+            raised["rule"].as_str(),
+            raised["state"].as_str()
+        ),
+        (Some("dev-b"), Some("battery_low"), Some("raised")),
+        "{raised}"
+    );
+    let id = raised["id"].as_str().unwrap();
+    let (status, _) = post(
+        &server,
+        &format!("/v1/alerts/{id}/ack"),
+        r#"{"by": "carol"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, acked) = stream.next().await.unwrap();
+    assert_eq!(
+        (
+            acked["id"].as_str(),
+            acked["state"].as_str(),
+            acked["acked_by"].as_str()
+        ),
+        (Some(id), Some("acknowledged"), Some("carol"))
+    );
+    publish_v4(server.mqtt, "dev-b", vec![battery("dev-b", t + 1, 80.0)]).await;
+    let (_, cleared) = stream.next().await.unwrap();
+    assert_eq!(
+        (cleared["id"].as_str(), cleared["state"].as_str()),
+        (Some(id), Some("cleared"))
+    );
+    let stored = server.json(&format!("/v1/alerts/{id}")).await;
+    assert_eq!(stored["state"], "cleared", "stored before it was streamed");
+
+    // The ingest stream counts what was accepted.
+    let mut rates = EventStream::open(&server, "/v1/ingest/stream").await;
+    let (event, first) = rates.next().await.unwrap();
+    assert_eq!(event, "rates");
+    assert_eq!(first["received_total"], 3, "{first}");
+    assert!(first["stored_total"].as_u64().unwrap() >= 3, "{first}");
+    assert!(first["log_lag_bytes"].is_u64(), "{first}");
+
+    // Shutdown ends the streams cleanly (a stream cut by the process exiting fails to read).
+    let ended = tokio::spawn(async move {
+        while stream.next().await.is_some() {}
+        while rates.next().await.is_some() {}
+    });
+    assert!(server.terminate().await.success());
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the streams end at shutdown")
+        .unwrap();
+}

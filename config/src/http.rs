@@ -160,6 +160,10 @@ section! {
         /// Requests served at once; more are answered 503 with `Retry-After` at once instead of
         /// queueing.
         pub max_concurrent_requests: usize = 1_024,
+        /// Live streams (`/v1/alerts/stream`, `/v1/ingest/stream`, which the dashboard at `/`
+        /// reads) open at once; more are answered 503. A stream is not a request in
+        /// `max_concurrent_requests` once it has started.
+        pub max_event_streams: usize = 64,
     }
 }
 
@@ -201,6 +205,11 @@ impl HttpConfig {
             h.max_concurrent_requests >= 1,
             "http.max_concurrent_requests",
             "must be at least 1".into(),
+        );
+        check(
+            (1..=100_000).contains(&h.max_event_streams),
+            "http.max_event_streams",
+            format!("must be between 1 and 100000, got {}", h.max_event_streams),
         );
         check(
             (1..=262_144).contains(&h.max_body_kib),

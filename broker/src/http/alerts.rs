@@ -31,7 +31,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(anomalies))
 }
 
-fn alerts_service(state: &AppState) -> ApiResult<&Arc<AlertService>> {
+pub(super) fn alerts_service(state: &AppState) -> ApiResult<&Arc<AlertService>> {
     state.alerts.as_ref().ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         title: "Alerts disabled",

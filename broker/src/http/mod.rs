@@ -6,7 +6,8 @@
 //!
 //! This file holds what every handler shares (the state, the router, the error type, the
 //! query parameters and the limits around the port); the handlers are in a file per resource
-//! (`devices`, `alerts`, `uploads`, `admin`, `ingest`, `health`), each with its `routes()`.
+//! (`devices`, `aggregates`, `alerts`, `uploads`, `admin`, `ingest`, `live`, `health`,
+//! `dashboard`), each with its `routes()`.
 //!
 //! A route is added in one place: its handler, annotated with `#[utoipa::path(...)]` (method,
 //! path relative to `/v1`, parameters, body, answers; the body types are the `json` shapes
@@ -18,9 +19,11 @@ pub mod admin;
 pub mod aggregates;
 pub mod alerts;
 pub mod auth;
+pub mod dashboard;
 pub mod devices;
 pub mod health;
 pub mod ingest;
+pub mod live;
 pub mod openapi;
 pub mod uploads;
 
@@ -71,6 +74,10 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Requests served at once; more are answered 503 at once (load shedding).
     pub max_concurrent_requests: usize,
+    /// Places for live streams (`http.max_event_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Cancelled at shutdown: live streams end.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The routes under `/v1`, each with its documentation, by resource.
@@ -81,6 +88,14 @@ fn v1_routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(alerts::routes())
         .merge(uploads::routes())
         .merge(admin::routes())
+        .merge(live::routes())
+}
+
+/// The routes served without credentials: the probes and the API's description (load
+/// balancers, orchestrators and API tools read them without credentials) and the dashboard's
+/// page, which holds no data and asks its user for a key.
+fn open_routes() -> OpenApiRouter<Arc<AppState>> {
+    health::open_routes().merge(dashboard::routes())
 }
 
 /// The whole HTTP API as a router, testable without a socket.
@@ -92,8 +107,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route_layer(authorize.clone())
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes));
     let (guarded, _) = health::guarded_routes().split_for_parts();
-    // Load balancers, orchestrators and API tools read these without credentials.
-    let (open, _) = health::open_routes().split_for_parts();
+    let (open, _) = open_routes().split_for_parts();
     let (timeout, max_concurrent) = (state.request_timeout, state.max_concurrent_requests);
     let cors = cors(&state.cors_origins);
     let router = Router::new()
@@ -483,9 +497,17 @@ pub(crate) mod tests {
         let res = app.clone().oneshot(req.unwrap()).await.unwrap();
         let status = res.status();
         let headers = res.headers().clone();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await
-            .unwrap();
+        let live = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+        let bytes = if live {
+            // A live stream never ends: its first event is the answer.
+            first_event(res.into_body()).await
+        } else {
+            axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap()
+        };
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if status.is_client_error() || status.is_server_error() {
@@ -500,6 +522,23 @@ pub(crate) mod tests {
             headers,
             body,
         }
+    }
+
+    /// The first event of a server-sent-event body (up to its blank line), within 5 s.
+    pub(crate) async fn first_event(body: Body) -> bytes::Bytes {
+        use futures::StreamExt;
+        let mut data = body.into_data_stream();
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !got.windows(2).any(|w| w == b"\n\n") {
+            let chunk = tokio::time::timeout_at(deadline, data.next())
+                .await
+                .expect("an event within 5 s")
+                .expect("the stream goes on")
+                .unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        got.into()
     }
 
     /// `Authorization` for an API key.
@@ -578,6 +617,8 @@ pub(crate) mod tests {
             max_body_bytes: 1 << 20,
             request_timeout: std::time::Duration::from_secs(30),
             max_concurrent_requests: 64,
+            streams: Arc::new(tokio::sync::Semaphore::new(4)),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         })
     }
 

@@ -105,7 +105,7 @@ pub fn document() -> OpenApi {
     for (path, method, operation) in operations(&mut guarded) {
         guard(&method, &path, operation);
     }
-    guarded.merge(health::open_routes().into_openapi());
+    guarded.merge(super::open_routes().into_openapi());
     for (_, _, operation) in operations(&mut guarded) {
         problems(operation);
     }
@@ -298,6 +298,7 @@ mod tests {
         assert!(documented.len() >= 28, "{documented:?}");
         let key = bearer(ADMIN);
         let mut validated = 0;
+        let mut plain = Vec::new();
         for (template, method) in &documented {
             let uri = concrete(template);
             let a = send(&app, method.clone(), &uri, Some(&key), None).await;
@@ -316,6 +317,22 @@ mod tests {
             let response = &doc["paths"][template][method.as_str().to_lowercase()]["responses"]
                 [a.status.as_str()];
             assert!(response.is_object(), "{what}, undocumented: {}", a.body);
+            let content_type = a.headers[axum::http::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap();
+            let media = content_type.split(';').next().unwrap();
+            assert!(
+                response["content"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .any(|k| k.split(';').next() == Some(media)),
+                "{what} as {content_type}, not as documented: {}",
+                response["content"]
+            );
+            if !media.ends_with("json") {
+                plain.push(template.as_str());
+            }
             for (media, content) in response["content"].as_object().unwrap() {
                 if media.ends_with("json") && *template != "/openapi.json" {
                     let errors: Vec<String> = validator(&doc, &content["schema"])
@@ -327,11 +344,21 @@ mod tests {
                 }
             }
         }
-        // Every answer but the plain-text probes and the document itself was checked.
-        assert!(
-            validated >= documented.len() - 4,
-            "{validated} answers checked"
+        // Every answer but the document itself and these was checked against its schema.
+        plain.sort();
+        assert_eq!(
+            plain,
+            [
+                "/",
+                "/dashboard/app.css",
+                "/dashboard/app.js",
+                "/healthz",
+                "/metrics",
+                "/readyz",
+                "/v1/ingest/stream"
+            ]
         );
+        assert_eq!(validated, documented.len() - plain.len() - 1);
         // A method the document does not list for a path is one the router does not serve, so
         // the document holds every method of every path.
         let paths: std::collections::BTreeSet<&str> =
@@ -518,7 +545,15 @@ mod tests {
                 }
             }
             // Guarded routes say what they need; open ones need nothing.
-            let open = ["/healthz", "/readyz", "/openapi.json"].contains(&path.as_str());
+            let open = [
+                "/healthz",
+                "/readyz",
+                "/openapi.json",
+                "/",
+                "/dashboard/app.js",
+                "/dashboard/app.css",
+            ]
+            .contains(&path.as_str());
             assert_eq!(op.security.is_empty(), open, "{what}");
             for error in responses.keys().filter(|s| !s.starts_with('2')) {
                 let r = &value["paths"][&path][method.as_str().to_lowercase()]["responses"][error];
