@@ -1,7 +1,8 @@
 //! Alerts seen as a fleet manager sees them: a real MQTT subscriber on `alerts/#` watches rules
 //! raise and clear from real device traffic, a late subscriber gets the retained active alerts,
 //! acknowledgements work over MQTT and HTTP, and offline detection works for a connection killed
-//! without DISCONNECT and across a restart of Messina.
+//! without DISCONNECT and across a restart of Messina; the HTTP alert stream sends the active
+//! alerts, then each transition, and ends at shutdown.
 
 use std::time::Duration;
 

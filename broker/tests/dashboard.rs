@@ -311,19 +311,38 @@ async fn the_dashboard_shows_the_fleet_devices_charts_and_live_alerts() {
     assert_eq!(stored["state"], "acknowledged", "{stored}");
     assert_eq!(stored["acked_by"], "dashboard", "{stored}");
 
-    // Ingest: the live rates arrive.
+    // Ingest: the rates of devices publishing now arrive, live.
+    let mut publishing = Command::new(messina_bin())
+        .args([
+            "simulate",
+            "--broker",
+            &format!("127.0.0.1:{}", server.mqtt),
+        ])
+        .args([
+            "--devices",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "8",
+            "--prefix",
+            "live",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("messina simulate");
     browser.goto(&server.url("/#/ingest")).await.unwrap();
     let received = element(&browser, "[data-rate=\"received\"]").await;
-    wait_for("the ingest rates on the page", || async {
-        received
-            .text()
-            .await
-            .unwrap()
-            .chars()
-            .any(|c| c.is_ascii_digit())
+    wait_for("a non-zero received rate on the page", || async {
+        let text = received.text().await.unwrap();
+        text.split_whitespace()
+            .next()
+            .and_then(|n| n.replace(',', "").parse::<f64>().ok())
+            .is_some_and(|rate| rate > 0.0)
     })
     .await;
     screenshot(&browser, "4-ingest").await;
+    assert!(publishing.wait().unwrap().success());
 
     browser.close().await.unwrap();
     assert!(server.terminate().await.success());
