@@ -766,8 +766,11 @@ function devicePage(main, ctx, id) {
   async function loadCharts() {
     const mine = ++generation;
     const { ms, bucket } = RANGES[range.value];
-    const until = new Date();
-    const since = new Date(until.getTime() - ms);
+    // Whole buckets (the range ends at the end of the current one): the server then answers
+    // from its rollups alone, where a bucket cut by the range is computed from raw readings.
+    const end = Math.ceil(Date.now() / BUCKET_MS[bucket]) * BUCKET_MS[bucket];
+    const until = new Date(end);
+    const since = new Date(end - ms);
     await Promise.all(chartList.map(async (svg) => {
       svg.setAttribute('data-loaded', 'false');
       const metric = svg.getAttribute('data-metric');
