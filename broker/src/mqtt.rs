@@ -13,7 +13,7 @@ use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::clock::now_millis;
-use crate::edge::router::{Feed, Tag};
+use crate::edge::router::{Feed, FeedSender, Tag};
 use crate::ingest::{UploadJob, PRESENCE_SOURCE};
 use crate::json::{alert_json, presence_json, ticket_json, to_value, upload_json};
 use crate::uploads::{UploadError, UploadRequest, UploadService};
@@ -84,7 +84,7 @@ pub fn rumqttd_config(c: &messina_config::MqttConfig) -> anyhow::Result<rumqttd:
 /// Publishes alert transitions and presence (retained) and replies to devices (not retained),
 /// at QoS 1, until both channels close.
 pub fn spawn_publisher(
-    feeder: mpsc::Sender<Feed>,
+    feeder: FeedSender,
     mut notices: mpsc::Receiver<Notice>,
     mut replies: mpsc::Receiver<Reply>,
 ) -> tokio::task::JoinHandle<()> {

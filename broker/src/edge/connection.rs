@@ -507,6 +507,8 @@ impl Connection {
                         }
                     }
                 }
+                // Messages already acknowledged reach the router before this subscription does.
+                self.shared.router.barrier().await;
                 // The session routes through the link it holds while connected.
                 self.session.link = link.take();
                 let mut codes = Vec::with_capacity(s.filters.len());

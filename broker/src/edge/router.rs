@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// The user property key of the [`Tag`]; a NUL cannot appear in a client's property (the codec
 /// refuses U+0000), so no client can forge or collide with it.
@@ -100,6 +100,13 @@ impl Tag {
         let (_, v) = p.user_properties.remove(at);
         Tag::decode(&v)
     }
+}
+
+/// What the feeder thread hands to the router, in the order the edge accepted it.
+enum Item {
+    Message(Feed),
+    /// Answered once every item before it is in the router's queue.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// A message on its way into the router.
@@ -267,7 +274,7 @@ type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
 /// The router, its feeder and the interest index.
 pub struct Router {
     make_link: Box<MakeLink>,
-    feed: mpsc::Sender<Feed>,
+    feed: FeedSender,
     pub interest: Interest,
     links: AtomicU64,
     feeder: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -286,7 +293,7 @@ impl Router {
                 .map_err(|e: LinkError| e.to_string())?;
             Ok((tx, rx))
         });
-        let (feed, mut feeds) = mpsc::channel::<Feed>(FEED_QUEUE);
+        let (feed, mut feeds) = mpsc::channel::<Item>(FEED_QUEUE);
         let (mut feeder_tx, feeder_rx) = make_link("messina-feeder")
             .map_err(|e| anyhow::anyhow!("connecting the feeder link to the router: {e}"))?;
         let feeder = std::thread::Builder::new()
@@ -294,7 +301,14 @@ impl Router {
             .spawn(move || {
                 // The receiving half must stay open, or the router drops the link.
                 let _rx = feeder_rx;
-                while let Some(feed) = feeds.blocking_recv() {
+                while let Some(item) = feeds.blocking_recv() {
+                    let feed = match item {
+                        Item::Message(feed) => feed,
+                        Item::Barrier(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
                     // `send` blocks on the router's bounded channel: this is why it has a thread.
                     if let Err(e) = complete(feeder_tx.send(feed.into_packet())) {
                         tracing::error!(error = %e, "the router dropped the feeder link; messages are no longer routed to subscribers");
@@ -304,7 +318,7 @@ impl Router {
             })?;
         Ok(Arc::new(Router {
             make_link,
-            feed,
+            feed: FeedSender(feed),
             interest: Interest::default(),
             links: AtomicU64::new(0),
             feeder: Mutex::new(Some(feeder)),
@@ -318,6 +332,21 @@ impl Router {
         }
     }
 
+    /// Waits until every message fed before this call is in the router's queue, ahead of
+    /// anything a link sends afterwards (the router serves one queue in order).
+    ///
+    /// A SUBSCRIBE waits on this: a message acknowledged to its publisher may still be on its
+    /// way through the feeder, and rumqttd reads retained messages only when it first serves a
+    /// new filter, so a retained message arriving in between would be delivered twice (retained,
+    /// and live from the filter's log), and a live one would reach a subscription made after
+    /// its PUBACK.
+    pub async fn barrier(&self) {
+        let (done, passed) = oneshot::channel();
+        if self.feed.0.send(Item::Barrier(done)).await.is_ok() {
+            let _ = passed.await;
+        }
+    }
+
     /// A new subscriber link (built on a blocking thread: rumqttd's `build` blocks).
     pub async fn link(self: &Arc<Self>) -> anyhow::Result<(LinkTx, LinkRx)> {
         let n = self.links.fetch_add(1, Ordering::Relaxed);
@@ -328,7 +357,7 @@ impl Router {
     }
 
     /// A sender of feeds for tasks that publish on their own (Messina's alerts and replies).
-    pub fn feeder(&self) -> mpsc::Sender<Feed> {
+    pub fn feeder(&self) -> FeedSender {
         self.feed.clone()
     }
 
@@ -338,6 +367,24 @@ impl Router {
         if let Some(h) = handle {
             let _ = h.join();
         }
+    }
+}
+
+/// The sending half of the feeder's queue.
+#[derive(Clone)]
+pub struct FeedSender(mpsc::Sender<Item>);
+
+/// The feeder thread has stopped.
+#[derive(Debug)]
+pub struct FeederStopped;
+
+impl FeedSender {
+    /// Queues `feed` for the router; waits while the queue is full.
+    pub async fn send(&self, feed: Feed) -> Result<(), FeederStopped> {
+        self.0
+            .send(Item::Message(feed))
+            .await
+            .map_err(|_| FeederStopped)
     }
 }
 
