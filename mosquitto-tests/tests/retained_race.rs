@@ -34,7 +34,7 @@ async fn a_retained_message_acknowledged_before_a_subscribe_arrives_once() {
                     .await
                     .unwrap();
                 i += 1;
-                if i % 256 == 0 {
+                if i.is_multiple_of(256) {
                     tokio::task::yield_now().await;
                 }
             }
