@@ -104,7 +104,7 @@ impl Tag {
 
 /// What the feeder thread hands to the router, in the order the edge accepted it.
 enum Item {
-    Message(Feed),
+    Message(Box<Feed>),
     /// Answered once every item before it is in the router's queue.
     Barrier(oneshot::Sender<()>),
 }
@@ -303,7 +303,7 @@ impl Router {
                 let _rx = feeder_rx;
                 while let Some(item) = feeds.blocking_recv() {
                     let feed = match item {
-                        Item::Message(feed) => feed,
+                        Item::Message(feed) => *feed,
                         Item::Barrier(done) => {
                             let _ = done.send(());
                             continue;
@@ -382,7 +382,7 @@ impl FeedSender {
     /// Queues `feed` for the router; waits while the queue is full.
     pub async fn send(&self, feed: Feed) -> Result<(), FeederStopped> {
         self.0
-            .send(Item::Message(feed))
+            .send(Item::Message(Box::new(feed)))
             .await
             .map_err(|_| FeederStopped)
     }
