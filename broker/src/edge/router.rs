@@ -103,8 +103,11 @@ impl Tag {
 }
 
 /// What the feeder thread hands to the router, in the order the edge accepted it.
+// Not boxed: the queue's slots were `Feed`-sized before barriers existed, and a box would cost
+// an allocation for every routed message to spare the rare barrier a larger slot.
+#[allow(clippy::large_enum_variant)]
 enum Item {
-    Message(Box<Feed>),
+    Message(Feed),
     /// Answered once every item before it is in the router's queue.
     Barrier(oneshot::Sender<()>),
 }
@@ -303,7 +306,7 @@ impl Router {
                 let _rx = feeder_rx;
                 while let Some(item) = feeds.blocking_recv() {
                     let feed = match item {
-                        Item::Message(feed) => *feed,
+                        Item::Message(feed) => feed,
                         Item::Barrier(done) => {
                             let _ = done.send(());
                             continue;
@@ -382,7 +385,7 @@ impl FeedSender {
     /// Queues `feed` for the router; waits while the queue is full.
     pub async fn send(&self, feed: Feed) -> Result<(), FeederStopped> {
         self.0
-            .send(Item::Message(Box::new(feed)))
+            .send(Item::Message(feed))
             .await
             .map_err(|_| FeederStopped)
     }
