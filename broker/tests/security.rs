@@ -11,7 +11,7 @@ use messina_mosquitto_tests::clients::{
     v5_options,
 };
 use messina_mosquitto_tests::pki::{fingerprint, issue, CLIENT_EXT, SERVER_EXT};
-use messina_mosquitto_tests::{free_port, messina_bin, mp, now_ms, wait_for, Server};
+use messina_mosquitto_tests::{free_port, messina_bin, mp, now_ms, page_seqs, wait_for, Server};
 use serde_json::json;
 
 /// Every test here authenticates: anonymous clients are refused even on loopback.
@@ -285,13 +285,7 @@ async fn a_device_writes_and_reads_only_its_own_topics() {
     })
     .await;
     let page = server.json("/v1/devices/dev-a/telemetry").await;
-    let seqs: Vec<u64> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, vec![2]);
+    assert_eq!(page_seqs(&page), vec![2]);
     let (status, _) = server.get("/v1/devices/dev-b").await;
     assert_eq!(status, 404, "nothing stored for dev-b");
     assert_eq!(server.counter("messina_dead_letters_total").await, 0.0);

@@ -3,7 +3,8 @@
 //! letters; a clean shutdown keeps every message the bridge received.
 
 use messina_mosquitto_tests::{
-    all_pages, messina_bin, mp, now_ms, publish_v4, publish_v5, wait_for, wait_rows, Server,
+    all_pages, messina_bin, mp, now_ms, page_seqs, publish_v4, publish_v5, seqs, wait_for,
+    wait_rows, Server,
 };
 use serde_json::json;
 
@@ -50,8 +51,7 @@ async fn mqtt_311_and_5_publishes_read_back_exactly_over_http() {
     // Exact values, newest first by default.
     let page = server.json("/v1/devices/dev-a/telemetry").await;
     let items = page["items"].as_array().unwrap();
-    let seqs: Vec<u64> = items.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, vec![6, 5, 4, 3, 2, 1, 0]);
+    assert_eq!(seqs(items), vec![6, 5, 4, 3, 2, 1, 0]);
     let r3 = &items[3];
     assert_eq!(r3["battery"], 87.0);
     assert_eq!(r3["rssi"], -63);
@@ -79,17 +79,10 @@ async fn mqtt_311_and_5_publishes_read_back_exactly_over_http() {
             "/v1/devices/dev-a/telemetry?order=oldest&since={since}&until={until}"
         ))
         .await;
-    let seqs: Vec<u64> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(page_seqs(&page), vec![1, 2, 3, 4]);
     for limit in [1, 2, 3, 7] {
         let all = all_pages(&server, "/v1/devices/dev-a/telemetry?order=oldest", limit).await;
-        let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, (0..7).collect::<Vec<u64>>(), "limit {limit}");
+        assert_eq!(seqs(&all), (0..7).collect::<Vec<u64>>(), "limit {limit}");
     }
 
     // Latest state merges fields by device time.
@@ -209,26 +202,36 @@ async fn malformed_mistyped_and_out_of_range_payloads_become_dead_letters() {
     assert_eq!(page["items"][0]["battery"], 40.0);
 }
 
+/// A server whose batches neither fill nor time out during a test: only a shutdown drain (or a
+/// replay of the ingest log) writes what it received.
+async fn start_never_flushing(data: &std::path::Path) -> Server {
+    Server::start(
+        data,
+        "[bridge]\nbatch_max_rows = 100000\nbatch_max_delay_ms = 60000\n",
+    )
+    .await
+}
+
+/// Telemetry messages of `device` for each `seq` in `range`, at `t0 + seq` ms.
+fn readings(device: &str, t0: i64, range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
+    range
+        .map(|i| {
+            (
+                format!("devices/{device}/telemetry"),
+                mp(&json!({"ts": t0 + i, "seq": i, "battery": 50})),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_shutdown_keeps_every_message_the_bridge_received() {
     let dir = tempfile::tempdir().unwrap();
     // Batches that neither fill nor time out before the shutdown: the last batch is only written
     // by the shutdown drain.
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        "[bridge]\nbatch_max_rows = 100000\nbatch_max_delay_ms = 60000\n",
-    )
-    .await;
+    let mut server = start_never_flushing(&dir.path().join("data")).await;
     let t0 = now_ms() - 10_000;
-    let messages: Vec<(String, Vec<u8>)> = (0..200)
-        .map(|i| {
-            (
-                "devices/dev-s/telemetry".to_string(),
-                mp(&json!({"ts": t0 + i, "seq": i})),
-            )
-        })
-        .collect();
-    publish_v4(server.mqtt, "dev-s", messages).await;
+    publish_v4(server.mqtt, "dev-s", readings("dev-s", t0, 0..200)).await;
     wait_for("200 messages received by the bridge", || async {
         server.counter("messina_messages_received_total").await >= 200.0
     })
@@ -249,8 +252,7 @@ async fn clean_shutdown_keeps_every_message_the_bridge_received() {
 
     server.restart().await;
     let all = all_pages(&server, "/v1/devices/dev-s/telemetry?order=oldest", 1000).await;
-    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (0..200).collect::<Vec<u64>>());
+    assert_eq!(seqs(&all), (0..200).collect::<Vec<u64>>());
 }
 
 /// Log text without terminal colours.
@@ -287,22 +289,9 @@ async fn the_ingest_log_survives_kill_9_and_a_torn_tail_and_stores_each_message_
     let dir = tempfile::tempdir().unwrap();
     // Batches that never fill nor time out: at the kill, every message is in the ingest log and
     // none is in storage.
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        "[bridge]\nbatch_max_rows = 100000\nbatch_max_delay_ms = 60000\n",
-    )
-    .await;
+    let mut server = start_never_flushing(&dir.path().join("data")).await;
     let t0 = now_ms() - 10_000;
-    let telemetry = |from: u64, to: u64| -> Vec<(String, Vec<u8>)> {
-        (from..to)
-            .map(|i| {
-                (
-                    "devices/dev-k/telemetry".to_string(),
-                    mp(&json!({"ts": t0 + i as i64, "seq": i, "battery": 50})),
-                )
-            })
-            .collect()
-    };
+    let telemetry = |from: i64, to: i64| readings("dev-k", t0, from..to);
     publish_v4(server.mqtt, "dev-k", telemetry(0, 300)).await;
     // A message that can never be stored, so a dead letter is replayed too.
     publish_v4(
@@ -343,9 +332,8 @@ async fn the_ingest_log_survives_kill_9_and_a_torn_tail_and_stores_each_message_
         server.log_text()
     );
     let all = all_pages(&server, "/v1/devices/dev-k/telemetry?order=oldest", 1000).await;
-    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(
-        seqs,
+        seqs(&all),
         (0..300).collect::<Vec<u64>>(),
         "each message exactly once"
     );

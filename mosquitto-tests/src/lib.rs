@@ -309,33 +309,43 @@ pub fn mp(v: &Value) -> Vec<u8> {
     rmp_serde::to_vec(v).unwrap()
 }
 
+/// Publishes each `(topic, payload)` at QoS 1 with `$client`, polls `$eventloop` until every
+/// PUBACK arrived (within 20 s), then disconnects. The MQTT 3.1.1 and 5 clients of rumqttc have
+/// the same methods on different types, hence a macro: `QoS`, `Event` and `Packet` are the ones
+/// the calling function imports.
+macro_rules! publish_all_acked {
+    ($client:ident, $eventloop:ident, $messages:ident, $connection:literal) => {{
+        let n = $messages.len();
+        for (topic, payload) in $messages {
+            $client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while acked < n {
+                if let Event::Incoming(Packet::PubAck(_)) =
+                    $eventloop.poll().await.expect($connection)
+                {
+                    acked += 1;
+                }
+            }
+        })
+        .await
+        .expect("all PUBACKs within 20 s");
+        $client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(2), $eventloop.poll()).await;
+    }};
+}
+
 /// Publishes each `(topic, payload)` at QoS 1 over MQTT 3.1.1 and waits for every PUBACK.
 pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let n = messages.len();
-    for (topic, payload) in messages {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-    let mut acked = 0;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while acked < n {
-            if let Event::Incoming(Packet::PubAck(_)) =
-                eventloop.poll().await.expect("MQTT 3.1.1 connection")
-            {
-                acked += 1;
-            }
-        }
-    })
-    .await
-    .expect("all PUBACKs within 20 s");
-    client.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    publish_all_acked!(client, eventloop, messages, "MQTT 3.1.1 connection");
 }
 
 /// Publishes each `(topic, payload)` at QoS 1 over MQTT 5 and waits for every PUBACK.
@@ -345,27 +355,19 @@ pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<(String, Vec<u
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let options = MqttOptions::new(client_id, "127.0.0.1", port);
     let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let n = messages.len();
-    for (topic, payload) in messages {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-    let mut acked = 0;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while acked < n {
-            if let Event::Incoming(Packet::PubAck(_)) =
-                eventloop.poll().await.expect("MQTT 5 connection")
-            {
-                acked += 1;
-            }
-        }
-    })
-    .await
-    .expect("all PUBACKs within 20 s");
-    client.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    publish_all_acked!(client, eventloop, messages, "MQTT 5 connection");
+}
+
+/// The `seq` of every row in `rows` (a page's `items`, or all of a listing's pages).
+pub fn seqs(rows: &[Value]) -> Vec<u64> {
+    rows.iter()
+        .map(|r| r["seq"].as_u64().expect("a row with a `seq`"))
+        .collect()
+}
+
+/// The `seq` of every row of one page (`{"items": [...]}`).
+pub fn page_seqs(page: &Value) -> Vec<u64> {
+    seqs(page["items"].as_array().expect("a page with `items`"))
 }
 
 pub async fn wait_rows(server: &Server, n: f64) {
