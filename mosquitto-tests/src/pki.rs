@@ -18,23 +18,40 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` arguments that make a new P-256 key, unencrypted, written to `{name}.key`.
+fn new_key(name: &str) -> Vec<String> {
+    [
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .chain([format!("{name}.key")])
+    .collect()
+}
+
+/// Runs openssl with `args` then `more` in `dir` (must succeed).
+fn openssl_with(dir: &Path, args: Vec<String>, more: &[&str]) {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend_from_slice(more);
+    openssl(dir, &all);
+}
+
 /// A CA `{ca}.pem`/`{ca}.key`, and a certificate `{name}.pem`/`{name}.key` it signs with
 /// subject CN `cn` and the extensions `ext` (a server's SAN, a client's usage); the CA is made
 /// on first use.
 pub fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
     if !dir.join(format!("{ca}.pem")).exists() {
-        openssl(
+        openssl_with(
             dir,
+            new_key(ca),
             &[
-                "req",
                 "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
                 "-out",
                 &format!("{ca}.pem"),
                 "-days",
@@ -49,17 +66,10 @@ pub fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
         );
     }
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
+    openssl_with(
         dir,
+        new_key(name),
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
             "-out",
             &format!("{name}.csr"),
             "-subj",
