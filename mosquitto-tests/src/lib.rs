@@ -11,6 +11,7 @@ use serde_json::Value;
 
 pub mod clients;
 pub mod load;
+pub mod mosquitto;
 pub mod pki;
 pub mod raw;
 

@@ -5,21 +5,20 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use messina_mosquitto_tests::{mp, now_ms, wait_for, Server};
+use messina_mosquitto_tests::{mosquitto, mp, now_ms, wait_for, Server};
 use serde_json::json;
 
 /// The path of a Mosquitto client, or a failure that says how to install it.
 fn tool(name: &str) -> &str {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{name} not found: install it with `apt-get install mosquitto-clients` \
-         (scripts/test does this on a fresh machine)"
-    );
-    name
+    mosquitto::tool(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `mosquitto_pub` to the broker on `port` over `version`, at QoS 1 (it exits 0 only after the
+/// PUBACK).
+fn mosquitto_pub(port: u16, version: &str) -> Command {
+    let mut command = Command::new(tool("mosquitto_pub"));
+    command.args(mosquitto::client_args(port, version));
+    command
 }
 
 const VERSIONS: [(&str, bool); 2] = [("mqttv311", false), ("mqttv5", true)];
@@ -38,18 +37,7 @@ async fn mosquitto_pub_messagepack_is_stored_over_311_and_5() {
         .unwrap();
         // One listener serves both versions: `mqtt.listen` takes -V mqttv311 and -V mqttv5.
         let port = server.mqtt;
-        // QoS 1: mosquitto_pub exits 0 only after the PUBACK.
-        let status = Command::new(tool("mosquitto_pub"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-V",
-                version,
-                "-q",
-                "1",
-            ])
+        let status = mosquitto_pub(port, version)
             .args([
                 "-i",
                 &format!("mq-pub-{i}"),
@@ -89,16 +77,7 @@ async fn mosquitto_sub_receives_what_mosquitto_pub_publishes() {
         // Line-buffered, so the SUBACK line arrives while mosquitto_sub runs, not at exit.
         let mut sub = Command::new("stdbuf")
             .args(["-oL", tool("mosquitto_sub")])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-V",
-                version,
-                "-q",
-                "1",
-            ])
+            .args(mosquitto::client_args(port, version))
             .args(["-t", "fleet/+/note", "-v", "-d", "-C", "1", "-W", "20"])
             .stdout(Stdio::piped())
             .spawn()
@@ -122,17 +101,7 @@ async fn mosquitto_sub_receives_what_mosquitto_pub_publishes() {
             .expect("SUBACK within 20 s")
             .unwrap();
         assert!(seen.iter().any(|l| l.contains("SUBACK")), "{seen:?}");
-        let status = Command::new(tool("mosquitto_pub"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-V",
-                version,
-                "-q",
-                "1",
-            ])
+        let status = mosquitto_pub(port, version)
             .args(["-t", "fleet/x1/note", "-m", &format!("hello {version}")])
             .status()
             .unwrap();

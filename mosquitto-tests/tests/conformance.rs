@@ -19,7 +19,7 @@ use messina_mosquitto_tests::raw::{
     self, ack, find, find_u32, payloads, prop, AckKind, Client, Connect, Packet, Publish, SubOpts,
     Value, Version, Will, WAIT,
 };
-use messina_mosquitto_tests::{free_port, mp, now_ms, publish_v4, Server};
+use messina_mosquitto_tests::{free_port, mosquitto, mp, now_ms, publish_v4, Server};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -260,6 +260,69 @@ impl Cx {
     async fn client(&self, v: Version, name: &str) -> Result<Client, String> {
         Client::start(self.port(v), v, &cid(v, name)).await
     }
+
+    /// Connects with `connect`: the client, the CONNACK's Session Present and its properties.
+    async fn connect(
+        &self,
+        v: Version,
+        connect: &Connect,
+    ) -> Result<(Client, bool, raw::Props), String> {
+        Client::connect(self.port(v), v, connect).await
+    }
+
+    /// A clean-session client `name` subscribed to `filter` at QoS 1.
+    async fn subscriber(&self, v: Version, name: &str, filter: &str) -> Result<Client, String> {
+        self.subscriber_as(v, &Connect::new(&cid(v, name)), filter)
+            .await
+    }
+
+    /// A client connected with `connect` and subscribed to `filter` at QoS 1.
+    async fn subscriber_as(
+        &self,
+        v: Version,
+        connect: &Connect,
+        filter: &str,
+    ) -> Result<Client, String> {
+        let (mut c, _, _) = self.connect(v, connect).await?;
+        c.subscribe(filter, 1).await?;
+        Ok(c)
+    }
+
+    /// A client `name` that has published `messages`, each acknowledged as its QoS requires.
+    async fn publisher(
+        &self,
+        v: Version,
+        name: &str,
+        messages: Vec<Publish>,
+    ) -> Result<Client, String> {
+        let mut p = self.client(v, name).await?;
+        for m in messages {
+            p.publish(m).await?;
+        }
+        Ok(p)
+    }
+
+    /// Connects with `connect`, subscribes to `t` at QoS 1 and disconnects, which leaves a
+    /// session behind when `connect` asks for one; returns the CONNACK's Session Present.
+    async fn subscribe_and_leave(
+        &self,
+        v: Version,
+        connect: &Connect,
+        t: &str,
+    ) -> Result<bool, String> {
+        let (mut c, present, _) = self.connect(v, connect).await?;
+        c.subscribe(t, 1).await?;
+        c.disconnect().await;
+        Ok(present)
+    }
+
+    /// Connects with `connect` and disconnects at once: whether the server still held the
+    /// session (the CONNACK's Session Present).
+    async fn session_present(&self, v: Version, connect: &Connect) -> Result<bool, String> {
+        let (c, present, _) = self.connect(v, connect).await?;
+        c.disconnect().await;
+        Ok(present)
+    }
 }
 
 /// The server's limit in this run (`mqtt.max_payload_bytes`), small so oversized cases are cheap.
@@ -285,6 +348,47 @@ fn v5_props(v: Version, props: raw::Props) -> raw::Props {
         props
     } else {
         Vec::new()
+    }
+}
+
+/// Publishes a marker on `t` from `p` and returns what `sub` received before it.
+async fn before_marker(p: &mut Client, t: &str, sub: &mut Client) -> Result<Vec<Publish>, String> {
+    p.publish(Publish::new(t, b"marker").qos(1)).await?;
+    sub.until_marker("marker").await
+}
+
+/// Fails with `what` and their payloads when messages arrived that must not have.
+fn none_arrived(got: &[Publish], what: &str) -> Outcome {
+    check!(got.is_empty(), "{what}: {}", payloads(got));
+    Ok(())
+}
+
+/// The payloads of `got` as text, in order.
+fn texts(got: &[Publish]) -> Vec<String> {
+    got.iter().map(Publish::payload_str).collect()
+}
+
+/// A QoS 1 PUBLISH of each `(topic, payload)`.
+fn at_qos1(messages: &[(String, &str)]) -> Vec<Publish> {
+    messages
+        .iter()
+        .map(|(t, payload)| Publish::new(t, payload.as_bytes()).qos(1))
+        .collect()
+}
+
+/// Polls `probe` every 25 ms until it returns `Ok`, failing with its last `Err` after `within`.
+async fn poll<T, F, Fut>(within: Duration, mut probe: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(t) => return Ok(t),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
     }
 }
 
@@ -524,14 +628,15 @@ impl Bystander {
             .await
             .map_err(|e| format!("bystander's reading not acknowledged: {e}"))?;
         let path = format!("/v1/devices/{}", self.device);
-        let deadline = Instant::now() + WAIT;
-        while cx.server.get(&path).await.0 != 200 {
+        poll(WAIT, || async {
+            let status = cx.server.get(&path).await.0;
             check!(
-                Instant::now() < deadline,
-                "bystander's reading not stored within {WAIT:?}"
+                status == 200,
+                "bystander's reading not stored within {WAIT:?} (GET {path}: {status})"
             );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            Ok(())
+        })
+        .await?;
         let now = cx
             .server
             .json("/v1/devices/conf-baseline/telemetry?order=oldest")
@@ -648,8 +753,9 @@ async fn refused_connect(
 // CONNECT and CONNACK.
 
 async fn connect_clean(cx: &Cx, v: Version) -> Outcome {
-    let (mut c, session_present, _) =
-        Client::connect(cx.port(v), v, &Connect::new(&cid(v, "connect-clean"))).await?;
+    let (mut c, session_present, _) = cx
+        .connect(v, &Connect::new(&cid(v, "connect-clean")))
+        .await?;
     check!(!session_present, "Session Present 1 for a clean session");
     c.ping().await?;
     c.disconnect().await;
@@ -703,7 +809,7 @@ async fn reserved_connect_flag(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn empty_client_id(cx: &Cx, v: Version) -> Outcome {
-    let (mut c, _, props) = Client::connect(cx.port(v), v, &Connect::new("")).await?;
+    let (mut c, _, props) = cx.connect(v, &Connect::new("")).await?;
     if v == Version::V5 {
         match find(&props, prop::ASSIGNED_CLIENT_IDENTIFIER) {
             Some(Value::Str(id)) if !id.is_empty() => {}
@@ -737,14 +843,11 @@ fn persistent(v: Version, name: &str) -> Connect {
 async fn persistent_session(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "persistent-session");
     let connect = persistent(v, "persistent-session");
-    let (mut c, present, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let present = cx.subscribe_and_leave(v, &connect, &t).await?;
     check!(!present, "Session Present 1 on the very first connection");
-    c.subscribe(&t, 1).await?;
-    c.disconnect().await;
-    let mut p = cx.client(v, "persistent-session-pub").await?;
-    p.publish(Publish::new(&t, b"sent while offline").qos(1))
-        .await?;
-    let (mut c, present, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let sent = vec![Publish::new(&t, b"sent while offline").qos(1)];
+    let _p = cx.publisher(v, "persistent-session-pub", sent).await?;
+    let (mut c, present, _) = cx.connect(v, &connect).await?;
     check!(present, "Session Present 0 on reconnect, expected 1");
     let m = c
         .message()
@@ -762,29 +865,19 @@ async fn persistent_session(cx: &Cx, v: Version) -> Outcome {
 async fn clean_session_discards(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "clean-session-discards");
     let marker_topic = format!("{t}/marker");
-    let (mut c, _, _) =
-        Client::connect(cx.port(v), v, &persistent(v, "clean-session-discards")).await?;
-    c.subscribe(&t, 1).await?;
-    c.disconnect().await;
-    let (mut c, present, _) = Client::connect(
-        cx.port(v),
-        v,
-        &Connect::new(&cid(v, "clean-session-discards")),
-    )
-    .await?;
+    cx.subscribe_and_leave(v, &persistent(v, "clean-session-discards"), &t)
+        .await?;
+    let clean = Connect::new(&cid(v, "clean-session-discards"));
+    let (mut c, present, _) = cx.connect(v, &clean).await?;
     check!(!present, "Session Present 1 with a clean session");
     c.subscribe(&marker_topic, 1).await?;
-    let mut p = cx.client(v, "clean-session-discards-pub").await?;
-    p.publish(Publish::new(&t, b"to the old subscription").qos(1))
-        .await?;
-    p.publish(Publish::new(&marker_topic, b"marker").qos(1))
-        .await?;
-    let before = c.until_marker("marker").await?;
-    check!(
-        before.is_empty(),
-        "the discarded session's subscription still delivers: {}",
-        payloads(&before)
-    );
+    let sent = vec![Publish::new(&t, b"to the old subscription").qos(1)];
+    let mut p = cx.publisher(v, "clean-session-discards-pub", sent).await?;
+    let before = before_marker(&mut p, &marker_topic, &mut c).await?;
+    none_arrived(
+        &before,
+        "the discarded session's subscription still delivers",
+    )?;
     c.quiet(QUIET)
         .await
         .map_err(|e| format!("the discarded session's subscription still delivers: {e}"))?;
@@ -794,15 +887,12 @@ async fn clean_session_discards(cx: &Cx, v: Version) -> Outcome {
 
 async fn session_expiry_absent(cx: &Cx, v: Version) -> Outcome {
     let connect = Connect::new(&cid(v, "session-expiry-absent")).clean(false);
-    let (mut c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    c.subscribe(&topic(v, "session-expiry-absent"), 1).await?;
-    c.disconnect().await;
-    let (c, present, _) = Client::connect(cx.port(v), v, &connect).await?;
+    cx.subscribe_and_leave(v, &connect, &topic(v, "session-expiry-absent"))
+        .await?;
     check!(
-        !present,
+        !cx.session_present(v, &connect).await?,
         "Session Present 1: the session outlived its connection with no Session Expiry Interval (0)"
     );
-    c.disconnect().await;
     Ok(())
 }
 
@@ -810,27 +900,21 @@ async fn session_expiry_elapsed(cx: &Cx, v: Version) -> Outcome {
     let connect = Connect::new(&cid(v, "session-expiry-elapsed"))
         .clean(false)
         .prop(prop::SESSION_EXPIRY_INTERVAL, Value::U32(1));
-    let (mut c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    c.subscribe(&topic(v, "session-expiry-elapsed"), 1).await?;
-    c.disconnect().await;
+    cx.subscribe_and_leave(v, &connect, &topic(v, "session-expiry-elapsed"))
+        .await?;
     // The interval is the condition under test; nothing observable marks its end.
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let (c, present, _) = Client::connect(cx.port(v), v, &connect).await?;
     check!(
-        !present,
+        !cx.session_present(v, &connect).await?,
         "Session Present 1 more than 2 s after a 1 s Session Expiry Interval"
     );
-    c.disconnect().await;
     Ok(())
 }
 
 async fn keep_alive(cx: &Cx, v: Version) -> Outcome {
-    let (mut c, _, _) = Client::connect(
-        cx.port(v),
-        v,
-        &Connect::new(&cid(v, "keep-alive")).keep_alive(1),
-    )
-    .await?;
+    let (mut c, _, _) = cx
+        .connect(v, &Connect::new(&cid(v, "keep-alive")).keep_alive(1))
+        .await?;
     let ending = c.ending(Duration::from_secs(4)).await;
     check!(
         ending.closed,
@@ -1006,11 +1090,10 @@ async fn qos2_duplicate(cx: &Cx, v: Version) -> Outcome {
     p.wait_ack(AckKind::PubComp, 10).await?;
     p.publish(Publish::new(&t, b"second").qos(2).pkid(11))
         .await?;
-    let got = drain(&mut sub).await;
-    let texts: Vec<String> = got.iter().map(Publish::payload_str).collect();
+    let got = texts(&drain(&mut sub).await);
     check!(
-        texts == ["first", "second"],
-        "subscriber received {texts:?}, expected [\"first\", \"second\"]"
+        got == ["first", "second"],
+        "subscriber received {got:?}, expected [\"first\", \"second\"]"
     );
     Ok(())
 }
@@ -1078,12 +1161,8 @@ async fn ordering(cx: &Cx, v: Version) -> Outcome {
 // Retained messages.
 
 async fn retain_set(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "retain-set");
-    let mut p = cx.client(v, "retain-set-pub").await?;
-    p.publish(Publish::new(&t, b"retained").qos(1).retain(true))
-        .await?;
-    let mut sub = cx.client(v, "retain-set-sub").await?;
-    sub.subscribe(&t, 1).await?;
+    let (_p, t) = retained(cx, v, "retain-set", &[b"retained"]).await?;
+    let mut sub = cx.subscriber(v, "retain-set-sub", &t).await?;
     let m = sub.message().await?;
     check!(
         m.retain && m.payload == b"retained",
@@ -1091,6 +1170,23 @@ async fn retain_set(cx: &Cx, v: Version) -> Outcome {
         Packet::Publish(m).brief()
     );
     Ok(())
+}
+
+/// `name`'s topic, and the client `{name}-pub` that published `sent` there in order, each
+/// retained at QoS 1.
+async fn retained(
+    cx: &Cx,
+    v: Version,
+    name: &str,
+    sent: &[&[u8]],
+) -> Result<(Client, String), String> {
+    let t = topic(v, name);
+    let messages = sent
+        .iter()
+        .map(|payload| Publish::new(&t, payload).qos(1).retain(true))
+        .collect();
+    let p = cx.publisher(v, &format!("{name}-pub"), messages).await?;
+    Ok((p, t))
 }
 
 /// Subscribes a new client to `t`, publishes a marker there, and returns what came before it:
@@ -1105,39 +1201,24 @@ async fn retained_for_new_subscriber(
     let mut sub = cx.client(v, &format!("{name}-sub")).await?;
     sub.subscribe_opts(t, opts).await?;
     let mut p = cx.client(v, &format!("{name}-marker")).await?;
-    p.publish(Publish::new(t, b"marker").qos(1)).await?;
-    sub.until_marker("marker").await
+    before_marker(&mut p, t, &mut sub).await
 }
 
 async fn retain_replace(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "retain-replace");
-    let mut p = cx.client(v, "retain-replace-pub").await?;
-    p.publish(Publish::new(&t, b"old").qos(1).retain(true))
-        .await?;
-    p.publish(Publish::new(&t, b"new").qos(1).retain(true))
-        .await?;
+    let (_p, t) = retained(cx, v, "retain-replace", &[b"old", b"new"]).await?;
     let got = retained_for_new_subscriber(cx, v, "retain-replace", &t, SubOpts::qos(1)).await?;
-    let texts: Vec<String> = got.iter().map(Publish::payload_str).collect();
+    let got = texts(&got);
     check!(
-        texts == ["new"],
-        "new subscriber got {texts:?}, expected [\"new\"]"
+        got == ["new"],
+        "new subscriber got {got:?}, expected [\"new\"]"
     );
     Ok(())
 }
 
 async fn retain_clear(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "retain-clear");
-    let mut p = cx.client(v, "retain-clear-pub").await?;
-    p.publish(Publish::new(&t, b"to be cleared").qos(1).retain(true))
-        .await?;
-    p.publish(Publish::new(&t, b"").qos(1).retain(true)).await?;
+    let (_p, t) = retained(cx, v, "retain-clear", &[b"to be cleared", b""]).await?;
     let got = retained_for_new_subscriber(cx, v, "retain-clear", &t, SubOpts::qos(1)).await?;
-    check!(
-        got.is_empty(),
-        "after clearing, a new subscriber still got {}",
-        payloads(&got)
-    );
-    Ok(())
+    none_arrived(&got, "after clearing, a new subscriber still got")
 }
 
 async fn retain_live_flag(cx: &Cx, v: Version) -> Outcome {
@@ -1151,15 +1232,15 @@ async fn retain_live_flag(cx: &Cx, v: Version) -> Outcome {
 
 async fn retain_kept_by_non_retained(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "retain-kept");
-    let mut p = cx.client(v, "retain-kept-pub").await?;
-    p.publish(Publish::new(&t, b"keep").qos(1).retain(true))
-        .await?;
-    p.publish(Publish::new(&t, b"").qos(1)).await?;
-    p.publish(Publish::new(&t, b"not retained").qos(1)).await?;
+    let sent = vec![
+        Publish::new(&t, b"keep").qos(1).retain(true),
+        Publish::new(&t, b"").qos(1),
+        Publish::new(&t, b"not retained").qos(1),
+    ];
+    let _p = cx.publisher(v, "retain-kept-pub", sent).await?;
     let got = retained_for_new_subscriber(cx, v, "retain-kept", &t, SubOpts::qos(1)).await?;
-    let texts: Vec<String> = got.iter().map(Publish::payload_str).collect();
     check!(
-        texts == ["keep"] && got[0].retain,
+        texts(&got) == ["keep"] && got[0].retain,
         "new subscriber got {} as retained, expected \"keep\" (an empty non-retained PUBLISH \
          was sent after it)",
         payloads(&got)
@@ -1168,20 +1249,15 @@ async fn retain_kept_by_non_retained(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn resubscribe_retained(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "resubscribe-retained");
-    let mut p = cx.client(v, "resubscribe-retained-pub").await?;
-    p.publish(Publish::new(&t, b"again").qos(1).retain(true))
-        .await?;
-    let mut sub = cx.client(v, "resubscribe-retained-sub").await?;
-    sub.subscribe(&t, 1).await?;
+    let (mut p, t) = retained(cx, v, "resubscribe-retained", &[b"again"]).await?;
+    let mut sub = cx.subscriber(v, "resubscribe-retained-sub", &t).await?;
     let first = sub.message().await?;
     check!(
         first.retain,
         "first subscription: got a message without RETAIN"
     );
     sub.subscribe(&t, 1).await?;
-    p.publish(Publish::new(&t, b"marker").qos(1)).await?;
-    let got = sub.until_marker("marker").await?;
+    let got = before_marker(&mut p, &t, &mut sub).await?;
     check!(
         got.len() == 1 && got[0].retain && got[0].payload == b"again",
         "second SUBSCRIBE of the same filter re-sent {}, expected the retained \"again\"",
@@ -1191,22 +1267,14 @@ async fn resubscribe_retained(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn retain_handling_2(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "retain-handling-2");
-    let mut p = cx.client(v, "retain-handling-2-pub").await?;
-    p.publish(Publish::new(&t, b"retained").qos(1).retain(true))
-        .await?;
+    let (_p, t) = retained(cx, v, "retain-handling-2", &[b"retained"]).await?;
     let opts = SubOpts {
         qos: 1,
         retain_handling: 2,
         ..SubOpts::default()
     };
     let got = retained_for_new_subscriber(cx, v, "retain-handling-2", &t, opts).await?;
-    check!(
-        got.is_empty(),
-        "Retain Handling 2 still sent {}",
-        payloads(&got)
-    );
-    Ok(())
+    none_arrived(&got, "Retain Handling 2 still sent")
 }
 
 async fn retain_as_published(cx: &Cx, v: Version) -> Outcome {
@@ -1218,9 +1286,8 @@ async fn retain_as_published(cx: &Cx, v: Version) -> Outcome {
         ..SubOpts::default()
     };
     sub.subscribe_opts(&t, opts).await?;
-    let mut p = cx.client(v, "retain-as-published-pub").await?;
-    p.publish(Publish::new(&t, b"rap").qos(1).retain(true))
-        .await?;
+    let sent = vec![Publish::new(&t, b"rap").qos(1).retain(true)];
+    let _p = cx.publisher(v, "retain-as-published-pub", sent).await?;
     let m = sub.message().await?;
     check!(
         m.retain,
@@ -1242,38 +1309,53 @@ fn will(t: &str, payload: &[u8], props: raw::Props) -> Will {
     }
 }
 
+/// `name`'s topic, and a client `{name}-watch` subscribed to it to see the Will Message.
+async fn will_watcher(cx: &Cx, v: Version, name: &str) -> Result<(Client, String), String> {
+    let t = topic(v, name);
+    let watcher = cx.subscriber(v, &format!("{name}-watch"), &t).await?;
+    Ok((watcher, t))
+}
+
+/// The Will Message `watcher` receives within `within`, which must carry `payload`; `after`
+/// says what should have published it.
+async fn will_seen(
+    watcher: &mut Client,
+    within: Duration,
+    after: &str,
+    payload: &[u8],
+) -> Result<Publish, String> {
+    let m = watcher
+        .message_within(within)
+        .await
+        .map_err(|e| format!("no Will Message {after}: {e}"))?;
+    check!(
+        m.payload == payload,
+        "expected the Will Message {:?} {after}, got {}",
+        String::from_utf8_lossy(payload),
+        Packet::Publish(m).brief()
+    );
+    Ok(m)
+}
+
 async fn will_on_close(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-on-close");
-    let mut watcher = cx.client(v, "will-on-close-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-on-close").await?;
     let connect = Connect::new(&cid(v, "will-on-close")).will(will(&t, b"gone", Vec::new()));
-    let (c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (c, _, _) = cx.connect(v, &connect).await?;
     // Dropping the socket without DISCONNECT is the abnormal close.
     drop(c);
-    let m = watcher
-        .message()
-        .await
-        .map_err(|e| format!("no Will Message: {e}"))?;
-    check!(m.payload == b"gone", "got {}", Packet::Publish(m).brief());
+    will_seen(&mut watcher, WAIT, "after the connection dropped", b"gone").await?;
     Ok(())
 }
 
 async fn will_not_after_disconnect(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-not-after-disconnect");
-    let mut watcher = cx.client(v, "will-not-after-disconnect-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-not-after-disconnect").await?;
     let connect =
         Connect::new(&cid(v, "will-not-after-disconnect")).will(will(&t, b"will", Vec::new()));
-    let (c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (c, _, _) = cx.connect(v, &connect).await?;
     c.disconnect().await;
     let mut p = cx.client(v, "will-not-after-disconnect-pub").await?;
-    p.publish(Publish::new(&t, b"marker").qos(1)).await?;
-    let before = watcher.until_marker("marker").await?;
-    check!(
-        before.is_empty(),
-        "Will Message published after DISCONNECT: {}",
-        payloads(&before)
-    );
+    let before = before_marker(&mut p, &t, &mut watcher).await?;
+    none_arrived(&before, "Will Message published after DISCONNECT")?;
     watcher
         .quiet(QUIET)
         .await
@@ -1281,20 +1363,21 @@ async fn will_not_after_disconnect(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn will_retain(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-retain");
-    let mut watcher = cx.client(v, "will-retain-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-retain").await?;
     let mut w = will(&t, b"retained will", Vec::new());
     w.retain = true;
-    let (c, _, _) =
-        Client::connect(cx.port(v), v, &Connect::new(&cid(v, "will-retain")).will(w)).await?;
+    let (c, _, _) = cx
+        .connect(v, &Connect::new(&cid(v, "will-retain")).will(w))
+        .await?;
     drop(c);
-    watcher
-        .message()
-        .await
-        .map_err(|e| format!("no Will Message: {e}"))?;
-    let mut late = cx.client(v, "will-retain-late").await?;
-    late.subscribe(&t, 1).await?;
+    will_seen(
+        &mut watcher,
+        WAIT,
+        "after the connection dropped",
+        b"retained will",
+    )
+    .await?;
+    let mut late = cx.subscriber(v, "will-retain-late", &t).await?;
     let m = late
         .message()
         .await
@@ -1308,9 +1391,7 @@ async fn will_retain(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn will_delay(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-delay");
-    let mut watcher = cx.client(v, "will-delay-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-delay").await?;
     let w = will(
         &t,
         b"delayed",
@@ -1319,19 +1400,12 @@ async fn will_delay(cx: &Cx, v: Version) -> Outcome {
     let connect = Connect::new(&cid(v, "will-delay"))
         .prop(prop::SESSION_EXPIRY_INTERVAL, Value::U32(10))
         .will(w);
-    let (c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (c, _, _) = cx.connect(v, &connect).await?;
     let dropped = Instant::now();
     drop(c);
-    let m = watcher
-        .message_within(Duration::from_secs(5))
-        .await
-        .map_err(|e| format!("no Will Message 5 s after the close: {e}"))?;
+    let within = Duration::from_secs(5);
+    will_seen(&mut watcher, within, "5 s after the close", b"delayed").await?;
     let after = dropped.elapsed();
-    check!(
-        m.payload == b"delayed",
-        "got {}",
-        Packet::Publish(m).brief()
-    );
     check!(
         after >= Duration::from_millis(1800),
         "Will Message published {after:.2?} after the close, before its 2 s Will Delay Interval"
@@ -1340,9 +1414,7 @@ async fn will_delay(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn will_delay_reconnect(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-delay-reconnect");
-    let mut watcher = cx.client(v, "will-delay-reconnect-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-delay-reconnect").await?;
     let w = will(
         &t,
         b"should not be sent",
@@ -1351,9 +1423,9 @@ async fn will_delay_reconnect(cx: &Cx, v: Version) -> Outcome {
     let connect = Connect::new(&cid(v, "will-delay-reconnect"))
         .clean(false)
         .prop(prop::SESSION_EXPIRY_INTERVAL, Value::U32(10));
-    let (c, _, _) = Client::connect(cx.port(v), v, &connect.clone().will(w)).await?;
+    let (c, _, _) = cx.connect(v, &connect.clone().will(w)).await?;
     drop(c);
-    let (again, _, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (again, _, _) = cx.connect(v, &connect).await?;
     // Watch past the 1 s Will Delay Interval: this silence is what the case checks.
     let quiet = watcher.quiet(Duration::from_millis(1800)).await;
     again.disconnect().await;
@@ -1361,22 +1433,13 @@ async fn will_delay_reconnect(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn will_disconnect_04(cx: &Cx, v: Version) -> Outcome {
-    let t = topic(v, "will-disconnect-04");
-    let mut watcher = cx.client(v, "will-disconnect-04-watch").await?;
-    watcher.subscribe(&t, 1).await?;
+    let (mut watcher, t) = will_watcher(cx, v, "will-disconnect-04").await?;
     let connect =
         Connect::new(&cid(v, "will-disconnect-04")).will(will(&t, b"as asked", Vec::new()));
-    let (mut c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (mut c, _, _) = cx.connect(v, &connect).await?;
     c.send(&raw::disconnect(v, 0x04)).await?;
-    let m = watcher
-        .message_within(Duration::from_millis(1500))
-        .await
-        .map_err(|e| format!("no Will Message after DISCONNECT 0x04: {e}"))?;
-    check!(
-        m.payload == b"as asked",
-        "got {}",
-        Packet::Publish(m).brief()
-    );
+    let within = Duration::from_millis(1500);
+    will_seen(&mut watcher, within, "after DISCONNECT 0x04", b"as asked").await?;
     Ok(())
 }
 
@@ -1385,55 +1448,50 @@ async fn will_disconnect_04(cx: &Cx, v: Version) -> Outcome {
 
 async fn wildcard_plus(cx: &Cx, v: Version) -> Outcome {
     let base = topic(v, "wildcard-plus");
-    let mut sub = cx.client(v, "wildcard-plus-sub").await?;
-    sub.subscribe(&format!("{base}/+/x"), 1).await?;
-    let mut p = cx.client(v, "wildcard-plus-pub").await?;
-    for (t, payload) in [
+    let mut sub = cx
+        .subscriber(v, "wildcard-plus-sub", &format!("{base}/+/x"))
+        .await?;
+    let sent = at_qos1(&[
         (format!("{base}/a/x"), "one level"),
         (format!("{base}/a/b/x"), "two levels"),
         (format!("{base}/x"), "no level"),
         (format!("{base}/m/x"), "marker"),
-    ] {
-        p.publish(Publish::new(&t, payload.as_bytes()).qos(1))
-            .await?;
-    }
+    ]);
+    let _p = cx.publisher(v, "wildcard-plus-pub", sent).await?;
     let before = sub.until_marker("marker").await?;
-    let texts: Vec<String> = before.iter().map(Publish::payload_str).collect();
-    check!(texts == ["one level"], "received {}", payloads(&before));
-    sub.quiet(QUIET).await
-}
-
-async fn wildcard_hash(cx: &Cx, v: Version) -> Outcome {
-    let base = topic(v, "wildcard-hash");
-    let mut sub = cx.client(v, "wildcard-hash-sub").await?;
-    sub.subscribe(&format!("{base}/#"), 1).await?;
-    let mut p = cx.client(v, "wildcard-hash-pub").await?;
-    for (t, payload) in [
-        (base.clone(), "parent"),
-        (format!("{base}/a/b/c"), "deep"),
-        (format!("{base}-sibling"), "sibling"),
-        (format!("{base}/m"), "marker"),
-    ] {
-        p.publish(Publish::new(&t, payload.as_bytes()).qos(1))
-            .await?;
-    }
-    let before = sub.until_marker("marker").await?;
-    let mut texts: Vec<String> = before.iter().map(Publish::payload_str).collect();
-    texts.sort();
     check!(
-        texts == ["deep", "parent"],
+        texts(&before) == ["one level"],
         "received {}",
         payloads(&before)
     );
     sub.quiet(QUIET).await
 }
 
+async fn wildcard_hash(cx: &Cx, v: Version) -> Outcome {
+    let base = topic(v, "wildcard-hash");
+    let mut sub = cx
+        .subscriber(v, "wildcard-hash-sub", &format!("{base}/#"))
+        .await?;
+    let sent = at_qos1(&[
+        (base.clone(), "parent"),
+        (format!("{base}/a/b/c"), "deep"),
+        (format!("{base}-sibling"), "sibling"),
+        (format!("{base}/m"), "marker"),
+    ]);
+    let _p = cx.publisher(v, "wildcard-hash-pub", sent).await?;
+    let before = sub.until_marker("marker").await?;
+    let mut got = texts(&before);
+    got.sort();
+    check!(got == ["deep", "parent"], "received {}", payloads(&before));
+    sub.quiet(QUIET).await
+}
+
 async fn dollar_topics(cx: &Cx, v: Version) -> Outcome {
     let name = format!("conf-dollar-{}", v.tag());
-    let mut all = cx.client(v, "dollar-all").await?;
-    all.subscribe("#", 1).await?;
-    let mut plus = cx.client(v, "dollar-plus").await?;
-    plus.subscribe(&format!("+/{name}"), 1).await?;
+    let mut all = cx.subscriber(v, "dollar-all", "#").await?;
+    let mut plus = cx
+        .subscriber(v, "dollar-plus", &format!("+/{name}"))
+        .await?;
     let mut p = cx.client(v, "dollar-pub").await?;
     p.publish(Publish::new(&format!("$conf/{name}"), b"dollar").qos(1))
         .await
@@ -1519,8 +1577,7 @@ async fn subscribe_multiple(cx: &Cx, v: Version) -> Outcome {
 async fn unsubscribe_stops(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "unsubscribe");
     let marker_topic = format!("{t}/marker");
-    let mut sub = cx.client(v, "unsubscribe-sub").await?;
-    sub.subscribe(&t, 1).await?;
+    let mut sub = cx.subscriber(v, "unsubscribe-sub", &t).await?;
     sub.subscribe(&marker_topic, 1).await?;
     let pkid = sub.pkid();
     sub.send(&raw::unsubscribe(v, pkid, &[&t])).await?;
@@ -1536,37 +1593,35 @@ async fn unsubscribe_stops(cx: &Cx, v: Version) -> Outcome {
             "UNSUBACK codes {codes:02X?}, expected [00]"
         );
     }
-    let mut p = cx.client(v, "unsubscribe-pub").await?;
-    p.publish(Publish::new(&t, b"after unsubscribe").qos(1))
-        .await?;
-    p.publish(Publish::new(&marker_topic, b"marker").qos(1))
-        .await?;
-    let before = sub.until_marker("marker").await?;
-    check!(
-        before.is_empty(),
-        "delivered after UNSUBACK: {}",
-        payloads(&before)
-    );
+    let sent = vec![Publish::new(&t, b"after unsubscribe").qos(1)];
+    let mut p = cx.publisher(v, "unsubscribe-pub", sent).await?;
+    let before = before_marker(&mut p, &marker_topic, &mut sub).await?;
+    none_arrived(&before, "delivered after UNSUBACK")?;
     sub.quiet(QUIET).await
+}
+
+/// Sends an UNSUBSCRIBE of `filters` and returns the codes of every UNSUBACK for it that came
+/// before the answer to a PINGREQ sent after it.
+async fn unsubacks(c: &mut Client, v: Version, filters: &[&str]) -> Result<Vec<Vec<u8>>, String> {
+    let pkid = c.pkid();
+    c.send(&raw::unsubscribe(v, pkid, filters)).await?;
+    let replies = replies_until_pingresp(c).await?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::UnsubAck { pkid: id, codes } if id == pkid => Some(codes),
+            _ => None,
+        })
+        .collect())
 }
 
 async fn unsubscribe_unknown(cx: &Cx, v: Version) -> Outcome {
     let mut c = cx.client(v, "unsubscribe-unknown").await?;
-    let pkid = c.pkid();
-    c.send(&raw::unsubscribe(v, pkid, &[&topic(v, "never-subscribed")]))
-        .await?;
-    let replies = replies_until_pingresp(&mut c).await?;
-    let acks: Vec<&Vec<u8>> = replies
-        .iter()
-        .filter_map(|p| match p {
-            Packet::UnsubAck { pkid: id, codes } if *id == pkid => Some(codes),
-            _ => None,
-        })
-        .collect();
+    let acks = unsubacks(&mut c, v, &[&topic(v, "never-subscribed")]).await?;
     check!(acks.len() == 1, "{} UNSUBACKs, expected 1", acks.len());
     if v == Version::V5 {
         check!(
-            *acks[0] == [0x11] || *acks[0] == [0x00],
+            acks[0] == [0x11] || acks[0] == [0x00],
             "UNSUBACK codes {:02X?}, expected [11] (no subscription existed)",
             acks[0]
         );
@@ -1577,19 +1632,9 @@ async fn unsubscribe_unknown(cx: &Cx, v: Version) -> Outcome {
 async fn unsubscribe_two(cx: &Cx, v: Version) -> Outcome {
     let base = topic(v, "unsubscribe-two");
     let (a, b) = (format!("{base}/a"), format!("{base}/b"));
-    let mut c = cx.client(v, "unsubscribe-two").await?;
-    c.subscribe(&a, 1).await?;
+    let mut c = cx.subscriber(v, "unsubscribe-two", &a).await?;
     c.subscribe(&b, 1).await?;
-    let pkid = c.pkid();
-    c.send(&raw::unsubscribe(v, pkid, &[&a, &b])).await?;
-    let replies = replies_until_pingresp(&mut c).await?;
-    let acks: Vec<&Vec<u8>> = replies
-        .iter()
-        .filter_map(|p| match p {
-            Packet::UnsubAck { pkid: id, codes } if *id == pkid => Some(codes),
-            _ => None,
-        })
-        .collect();
+    let acks = unsubacks(&mut c, v, &[&a, &b]).await?;
     check!(
         acks.len() == 1,
         "{} UNSUBACKs for one UNSUBSCRIBE of two filters ({acks:02X?}), expected 1",
@@ -1597,7 +1642,7 @@ async fn unsubscribe_two(cx: &Cx, v: Version) -> Outcome {
     );
     if v == Version::V5 {
         check!(
-            *acks[0] == [0x00, 0x00],
+            acks[0] == [0x00, 0x00],
             "UNSUBACK codes {:02X?}, expected [00, 00]",
             acks[0]
         );
@@ -1610,15 +1655,15 @@ async fn shared_subscription(cx: &Cx, v: Version) -> Outcome {
     let filter = format!("$share/group-{}/{t}", v.tag());
     let mut members = Vec::new();
     for i in 0..2 {
-        let mut m = cx.client(v, &format!("shared-member-{i}")).await?;
-        m.subscribe(&filter, 1).await?;
-        members.push(m);
+        members.push(
+            cx.subscriber(v, &format!("shared-member-{i}"), &filter)
+                .await?,
+        );
     }
-    let mut p = cx.client(v, "shared-pub").await?;
-    for i in 0..10 {
-        p.publish(Publish::new(&t, i.to_string().as_bytes()).qos(1))
-            .await?;
-    }
+    let sent = (0..10)
+        .map(|i| Publish::new(&t, i.to_string().as_bytes()).qos(1))
+        .collect();
+    let _p = cx.publisher(v, "shared-pub", sent).await?;
     let mut got: Vec<String> = Vec::new();
     let deadline = Instant::now() + WAIT;
     while got.len() < 10 && Instant::now() < deadline {
@@ -1643,13 +1688,14 @@ async fn shared_subscription(cx: &Cx, v: Version) -> Outcome {
 async fn shared_two_filters(cx: &Cx, v: Version) -> Outcome {
     let group = format!("two-{}", v.tag());
     let (ta, tb) = (topic(v, "shared-a"), topic(v, "shared-b"));
-    let mut a = cx.client(v, "shared-two-a").await?;
-    a.subscribe(&format!("$share/{group}/{ta}"), 1).await?;
-    let mut b = cx.client(v, "shared-two-b").await?;
-    b.subscribe(&format!("$share/{group}/{tb}"), 1).await?;
-    let mut p = cx.client(v, "shared-two-pub").await?;
-    p.publish(Publish::new(&ta, b"for a").qos(1)).await?;
-    p.publish(Publish::new(&tb, b"for b").qos(1)).await?;
+    let mut a = cx
+        .subscriber(v, "shared-two-a", &format!("$share/{group}/{ta}"))
+        .await?;
+    let mut b = cx
+        .subscriber(v, "shared-two-b", &format!("$share/{group}/{tb}"))
+        .await?;
+    let sent = at_qos1(&[(ta, "for a"), (tb, "for b")]);
+    let _p = cx.publisher(v, "shared-two-pub", sent).await?;
     let mut problems = Vec::new();
     for (c, expected) in [(&mut a, "for a"), (&mut b, "for b")] {
         match c.message_within(Duration::from_millis(1500)).await {
@@ -1675,14 +1721,8 @@ async fn no_local(cx: &Cx, v: Version) -> Outcome {
     c.subscribe_opts(&t, opts).await?;
     c.publish(Publish::new(&t, b"own").qos(1)).await?;
     let mut p = cx.client(v, "no-local-pub").await?;
-    p.publish(Publish::new(&t, b"marker").qos(1)).await?;
-    let before = c.until_marker("marker").await?;
-    check!(
-        before.is_empty(),
-        "own message delivered despite No Local: {}",
-        payloads(&before)
-    );
-    Ok(())
+    let before = before_marker(&mut p, &t, &mut c).await?;
+    none_arrived(&before, "own message delivered despite No Local")
 }
 
 async fn subscription_identifier(cx: &Cx, v: Version) -> Outcome {
@@ -1695,8 +1735,8 @@ async fn subscription_identifier(cx: &Cx, v: Version) -> Outcome {
         )
         .await?;
     check!(codes == [1], "SUBACK codes {codes:02X?}");
-    let mut p = cx.client(v, "subscription-identifier-pub").await?;
-    p.publish(Publish::new(&t, b"tagged").qos(1)).await?;
+    let sent = vec![Publish::new(&t, b"tagged").qos(1)];
+    let _p = cx.publisher(v, "subscription-identifier-pub", sent).await?;
     let m = sub.message().await?;
     let ids: Vec<u32> = m
         .props
@@ -1753,57 +1793,47 @@ async fn properties_forwarded(cx: &Cx, v: Version) -> Outcome {
     Ok(())
 }
 
-fn expiry(seconds: u32) -> (u8, Value) {
-    (prop::MESSAGE_EXPIRY_INTERVAL, Value::U32(seconds))
+/// `p` with a Message Expiry Interval of `seconds`.
+fn expiring(p: Publish, seconds: u32) -> Publish {
+    p.prop(prop::MESSAGE_EXPIRY_INTERVAL, Value::U32(seconds))
 }
 
 async fn message_expiry_retained(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "message-expiry-retained");
-    let mut p = cx.client(v, "message-expiry-retained-pub").await?;
-    let mut m = Publish::new(&t, b"expires").qos(1).retain(true);
-    m.props.push(expiry(1));
-    p.publish(m).await?;
+    let sent = vec![expiring(
+        Publish::new(&t, b"expires").qos(1).retain(true),
+        1,
+    )];
+    let _p = cx.publisher(v, "message-expiry-retained-pub", sent).await?;
     // The expiry interval is the condition under test.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let got =
         retained_for_new_subscriber(cx, v, "message-expiry-retained", &t, SubOpts::qos(1)).await?;
-    check!(
-        got.is_empty(),
-        "expired retained message sent: {}",
-        payloads(&got)
-    );
-    Ok(())
+    none_arrived(&got, "expired retained message sent")
 }
 
 async fn message_expiry_queued(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "message-expiry-queued");
     let connect = persistent(v, "message-expiry-queued");
-    let (mut c, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    c.subscribe(&t, 1).await?;
-    c.disconnect().await;
-    let mut p = cx.client(v, "message-expiry-queued-pub").await?;
-    let mut m = Publish::new(&t, b"expires").qos(1);
-    m.props.push(expiry(1));
-    p.publish(m).await?;
-    p.publish(Publish::new(&t, b"marker").qos(1)).await?;
+    cx.subscribe_and_leave(v, &connect, &t).await?;
+    let sent = vec![
+        expiring(Publish::new(&t, b"expires").qos(1), 1),
+        Publish::new(&t, b"marker").qos(1),
+    ];
+    let _p = cx.publisher(v, "message-expiry-queued-pub", sent).await?;
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let (mut c, present, _) = Client::connect(cx.port(v), v, &connect).await?;
+    let (mut c, present, _) = cx.connect(v, &connect).await?;
     check!(present, "Session Present 0 on reconnect");
     let before = c.until_marker("marker").await?;
-    check!(
-        before.is_empty(),
-        "expired message delivered after reconnect: {}",
-        payloads(&before)
-    );
+    none_arrived(&before, "expired message delivered after reconnect")?;
     c.disconnect().await;
     Ok(())
 }
 
 async fn message_expiry_forwarded(cx: &Cx, v: Version) -> Outcome {
     let (mut sub, mut p, t) = pair(cx, v, "message-expiry-forwarded", 1).await?;
-    let mut m = Publish::new(&t, b"expiring").qos(1);
-    m.props.push(expiry(60));
-    p.publish(m).await?;
+    p.publish(expiring(Publish::new(&t, b"expiring").qos(1), 60))
+        .await?;
     let got = sub.message().await?;
     let left = find_u32(&got.props, prop::MESSAGE_EXPIRY_INTERVAL);
     check!(
@@ -1815,12 +1845,9 @@ async fn message_expiry_forwarded(cx: &Cx, v: Version) -> Outcome {
 
 async fn topic_alias_inbound(cx: &Cx, v: Version) -> Outcome {
     let (mut sub, _, t) = pair(cx, v, "topic-alias-inbound", 1).await?;
-    let (mut p, _, props) = Client::connect(
-        cx.port(v),
-        v,
-        &Connect::new(&cid(v, "topic-alias-inbound-aliaser")),
-    )
-    .await?;
+    let (mut p, _, props) = cx
+        .connect(v, &Connect::new(&cid(v, "topic-alias-inbound-aliaser")))
+        .await?;
     let max = find_u32(&props, prop::TOPIC_ALIAS_MAXIMUM).unwrap_or(0);
     check!(
         max >= 1,
@@ -1853,14 +1880,15 @@ async fn topic_alias_outbound(cx: &Cx, v: Version) -> Outcome {
     let base = topic(v, "topic-alias-outbound");
     let connect = Connect::new(&cid(v, "topic-alias-outbound-sub"))
         .prop(prop::TOPIC_ALIAS_MAXIMUM, Value::U16(10));
-    let (mut sub, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    sub.subscribe(&format!("{base}/+"), 1).await?;
-    let mut p = cx.client(v, "topic-alias-outbound-pub").await?;
+    let mut sub = cx.subscriber_as(v, &connect, &format!("{base}/+")).await?;
     let sends = [("one", "1"), ("two", "2"), ("one", "3")];
-    for (leaf, payload) in sends {
-        p.publish(Publish::new(&format!("{base}/{leaf}"), payload.as_bytes()).qos(1))
-            .await?;
-    }
+    let sent: Vec<(String, &str)> = sends
+        .iter()
+        .map(|(leaf, payload)| (format!("{base}/{leaf}"), *payload))
+        .collect();
+    let _p = cx
+        .publisher(v, "topic-alias-outbound-pub", at_qos1(&sent))
+        .await?;
     let mut problems = Vec::new();
     for (leaf, payload) in sends {
         let m = sub.message().await?;
@@ -1879,12 +1907,10 @@ async fn client_max_packet_size(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "client-max-packet-size");
     let connect = Connect::new(&cid(v, "client-max-packet-size-sub"))
         .prop(prop::MAXIMUM_PACKET_SIZE, Value::U32(128));
-    let (mut sub, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    sub.subscribe(&t, 1).await?;
-    let mut p = cx.client(v, "client-max-packet-size-pub").await?;
-    p.publish(Publish::new(&t, &[b'x'; 300]).qos(1)).await?;
-    p.publish(Publish::new(&t, b"marker").qos(1)).await?;
-    let before = sub.until_marker("marker").await?;
+    let mut sub = cx.subscriber_as(v, &connect, &t).await?;
+    let sent = vec![Publish::new(&t, &[b'x'; 300]).qos(1)];
+    let mut p = cx.publisher(v, "client-max-packet-size-pub", sent).await?;
+    let before = before_marker(&mut p, &t, &mut sub).await?;
     check!(
         before.is_empty(),
         "sent a PUBLISH with a {}-byte payload to a client whose Maximum Packet Size is 128",
@@ -1894,12 +1920,9 @@ async fn client_max_packet_size(cx: &Cx, v: Version) -> Outcome {
 }
 
 async fn server_max_packet_size(cx: &Cx, v: Version) -> Outcome {
-    let (c, _, props) = Client::connect(
-        cx.port(v),
-        v,
-        &Connect::new(&cid(v, "server-max-packet-size")),
-    )
-    .await?;
+    let (c, _, props) = cx
+        .connect(v, &Connect::new(&cid(v, "server-max-packet-size")))
+        .await?;
     c.disconnect().await;
     let announced = find_u32(&props, prop::MAXIMUM_PACKET_SIZE);
     check!(
@@ -1914,13 +1937,11 @@ async fn receive_maximum(cx: &Cx, v: Version) -> Outcome {
     let t = topic(v, "receive-maximum");
     let connect =
         Connect::new(&cid(v, "receive-maximum-sub")).prop(prop::RECEIVE_MAXIMUM, Value::U16(2));
-    let (mut sub, _, _) = Client::connect(cx.port(v), v, &connect).await?;
-    sub.subscribe(&t, 1).await?;
-    let mut p = cx.client(v, "receive-maximum-pub").await?;
-    for i in 0..5 {
-        p.publish(Publish::new(&t, i.to_string().as_bytes()).qos(1))
-            .await?;
-    }
+    let mut sub = cx.subscriber_as(v, &connect, &t).await?;
+    let sent = (0..5)
+        .map(|i| Publish::new(&t, i.to_string().as_bytes()).qos(1))
+        .collect();
+    let _p = cx.publisher(v, "receive-maximum-pub", sent).await?;
     // Unacknowledged, the server may have at most two in flight.
     let mut unacked = Vec::new();
     while let Ok(m) = sub.next_publish(QUIET).await {
@@ -2160,7 +2181,7 @@ impl Mosquitto {
         )
         .map_err(|e| format!("writing {}: {e}", conf.display()))?;
         let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let child = Command::new(tool("/usr/sbin/mosquitto")?)
+        let child = Command::new(mosquitto::tool("/usr/sbin/mosquitto")?)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -2208,24 +2229,6 @@ impl Drop for Mosquitto {
     }
 }
 
-/// The path of a Mosquitto program, or an error that says how to install it.
-fn tool(path: &str) -> Result<&str, String> {
-    let name = Path::new(path).file_name().unwrap().to_string_lossy();
-    let found = Path::new(path).is_file()
-        || Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if found {
-        Ok(path)
-    } else {
-        Err(format!(
-            "{path} not found: install it with `apt-get install mosquitto mosquitto-clients` \
-             (scripts/test does this on a fresh machine)"
-        ))
-    }
-}
-
 impl Cx {
     async fn mosquitto(&self) -> Result<&Mosquitto, String> {
         self.bridge
@@ -2238,17 +2241,8 @@ impl Cx {
 
 /// Runs `mosquitto_pub` to completion (QoS 1, so it exits 0 only after the PUBACK).
 fn mosquitto_pub(port: u16, args: &[&str]) -> Outcome {
-    let output = Command::new(tool("/usr/bin/mosquitto_pub")?)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-V",
-            "mqttv311",
-            "-q",
-            "1",
-        ])
+    let output = Command::new(mosquitto::tool("/usr/bin/mosquitto_pub")?)
+        .args(mosquitto::client_args(port, "mqttv311"))
         .args(args)
         .output()
         .map_err(|e| format!("mosquitto_pub: {e}"))?;
@@ -2271,17 +2265,8 @@ impl MosquittoSub {
     /// Subscribes and returns once the SUBACK is printed, so the subscription is in place.
     async fn start(port: u16, filter: &str) -> Result<MosquittoSub, String> {
         let mut child = Command::new("stdbuf")
-            .args(["-oL", tool("/usr/bin/mosquitto_sub")?])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-V",
-                "mqttv311",
-                "-q",
-                "1",
-            ])
+            .args(["-oL", mosquitto::tool("/usr/bin/mosquitto_sub")?])
+            .args(mosquitto::client_args(port, "mqttv311"))
             .args(["-t", filter, "-v", "-d", "-W", "30"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -2322,6 +2307,20 @@ impl MosquittoSub {
     }
 }
 
+impl MosquittoSub {
+    /// The first line that satisfies `pred` within 10 s; a failure carries the tail of the
+    /// bridging Mosquitto's log.
+    async fn bridged_line(
+        &mut self,
+        mosquitto: &Mosquitto,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
+        self.line(pred, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))
+    }
+}
+
 impl Drop for MosquittoSub {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -2329,17 +2328,13 @@ impl Drop for MosquittoSub {
     }
 }
 
-/// Raises a real `battery_low` alert on Messina for `device` (only Messina publishes alert
-/// state: a client's publish on `alerts/{id}/{rule}` is refused) by publishing a low reading.
-fn raise_battery_low(cx: &Cx, device: &str) -> Result<(), String> {
-    let file = cx.dir.join(format!("{device}-low.msgpack"));
-    std::fs::write(
-        &file,
-        mp(&json!({"ts": now_ms() - 1000, "seq": 1, "battery": 4})),
-    )
-    .map_err(|e| e.to_string())?;
+/// Publishes `reading` as MessagePack on `devices/{device}/telemetry` with `mosquitto_pub` to
+/// the broker on `port` (Messina's own, or the bridged Mosquitto).
+fn mosquitto_pub_reading(cx: &Cx, port: u16, device: &str, reading: serde_json::Value) -> Outcome {
+    let file = cx.dir.join(format!("{device}.msgpack"));
+    std::fs::write(&file, mp(&reading)).map_err(|e| format!("writing {}: {e}", file.display()))?;
     mosquitto_pub(
-        cx.server.mqtt,
+        port,
         &[
             "-t",
             &format!("devices/{device}/telemetry"),
@@ -2347,6 +2342,13 @@ fn raise_battery_low(cx: &Cx, device: &str) -> Result<(), String> {
             &file.to_string_lossy(),
         ],
     )
+}
+
+/// Raises a real `battery_low` alert on Messina for `device` (only Messina publishes alert
+/// state: a client's publish on `alerts/{id}/{rule}` is refused) by publishing a low reading.
+fn raise_battery_low(cx: &Cx, device: &str) -> Outcome {
+    let low = json!({"ts": now_ms() - 1000, "seq": 1, "battery": 4});
+    mosquitto_pub_reading(cx, cx.server.mqtt, device, low)
 }
 
 /// The payload of a line `alerts/{device}/battery_low {json}` if it says raised.
@@ -2359,28 +2361,22 @@ fn raised_for(line: &str, device: &str) -> bool {
 async fn bridge_in_retained(cx: &Cx, _v: Version) -> Outcome {
     let device = "conf-bridge-r";
     raise_battery_low(cx, device)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, page) = cx
-            .server
-            .get(&format!("/v1/alerts?state=active&device={device}"))
-            .await;
-        if page["items"].as_array().is_some_and(|i| !i.is_empty()) {
-            break;
-        }
+    let path = format!("/v1/alerts?state=active&device={device}");
+    poll(Duration::from_secs(10), || async {
+        let (_, page) = cx.server.get(&path).await;
         check!(
-            Instant::now() < deadline,
+            page["items"].as_array().is_some_and(|i| !i.is_empty()),
             "no alert raised for {device} within 10 s: {page}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(())
+    })
+    .await?;
     let mosquitto = cx.mosquitto().await?;
     let mut sub = MosquittoSub::start(mosquitto.port, "alerts/#").await?;
     // The bridge connects and subscribes on its own schedule; the retained alert arrives once
     // it has.
-    sub.line(|l| raised_for(l, device), Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))?;
+    sub.bridged_line(mosquitto, |l| raised_for(l, device))
+        .await?;
     Ok(())
 }
 
@@ -2390,75 +2386,46 @@ async fn bridge_in(cx: &Cx, _v: Version) -> Outcome {
     let mut sub =
         MosquittoSub::start(mosquitto.port, &format!("alerts/{device}/battery_low")).await?;
     raise_battery_low(cx, device)?;
-    sub.line(|l| raised_for(l, device), Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))?;
+    sub.bridged_line(mosquitto, |l| raised_for(l, device))
+        .await?;
     Ok(())
 }
 
 async fn bridge_out(cx: &Cx, _v: Version) -> Outcome {
     let mosquitto = cx.mosquitto().await?;
-    let ts = now_ms() - 5000;
-    let file = cx.dir.join("bridge-reading.msgpack");
-    std::fs::write(&file, mp(&json!({"ts": ts, "seq": 7, "battery": 64})))
-        .map_err(|e| e.to_string())?;
-    mosquitto_pub(
-        mosquitto.port,
-        &[
-            "-t",
-            "devices/conf-bridge/telemetry",
-            "-f",
-            &file.to_string_lossy(),
-        ],
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let reading = json!({"ts": now_ms() - 5000, "seq": 7, "battery": 64});
+    mosquitto_pub_reading(cx, mosquitto.port, "conf-bridge", reading)?;
+    let items = poll(Duration::from_secs(10), || async {
         let (status, page) = cx.server.get("/v1/devices/conf-bridge/telemetry").await;
         let items = page["items"].as_array().cloned().unwrap_or_default();
-        if status == 200 && !items.is_empty() {
-            check!(
-                items.len() == 1 && items[0]["battery"] == 64.0 && items[0]["seq"] == 7,
-                "stored {items:?}"
-            );
-            return Ok(());
-        }
         check!(
-            Instant::now() < deadline,
+            status == 200 && !items.is_empty(),
             "reading published to Mosquitto not stored by Messina within 10 s ({status} {page}); \
              mosquitto log: {}",
             mosquitto.log_tail()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(items)
+    })
+    .await?;
+    check!(
+        items.len() == 1 && items[0]["battery"] == 64.0 && items[0]["seq"] == 7,
+        "stored {items:?}"
+    );
+    Ok(())
 }
 
 async fn bridge_alert_round_trip(cx: &Cx, _v: Version) -> Outcome {
     let mosquitto = cx.mosquitto().await?;
     let mut sub = MosquittoSub::start(mosquitto.port, "alerts/conf-bridge-low/#").await?;
-    let file = cx.dir.join("bridge-low-battery.msgpack");
-    std::fs::write(
-        &file,
-        mp(&json!({"ts": now_ms() - 2000, "seq": 1, "battery": 5})),
-    )
-    .map_err(|e| e.to_string())?;
-    mosquitto_pub(
-        mosquitto.port,
-        &[
-            "-t",
-            "devices/conf-bridge-low/telemetry",
-            "-f",
-            &file.to_string_lossy(),
-        ],
-    )?;
+    let low = json!({"ts": now_ms() - 2000, "seq": 1, "battery": 5});
+    mosquitto_pub_reading(cx, mosquitto.port, "conf-bridge-low", low)?;
     // Mosquitto -> bridge -> Messina's storage and alert rules -> retained alert -> bridge ->
     // Mosquitto -> mosquitto_sub.
     let line = sub
-        .line(
-            |l| l.starts_with("alerts/conf-bridge-low/battery_low "),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|e| format!("{e}; mosquitto log: {}", mosquitto.log_tail()))?;
+        .bridged_line(mosquitto, |l| {
+            l.starts_with("alerts/conf-bridge-low/battery_low ")
+        })
+        .await?;
     let (_, payload) = line.split_once(' ').unwrap_or_default();
     let alert: serde_json::Value =
         serde_json::from_str(payload).map_err(|e| format!("alert {payload:?}: {e}"))?;
