@@ -14,6 +14,7 @@ use messina_mosquitto_tests::clients::{
 };
 use messina_mosquitto_tests::pki::{fingerprint, issue, CLIENT_EXT, SERVER_EXT};
 use messina_mosquitto_tests::{free_port, messina_bin, now_ms, wait_for, Server};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const READ_KEY: &str = "analytics-read-key-0001";
@@ -21,51 +22,96 @@ const WRITE_KEY: &str = "ingest-write-key-00001";
 const ADMIN_KEY: &str = "ops-admin-key-from-a-file";
 const LEGACY_KEY: &str = "legacy-single-admin-key";
 
-/// One request with optional credentials: (status, JSON body or text, `WWW-Authenticate`).
-async fn call(
-    server: &Server,
-    method: reqwest::Method,
-    path: &str,
-    auth: Auth<'_>,
-    body: Option<Value>,
-) -> (u16, Value, Option<String>) {
-    call_as(server.client(), server, method, path, auth, body).await
+/// Requests to one server with one set of credentials, from one HTTP client.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    client: &'a reqwest::Client,
+    server: &'a Server,
+    auth: Auth<'a>,
 }
 
-/// [`call`] with another client (one presenting a client certificate).
-async fn call_as(
-    client: &reqwest::Client,
-    server: &Server,
-    method: reqwest::Method,
-    path: &str,
-    auth: Auth<'_>,
-    body: Option<Value>,
-) -> (u16, Value, Option<String>) {
-    let mut r = client.request(method, server.url(path));
-    r = match auth {
-        Auth::None => r,
-        Auth::Key(k) => r.bearer_auth(k),
-        Auth::Device(id, secret) => r.basic_auth(id, Some(secret)),
-    };
-    if let Some(b) = body {
-        r = r.json(&b);
+/// Requests to `server` with `auth`, from the client that trusts it.
+fn caller<'a>(server: &'a Server, auth: Auth<'a>) -> Caller<'a> {
+    Caller {
+        client: server.client(),
+        server,
+        auth,
     }
-    let r = r.send().await.expect("HTTP request");
-    let status = r.status().as_u16();
-    let challenge = r
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_string());
-    if status >= 400 {
+}
+
+impl Caller<'_> {
+    async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> Answer {
+        self.send(Method::POST, path, body).await
+    }
+
+    /// One request; an error answer must be `application/problem+json`.
+    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        let request = format!("{method} {path} with {}", self.auth.describe());
+        let mut r = self.client.request(method, self.server.url(path));
+        r = match self.auth {
+            Auth::None => r,
+            Auth::Key(k) => r.bearer_auth(k),
+            Auth::Device(id, secret) => r.basic_auth(id, Some(secret)),
+        };
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("HTTP request");
+        let status = r.status().as_u16();
+        let challenge = r
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        if status >= 400 {
+            assert_eq!(
+                r.headers()["content-type"],
+                "application/problem+json",
+                "{request}"
+            );
+        }
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Answer {
+            request,
+            status,
+            body,
+            challenge,
+        }
+    }
+}
+
+/// What a request got, and the request, to name it when a check fails.
+struct Answer {
+    request: String,
+    status: u16,
+    /// JSON, or the text when it is not JSON.
+    body: Value,
+    /// `WWW-Authenticate`.
+    challenge: Option<String>,
+}
+
+impl Answer {
+    /// The body, after checking that the status is `expected`.
+    fn expect(self, expected: u16) -> Value {
+        self.expect_because(expected, "")
+    }
+
+    /// [`Answer::expect`], saying why `expected` is right.
+    fn expect_because(self, expected: u16, why: &str) -> Value {
         assert_eq!(
-            r.headers()["content-type"],
-            "application/problem+json",
-            "{path}"
+            self.status,
+            expected,
+            "{}{}{why}: {}",
+            self.request,
+            if why.is_empty() { "" } else { ": " },
+            self.body
         );
+        self.body
     }
-    let text = r.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body, challenge)
 }
 
 #[derive(Clone, Copy)]
@@ -73,6 +119,16 @@ enum Auth<'a> {
     None,
     Key(&'a str),
     Device(&'a str, &'a str),
+}
+
+impl Auth<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Auth::None => "no credentials".to_string(),
+            Auth::Key(k) => format!("key {k:?}"),
+            Auth::Device(id, _) => format!("the secret of device {id:?}"),
+        }
+    }
 }
 
 fn reading(seq: u64) -> Value {
@@ -100,48 +156,41 @@ async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_ro
         ],
     )
     .await;
-    use reqwest::Method;
 
     // No key, or one the server does not know: 401 with the Bearer challenge.
     for auth in [Auth::None, Auth::Key("not-a-key-of-this-server")] {
         for path in ["/v1/devices", "/metrics", "/v1/admin/devices"] {
-            let (status, body, challenge) = call(&server, Method::GET, path, auth, None).await;
-            assert_eq!(status, 401, "{path}: {body}");
+            let answer = caller(&server, auth).get(path).await;
+            let challenge = answer.challenge.clone();
+            answer.expect(401);
             assert_eq!(challenge.as_deref(), Some("Bearer"), "{path}");
         }
     }
     // Probes stay open.
     for path in ["/healthz", "/readyz"] {
-        let (status, _, _) = call(&server, Method::GET, path, Auth::None, None).await;
-        assert_eq!(status, 200, "{path}");
+        caller(&server, Auth::None).get(path).await.expect(200);
     }
 
+    let (admin, read, write) = (
+        caller(&server, Auth::Key(ADMIN_KEY)),
+        caller(&server, Auth::Key(READ_KEY)),
+        caller(&server, Auth::Key(WRITE_KEY)),
+    );
     // The admin key from the file, and the old single key, manage the registry.
     for (key, id) in [(ADMIN_KEY, "http-a"), (LEGACY_KEY, "http-b")] {
-        let (status, body, _) = call(
-            &server,
-            Method::POST,
-            "/v1/admin/devices",
-            Auth::Key(key),
-            Some(json!({"id": id, "labels": ["http"]})),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
+        let device = json!({"id": id, "labels": ["http"]});
+        caller(&server, Auth::Key(key))
+            .post("/v1/admin/devices", Some(device))
+            .await
+            .expect(201);
     }
     // The read key from the environment reads, and nothing more.
-    let (status, body, _) = call(
-        &server,
-        Method::GET,
-        "/v1/registry/devices?label=http",
-        Auth::Key(READ_KEY),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let body = read
+        .get("/v1/registry/devices?label=http")
+        .await
+        .expect(200);
     assert_eq!(body["items"].as_array().unwrap().len(), 2, "{body}");
-    let (status, metrics, _) =
-        call(&server, Method::GET, "/metrics", Auth::Key(READ_KEY), None).await;
-    assert_eq!(status, 200);
+    let metrics = read.get("/metrics").await.expect(200);
     assert!(
         metrics
             .as_str()
@@ -149,86 +198,49 @@ async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_ro
             .contains("messina_http_refused_total"),
         "the refusals above are counted"
     );
-    let (status, body, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-a/telemetry",
-        Auth::Key(READ_KEY),
-        Some(reading(1)),
-    )
-    .await;
-    assert_eq!(status, 403, "{body}");
+    let body = read
+        .post("/v1/devices/http-a/telemetry", Some(reading(1)))
+        .await
+        .expect(403);
     assert!(
         body["detail"].as_str().unwrap().contains("`write`"),
         "{body}"
     );
     // The write key posts for any device, but cannot manage the registry.
-    let (status, body, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-a/telemetry",
-        Auth::Key(WRITE_KEY),
-        Some(reading(1)),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let (status, _, _) = call(
-        &server,
-        Method::POST,
-        "/v1/admin/devices/http-a/revoke",
-        Auth::Key(WRITE_KEY),
-        None,
-    )
-    .await;
-    assert_eq!(status, 403);
+    write
+        .post("/v1/devices/http-a/telemetry", Some(reading(1)))
+        .await
+        .expect(202);
+    write
+        .post("/v1/admin/devices/http-a/revoke", None)
+        .await
+        .expect(403);
 
     // A device posts its own data with its own secret, and only its own.
-    let (_, added, _) = call(
-        &server,
-        Method::POST,
-        "/v1/admin/devices/http-a/rotate",
-        Auth::Key(ADMIN_KEY),
-        None,
-    )
-    .await;
+    let added = admin
+        .post("/v1/admin/devices/http-a/rotate", None)
+        .await
+        .expect(200);
     let secret = added["secret"].as_str().unwrap().to_string();
-    let (status, body, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-a/telemetry",
-        Auth::Device("http-a", &secret),
-        Some(reading(2)),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let (status, _, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-b/telemetry",
-        Auth::Device("http-a", &secret),
-        Some(reading(3)),
-    )
-    .await;
-    assert_eq!(status, 403);
-    let (status, _, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-a/telemetry",
-        Auth::Device("http-a", "not-its-secret"),
-        Some(reading(4)),
-    )
-    .await;
-    assert_eq!(status, 401);
+    let device = caller(&server, Auth::Device("http-a", &secret));
+    device
+        .post("/v1/devices/http-a/telemetry", Some(reading(2)))
+        .await
+        .expect(202);
+    device
+        .post("/v1/devices/http-b/telemetry", Some(reading(3)))
+        .await
+        .expect(403);
+    caller(&server, Auth::Device("http-a", "not-its-secret"))
+        .post("/v1/devices/http-a/telemetry", Some(reading(4)))
+        .await
+        .expect(401);
     // What was accepted is stored: readings 1 (write key) and 2 (the device itself).
     wait_for("both readings stored", || async {
-        let (_, page, _) = call(
-            &server,
-            Method::GET,
-            "/v1/devices/http-a/telemetry?order=oldest",
-            Auth::Key(READ_KEY),
-            None,
-        )
-        .await;
+        let page = read
+            .get("/v1/devices/http-a/telemetry?order=oldest")
+            .await
+            .body;
         let seqs: Vec<u64> = page["items"]
             .as_array()
             .map(|items| items.iter().filter_map(|r| r["seq"].as_u64()).collect())
@@ -238,34 +250,19 @@ async fn keys_from_a_file_the_environment_and_the_old_setting_each_have_their_ro
     .await;
 
     // An acknowledgement without a body records the name of the key that made it.
-    let (status, body, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/http-low/telemetry",
-        Auth::Key(WRITE_KEY),
-        Some(json!({"ts": now_ms() - 1_000, "battery": 3})),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let alerts = || async {
-        call(
-            &server,
-            Method::GET,
-            "/v1/alerts?device=http-low",
-            Auth::Key(READ_KEY),
-            None,
-        )
+    let low = json!({"ts": now_ms() - 1_000, "battery": 3});
+    write
+        .post("/v1/devices/http-low/telemetry", Some(low))
         .await
-        .1
-    };
+        .expect(202);
+    let alerts = || async { read.get("/v1/alerts?device=http-low").await.body };
     wait_for("the low-battery alert", || async {
         alerts().await["items"][0].is_object()
     })
     .await;
     let alert = alerts().await["items"][0].clone();
     let path = format!("/v1/alerts/{}/ack", alert["id"].as_str().unwrap());
-    let (status, acked, _) = call(&server, Method::POST, &path, Auth::Key(ADMIN_KEY), None).await;
-    assert_eq!(status, 200, "{acked}");
+    let acked = admin.post(&path, None).await.expect(200);
     assert_eq!(acked["acked_by"], "ops", "{acked}");
 }
 
@@ -278,7 +275,20 @@ async fn exit_within(child: &mut Child, within: Duration) -> Option<std::process
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
     None
+}
+
+/// `messina serve -c config` with its output going to `stdout` and `stderr`.
+fn serve(config: &std::path::Path, stdout: Stdio, stderr: Stdio) -> Child {
+    Command::new(messina_bin())
+        .args(["serve", "-c"])
+        .arg(config)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,16 +311,8 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
         .unwrap();
         path
     };
-    let mut child = Command::new(messina_bin())
-        .args(["serve", "-c"])
-        .arg(config(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&config(""), Stdio::null(), Stdio::piped());
     let Some(status) = exit_within(&mut child, Duration::from_secs(60)).await else {
-        child.kill().unwrap();
-        child.wait().unwrap();
         panic!("messina served HTTP to the network without any API key");
     };
     assert!(!status.success(), "must not start");
@@ -326,13 +328,11 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
     // Opting in starts, with a warning.
     let log = dir.path().join("open.log");
     let log_file = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(messina_bin())
-        .args(["serve", "-c"])
-        .arg(config("open = true\n"))
-        .stdout(Stdio::from(log_file.try_clone().unwrap()))
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .unwrap();
+    let mut child = serve(
+        &config("open = true\n"),
+        Stdio::from(log_file.try_clone().unwrap()),
+        Stdio::from(log_file),
+    );
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}/v1/devices");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -355,16 +355,27 @@ async fn a_network_listener_without_any_key_refuses_to_start_unless_opened() {
         .status()
         .unwrap();
     let stopped = exit_within(&mut child, Duration::from_secs(30)).await;
-    if stopped.is_none() {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("WARN") && text.contains("http.open = true"),
         "{text}"
     );
     assert!(stopped.is_some_and(|s| s.success()), "{text}");
+}
+
+/// POSTs `path` (a revocation or a rotation) to the admin API for a device connected with
+/// `eventloop`: it answers 200 saying it disconnected one session, and that session ends within
+/// 5 s with DISCONNECT 0x87 (Not authorized). Returns the answer.
+async fn ends_the_session(admin: &Caller<'_>, path: &str, eventloop: &mut v5::EventLoop) -> Value {
+    let body = admin.post(path, None).await.expect(200);
+    assert_eq!(body["disconnected"], 1, "POST {path}: {body}");
+    let ended = ended_v5(eventloop, Duration::from_secs(5)).await;
+    assert_eq!(
+        disconnect_reason(&ended),
+        Some(v5::DisconnectReasonCode::NotAuthorized),
+        "after POST {path}: {ended:?}"
+    );
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,17 +390,12 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
         ],
     )
     .await;
-    use reqwest::Method;
-    let admin = |method: Method, path: &'static str, body: Option<Value>| {
-        call(&server, method, path, Auth::Key(LEGACY_KEY), body)
-    };
-    let (status, added, _) = admin(
-        Method::POST,
-        "/v1/admin/devices",
-        Some(json!([{"id": "live-1"}, {"id": "live-2"}])),
-    )
-    .await;
-    assert_eq!(status, 201, "{added}");
+    let admin = caller(&server, Auth::Key(LEGACY_KEY));
+    let devices = json!([{"id": "live-1"}, {"id": "live-2"}]);
+    let added = admin
+        .post("/v1/admin/devices", Some(devices))
+        .await
+        .expect(201);
     let secret = |id: &str| {
         added["items"]
             .as_array()
@@ -426,31 +432,18 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
     .await
     .expect("PUBACK");
 
-    let (status, body, _) = admin(Method::POST, "/v1/admin/devices/live-1/revoke", None).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["status"], "revoked");
-    assert_eq!(body["disconnected"], 1, "{body}");
     // The live session ends now with 0x87, not at its next reconnect.
-    let ended = ended_v5(&mut eventloop, Duration::from_secs(5)).await;
-    assert_eq!(
-        disconnect_reason(&ended),
-        Some(v5::DisconnectReasonCode::NotAuthorized),
-        "{ended:?}"
-    );
+    let body = ends_the_session(&admin, "/v1/admin/devices/live-1/revoke", &mut eventloop).await;
+    assert_eq!(body["status"], "revoked", "{body}");
     // It cannot come back, over MQTT or HTTP; the other device is untouched.
     assert_eq!(
         connect_device_v5(server.mqtt, "live-1", &s1).await.err(),
         Some(v5::ConnectReturnCode::NotAuthorized)
     );
-    let (status, _, _) = call(
-        &server,
-        Method::POST,
-        "/v1/devices/live-1/telemetry",
-        Auth::Device("live-1", &s1),
-        Some(reading(2)),
-    )
-    .await;
-    assert_eq!(status, 401);
+    caller(&server, Auth::Device("live-1", &s1))
+        .post("/v1/devices/live-1/telemetry", Some(reading(2)))
+        .await
+        .expect(401);
     let alive = tokio::time::timeout(Duration::from_millis(500), bystander_loop.poll()).await;
     assert!(
         alive.is_err() || alive.unwrap().is_ok(),
@@ -459,15 +452,12 @@ async fn revoking_over_the_admin_api_disconnects_the_device_at_once() {
 
     // Rotation over the admin API: the connection made with the old secret ends now, and the
     // old secret is refused at the next CONNECT; the new one resumes.
-    let (status, rotated, _) = admin(Method::POST, "/v1/admin/devices/live-2/rotate", None).await;
-    assert_eq!(status, 200, "{rotated}");
-    assert_eq!(rotated["disconnected"], 1, "{rotated}");
-    let ended = ended_v5(&mut bystander_loop, Duration::from_secs(5)).await;
-    assert_eq!(
-        disconnect_reason(&ended),
-        Some(v5::DisconnectReasonCode::NotAuthorized),
-        "{ended:?}"
-    );
+    let rotated = ends_the_session(
+        &admin,
+        "/v1/admin/devices/live-2/rotate",
+        &mut bystander_loop,
+    )
+    .await;
     let new_secret = rotated["secret"].as_str().unwrap();
     assert_eq!(
         connect_device_v5(server.mqtt, "live-2", &s2).await.err(),
@@ -497,7 +487,6 @@ fn client_with_certificate(pki: &std::path::Path, name: &str) -> reqwest::Client
 /// names nobody registered, or comes from another CA, authenticates nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_api_keys_and_device_certificates() {
-    use reqwest::Method;
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     std::fs::create_dir(&pki).unwrap();
@@ -539,17 +528,12 @@ async fn https_with_api_keys_and_device_certificates() {
     .await;
 
     // API keys over HTTPS; nothing without one.
-    let (status, body, _) = call(
-        &server,
-        Method::GET,
-        "/v1/devices",
-        Auth::Key(LEGACY_KEY),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, _, _) = call(&server, Method::GET, "/v1/devices", Auth::None, None).await;
-    assert_eq!(status, 401);
+    let admin = caller(&server, Auth::Key(LEGACY_KEY));
+    admin.get("/v1/devices").await.expect(200);
+    caller(&server, Auth::None)
+        .get("/v1/devices")
+        .await
+        .expect(401);
     // Plain HTTP on the HTTPS port gets no HTTP answer.
     let plain = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{}/healthz", server.http))
@@ -560,41 +544,46 @@ async fn https_with_api_keys_and_device_certificates() {
         "plain HTTP is not served on the HTTPS listener"
     );
 
-    let post = |name: &str, device: &str, seq: u64| {
-        let client = client_with_certificate(&pki, name);
-        let path = format!("/v1/devices/{device}/telemetry");
-        let server = &server;
-        async move {
-            call_as(
-                &client,
-                server,
-                Method::POST,
-                &path,
-                Auth::None,
+    // Each row: the certificate presented, the device posted for, the status, and why.
+    let posts = [
+        (
+            "dev-h",
+            "dev-h",
+            202,
+            "dev-h posts its own data with its certificate",
+        ),
+        ("dev-h", "dev-p", 403, "and nobody else's"),
+        ("dev-p", "dev-p", 202, "the pinned certificate"),
+        (
+            "dev-p-other",
+            "dev-p",
+            401,
+            "another certificate for a pinned device",
+        ),
+        (
+            "stranger",
+            "stranger",
+            401,
+            "a certificate naming nobody registered",
+        ),
+    ];
+    let mut body = Value::Null;
+    for (seq, (certificate, device, status, why)) in (1..).zip(posts) {
+        let client = client_with_certificate(&pki, certificate);
+        let by_certificate = Caller {
+            client: &client,
+            server: &server,
+            auth: Auth::None,
+        };
+        body = by_certificate
+            .post(
+                &format!("/v1/devices/{device}/telemetry"),
                 Some(reading(seq)),
             )
             .await
-        }
-    };
-    let (status, body, _) = post("dev-h", "dev-h", 1).await;
-    assert_eq!(
-        status, 202,
-        "dev-h posts its own data with its certificate: {body}"
-    );
-    let (status, body, _) = post("dev-h", "dev-p", 2).await;
-    assert_eq!(status, 403, "and nobody else's: {body}");
-    let (status, body, _) = post("dev-p", "dev-p", 3).await;
-    assert_eq!(status, 202, "the pinned certificate: {body}");
-    let (status, body, _) = post("dev-p-other", "dev-p", 4).await;
-    assert_eq!(
-        status, 401,
-        "another certificate for a pinned device: {body}"
-    );
-    let (status, body, _) = post("stranger", "stranger", 5).await;
-    assert_eq!(
-        status, 401,
-        "a certificate naming nobody registered: {body}"
-    );
+            .expect_because(status, &format!("{certificate}.pem: {why}"));
+    }
+    // The stranger, last, is told whom its certificate names.
     assert!(
         body["detail"].as_str().unwrap().contains("stranger"),
         "{body}"
@@ -614,7 +603,7 @@ async fn https_with_api_keys_and_device_certificates() {
     for device in ["dev-h", "dev-p"] {
         let path = format!("/v1/devices/{device}/telemetry");
         wait_for("the posted readings stored", || async {
-            let (_, page, _) = call(&server, Method::GET, &path, Auth::Key(LEGACY_KEY), None).await;
+            let page = admin.get(&path).await.body;
             page["items"].as_array().map(Vec::len) == Some(1)
         })
         .await;
@@ -626,7 +615,6 @@ async fn https_with_api_keys_and_device_certificates() {
 /// holds a key is logged while the keys in force stay. No restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_files_are_read_again_so_keys_rotate_without_a_restart() {
-    use reqwest::Method;
     const NEW_KEY: &str = "dashboard-key-rotated-0002";
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("dashboard.key");
@@ -647,9 +635,10 @@ async fn key_files_are_read_again_so_keys_rotate_without_a_restart() {
     let status = |key: &'static str| {
         let server = &server;
         async move {
-            call(server, Method::GET, "/v1/devices", Auth::Key(key), None)
+            caller(server, Auth::Key(key))
+                .get("/v1/devices")
                 .await
-                .0
+                .status
         }
     };
     assert_eq!(status(READ_KEY).await, 200);
