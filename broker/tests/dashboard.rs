@@ -144,6 +144,27 @@ async fn history(server: &Server, device: &str) {
     publish_v4(server.mqtt, &format!("{device}-history"), messages).await;
 }
 
+/// `messina simulate` of `devices` devices named `{prefix}-N` publishing to `server` at `rate`
+/// messages a second in all, for `seconds`.
+fn simulate(server: &Server, devices: usize, rate: u32, seconds: u32, prefix: &str) -> Command {
+    let mut command = Command::new(messina_bin());
+    command
+        .args([
+            "simulate",
+            "--broker",
+            &format!("127.0.0.1:{}", server.mqtt),
+        ])
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ])
+        .args(["--duration", &seconds.to_string(), "--prefix", prefix])
+        .stdout(Stdio::null());
+    command
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_devices_charts_and_live_alerts() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,22 +175,8 @@ async fn the_dashboard_shows_the_fleet_devices_charts_and_live_alerts() {
     )
     .await;
     history(&server, "garden-1").await;
-    let simulated = Command::new(messina_bin())
-        .args([
-            "simulate",
-            "--broker",
-            &format!("127.0.0.1:{}", server.mqtt),
-        ])
-        .args([
-            "--devices",
-            &SIMULATED.to_string(),
-            "--rate",
-            "40",
-            "--duration",
-            "3",
-        ])
-        .args(["--prefix", "sim", "--event-every", "4"])
-        .stdout(Stdio::null())
+    let simulated = simulate(&server, SIMULATED, 40, 3, "sim")
+        .args(["--event-every", "4"])
         .status()
         .expect("messina simulate");
     assert!(simulated.success(), "messina simulate failed");
@@ -312,23 +319,7 @@ async fn the_dashboard_shows_the_fleet_devices_charts_and_live_alerts() {
     assert_eq!(stored["acked_by"], "dashboard", "{stored}");
 
     // Ingest: the rates of devices publishing now arrive, live.
-    let mut publishing = Command::new(messina_bin())
-        .args([
-            "simulate",
-            "--broker",
-            &format!("127.0.0.1:{}", server.mqtt),
-        ])
-        .args([
-            "--devices",
-            "2",
-            "--rate",
-            "100",
-            "--duration",
-            "8",
-            "--prefix",
-            "live",
-        ])
-        .stdout(Stdio::null())
+    let mut publishing = simulate(&server, 2, 100, 8, "live")
         .spawn()
         .expect("messina simulate");
     browser.goto(&server.url("/#/ingest")).await.unwrap();
