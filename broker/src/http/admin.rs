@@ -23,7 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::{device_id, ApiError, ApiResult, AppState, Params};
+use super::{device_id, query_params, ApiError, ApiResult, AppState, PageParams, Params};
 use crate::json::{device_json, page_json, DeviceJson, ImportJson, PageJson};
 use crate::security::provision::{self, Changes, NewDevice, ProvisionError, Provisioned};
 
@@ -142,11 +142,11 @@ pub enum Created {
     Many(ImportJson),
 }
 
-/// The query of the registry: by label, profile field, role and status, and a page.
+/// Devices by label, profile field, role and status.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
-pub struct RegistryParams {
+pub struct RegistryFilterParams {
     /// Only devices with this label.
     label: Option<String>,
     /// Only devices whose profile field has this value: `key:value`, e.g. `pet_name:Rex`.
@@ -155,10 +155,11 @@ pub struct RegistryParams {
     role: Option<String>,
     /// `active` or `revoked`.
     status: Option<String>,
-    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
-    limit: Option<usize>,
-    /// The `next_cursor` of the previous page, unchanged.
-    cursor: Option<String>,
+}
+
+query_params! {
+    /// The query of the registry: by label, profile field, role and status, and a page.
+    pub struct RegistryParams = RegistryFilterParams, PageParams
 }
 
 /// Registers a device, or imports several.

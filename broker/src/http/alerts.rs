@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{auth, ApiError, ApiResult, AppState, Params};
+use super::{auth, query_params, ApiError, ApiResult, AppState, PageParams, Params, RangeParams};
 use crate::clock::{now_millis, rfc3339};
 use crate::json::{
     alert_json, page_json, AlertJson, AnomaliesJson, AnomalyCountJson, FailingDeviceJson,
@@ -40,11 +40,11 @@ pub(super) fn alerts_service(state: &AppState) -> ApiResult<&Arc<AlertService>> 
     })
 }
 
-/// The query of alerts: by state, device and rule, a range of raise times and a page.
+/// Alerts by state, device and rule.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
-pub struct AlertParams {
+pub struct AlertFilterParams {
     /// `active` (raised or acknowledged), `raised`, `acknowledged`, `cleared` or `all` (the
     /// default).
     #[param(pattern = "^(active|raised|acknowledged|cleared|all)$")]
@@ -53,17 +53,14 @@ pub struct AlertParams {
     device: Option<String>,
     /// Only this rule's alerts, e.g. `battery_low`.
     rule: Option<String>,
-    /// Raised from this time on: RFC 3339 or milliseconds since the epoch.
-    since: Option<String>,
-    /// Raised before this time: RFC 3339 or milliseconds since the epoch.
-    until: Option<String>,
-    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
-    limit: Option<usize>,
-    /// The `next_cursor` of the previous page, unchanged.
-    cursor: Option<String>,
 }
 
-/// Alerts, newest raised first.
+query_params! {
+    /// The query of alerts: by state, device and rule, a range of raise times and a page.
+    pub struct AlertParams = AlertFilterParams, RangeParams, PageParams
+}
+
+/// Alerts, newest raised first; `since` and `until` bound the time each was raised.
 #[utoipa::path(
     get,
     path = "/alerts",

@@ -883,60 +883,63 @@ mod tests {
 
     #[test]
     fn every_route_class_needs_its_role() {
-        let check = |method: Method, path: &str, role: ApiRole, device: bool| {
+        // (method, route, role, whether the device's own credentials also do)
+        let table = [
+            (Method::GET, "/v1/devices", ApiRole::Read, false),
+            (
+                Method::GET,
+                "/v1/devices/{id}/telemetry",
+                ApiRole::Read,
+                false,
+            ),
+            (Method::GET, "/metrics", ApiRole::Read, false),
+            (Method::GET, "/v1/registry/devices", ApiRole::Read, false),
+            (
+                Method::POST,
+                "/v1/devices/{id}/telemetry",
+                ApiRole::Write,
+                true,
+            ),
+            (
+                Method::POST,
+                "/v1/devices/{id}/events",
+                ApiRole::Write,
+                true,
+            ),
+            (
+                Method::POST,
+                "/v1/devices/{id}/uploads",
+                ApiRole::Write,
+                true,
+            ),
+            (
+                Method::POST,
+                "/v1/devices/{id}/uploads/{upload}/complete",
+                ApiRole::Write,
+                true,
+            ),
+            (Method::POST, "/v1/alerts/{id}/ack", ApiRole::Write, false),
+            (Method::GET, "/v1/admin/devices", ApiRole::Admin, false),
+            (Method::POST, "/v1/admin/devices", ApiRole::Admin, false),
+            (
+                Method::PATCH,
+                "/v1/admin/devices/{id}",
+                ApiRole::Admin,
+                false,
+            ),
+            (
+                Method::POST,
+                "/v1/admin/devices/{id}/revoke",
+                ApiRole::Admin,
+                false,
+            ),
+        ];
+        for (method, path, role, device) in table {
             assert_eq!(
                 need(&method, path),
                 Need { role, device },
                 "{method} {path}"
             );
-        };
-        check(Method::GET, "/v1/devices", ApiRole::Read, false);
-        check(
-            Method::GET,
-            "/v1/devices/{id}/telemetry",
-            ApiRole::Read,
-            false,
-        );
-        check(Method::GET, "/metrics", ApiRole::Read, false);
-        check(Method::GET, "/v1/registry/devices", ApiRole::Read, false);
-        check(
-            Method::POST,
-            "/v1/devices/{id}/telemetry",
-            ApiRole::Write,
-            true,
-        );
-        check(
-            Method::POST,
-            "/v1/devices/{id}/events",
-            ApiRole::Write,
-            true,
-        );
-        check(
-            Method::POST,
-            "/v1/devices/{id}/uploads",
-            ApiRole::Write,
-            true,
-        );
-        check(
-            Method::POST,
-            "/v1/devices/{id}/uploads/{upload}/complete",
-            ApiRole::Write,
-            true,
-        );
-        check(Method::POST, "/v1/alerts/{id}/ack", ApiRole::Write, false);
-        check(Method::GET, "/v1/admin/devices", ApiRole::Admin, false);
-        check(Method::POST, "/v1/admin/devices", ApiRole::Admin, false);
-        check(
-            Method::PATCH,
-            "/v1/admin/devices/{id}",
-            ApiRole::Admin,
-            false,
-        );
-        check(
-            Method::POST,
-            "/v1/admin/devices/{id}/revoke",
-            ApiRole::Admin,
-            false,
-        );
+        }
     }
 }

@@ -13,7 +13,10 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{device_id, ingest, ApiError, ApiResult, AppState, PageParams, Params};
+use super::{
+    device_id, ingest, query_params, ApiError, ApiResult, AppState, OrderParams, PageParams,
+    Params, RangeParams,
+};
 use crate::json::{
     dead_letter_json, event_json, page_json, reading_json, state_json, DeadLetterJson, EventJson,
     FleetJson, PageJson, ReadingJson, StateJson,
@@ -63,22 +66,10 @@ pub async fn device(
     }
 }
 
-/// The query of a device's telemetry: a half-open time range `[since, until)` and a page.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
-pub struct TelemetryParams {
-    /// From this time on: RFC 3339 or milliseconds since the epoch.
-    since: Option<String>,
-    /// Before this time: RFC 3339 or milliseconds since the epoch.
-    until: Option<String>,
-    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
-    limit: Option<usize>,
-    /// The `next_cursor` of the previous page, unchanged.
-    cursor: Option<String>,
-    /// `newest` (or `desc`, the default) or `oldest` (or `asc`) first.
-    #[param(pattern = "^(newest|desc|oldest|asc)$")]
-    order: Option<String>,
+query_params! {
+    /// The query of a device's telemetry: a half-open time range `[since, until)`, an order and a
+    /// page.
+    pub struct TelemetryParams = RangeParams, OrderParams, PageParams
 }
 
 /// A device's readings.
@@ -110,24 +101,18 @@ pub async fn telemetry(
     )))
 }
 
-/// The query of a device's events: of one kind or all, a time range and a page.
+/// Events of one kind.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
-pub struct EventParams {
+pub struct EventKindParams {
     /// Only events of this kind.
     kind: Option<String>,
-    /// From this time on: RFC 3339 or milliseconds since the epoch.
-    since: Option<String>,
-    /// Before this time: RFC 3339 or milliseconds since the epoch.
-    until: Option<String>,
-    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
-    limit: Option<usize>,
-    /// The `next_cursor` of the previous page, unchanged.
-    cursor: Option<String>,
-    /// `newest` (or `desc`, the default) or `oldest` (or `asc`) first.
-    #[param(pattern = "^(newest|desc|oldest|asc)$")]
-    order: Option<String>,
+}
+
+query_params! {
+    /// The query of a device's events: of one kind or all, a time range, an order and a page.
+    pub struct EventParams = EventKindParams, RangeParams, OrderParams, PageParams
 }
 
 /// A device's events, optionally of one kind.
@@ -160,21 +145,18 @@ pub async fn events(
     )))
 }
 
-/// The query of dead letters: of one device or all, a time range and a page.
+/// Dead letters of one device.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
-pub struct DeadLetterParams {
+pub struct DeadLetterDeviceParams {
     /// Only messages on this device's topics.
     device: Option<String>,
-    /// From this time on: RFC 3339 or milliseconds since the epoch.
-    since: Option<String>,
-    /// Before this time: RFC 3339 or milliseconds since the epoch.
-    until: Option<String>,
-    /// Items per page, 1 to `http.max_page_size` (default `http.default_page_size`).
-    limit: Option<usize>,
-    /// The `next_cursor` of the previous page, unchanged.
-    cursor: Option<String>,
+}
+
+query_params! {
+    /// The query of dead letters: of one device or all, a time range and a page.
+    pub struct DeadLetterParams = DeadLetterDeviceParams, RangeParams, PageParams
 }
 
 /// Messages that could not be stored, newest first, with `reason`, `topic` and `payload_base64`.

@@ -92,6 +92,24 @@ pub enum EventBody {
     Many(Vec<EventItem>),
 }
 
+/// The answers of an ingest request (telemetry or events).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Read as documentation: the handlers answer through `ingest`.
+pub enum IngestAnswers {
+    /// Every item is durable
+    #[response(status = 202)]
+    Accepted(#[to_schema] AcceptedJson),
+    /// Some items are invalid: `errors` names each one's field, `accepted` counts the others
+    #[response(status = 400)]
+    Invalid,
+    /// Over `http.max_body_kib` or `bridge.max_readings_per_message`
+    #[response(status = 413)]
+    TooLarge,
+    /// Neither JSON nor MessagePack
+    #[response(status = 415)]
+    UnsupportedType,
+}
+
 /// Device readings over HTTP, for devices without MQTT.
 ///
 /// Answered only once every item is durable in the ingest log (as a PUBACK). Invalid items
@@ -106,12 +124,7 @@ pub enum EventBody {
         (TelemetryBody = "application/json"),
         (TelemetryBody = "application/msgpack"),
     )),
-    responses(
-        (status = 202, description = "Every item is durable", body = AcceptedJson),
-        (status = 400, description = "Some items are invalid: `errors` names each one's field, `accepted` counts the others"),
-        (status = 413, description = "Over `http.max_body_kib` or `bridge.max_readings_per_message`"),
-        (status = 415, description = "Neither JSON nor MessagePack"),
-    )
+    responses(IngestAnswers)
 )]
 pub async fn telemetry(
     state: State<Arc<AppState>>,
@@ -133,12 +146,7 @@ pub async fn telemetry(
         (EventBody = "application/json"),
         (EventBody = "application/msgpack"),
     )),
-    responses(
-        (status = 202, description = "Every item is durable", body = AcceptedJson),
-        (status = 400, description = "Some items are invalid: `errors` names each one's field, `accepted` counts the others"),
-        (status = 413, description = "Over `http.max_body_kib` or `bridge.max_readings_per_message`"),
-        (status = 415, description = "Neither JSON nor MessagePack"),
-    )
+    responses(IngestAnswers)
 )]
 pub async fn events(
     state: State<Arc<AppState>>,

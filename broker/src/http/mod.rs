@@ -315,6 +315,48 @@ pub struct PageParams {
     cursor: Option<String>,
 }
 
+/// A half-open time range `[since, until)` ([`Params::range`]).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
+pub struct RangeParams {
+    /// From this time on: RFC 3339 or milliseconds since the epoch.
+    since: Option<String>,
+    /// Before this time: RFC 3339 or milliseconds since the epoch.
+    until: Option<String>,
+}
+
+/// The order of a time-ordered listing ([`Params::order`]).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as documentation and as the names `Params` accepts.
+pub struct OrderParams {
+    /// `newest` (or `desc`, the default) or `oldest` (or `asc`) first.
+    #[param(pattern = "^(newest|desc|oldest|asc)$")]
+    order: Option<String>,
+}
+
+/// Declares an endpoint's query parameters as the concatenation of parameter groups, so that a
+/// group (a page, a time range) is documented once and the endpoint's document and the names
+/// [`Params::of`] accepts stay one list.
+macro_rules! query_params {
+    ($(#[$doc:meta])* $vis:vis struct $name:ident = $($group:ty),+ $(,)?) => {
+        $(#[$doc])*
+        $vis struct $name;
+
+        impl utoipa::IntoParams for $name {
+            fn into_params(
+                parameter_in: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+            ) -> Vec<utoipa::openapi::path::Parameter> {
+                let mut all = Vec::new();
+                $(all.extend(<$group as utoipa::IntoParams>::into_params(&parameter_in));)+
+                all
+            }
+        }
+    };
+}
+use query_params;
+
 impl Params {
     /// The query, checked against the parameters `Q` documents: the document and the check are
     /// one list.

@@ -44,12 +44,7 @@ pub(super) struct RollupStatements {
 
 impl RollupStatements {
     pub(super) async fn prepare(session: &Session, ks: &str) -> Result<Self> {
-        let prepare = |cql: String| async move {
-            session
-                .prepare(cql.as_str())
-                .await
-                .map_err(|e| StorageError::Fatal(Cause::new(format!("preparing {cql}"), e)))
-        };
+        let prepare = |cql: String| prepare_statement(session, cql);
         Ok(RollupStatements {
             insert_rollup: prepare(format!(
                 "INSERT INTO {ks}.rollups (owner, metric, resolution, period, start, {SUMMARY_COLS}) \
@@ -156,32 +151,36 @@ fn from_row<K>(r: SummaryRow<K>) -> (K, Summary, i64) {
 }
 
 /// The summary columns as bound: count, sum, min, max, first and last (ts, seq, value).
-type SummaryValues = (
-    i64,
-    f64,
-    f64,
-    f64,
-    CqlTimestamp,
-    i64,
-    f64,
-    CqlTimestamp,
-    i64,
-    f64,
-);
+#[derive(scylla::SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+struct SummaryValues {
+    count: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    first_ts: CqlTimestamp,
+    first_seq: i64,
+    first_value: f64,
+    last_ts: CqlTimestamp,
+    last_seq: i64,
+    last_value: f64,
+}
 
-fn summary_values(s: &Summary) -> SummaryValues {
-    (
-        s.count as i64,
-        s.sum,
-        s.min,
-        s.max,
-        ts(s.first.ts),
-        s.first.seq as i64,
-        s.first.value,
-        ts(s.last.ts),
-        s.last.seq as i64,
-        s.last.value,
-    )
+impl SummaryValues {
+    fn of(s: &Summary) -> Self {
+        SummaryValues {
+            count: s.count as i64,
+            sum: s.sum,
+            min: s.min,
+            max: s.max,
+            first_ts: ts(s.first.ts),
+            first_seq: s.first.seq as i64,
+            first_value: s.first.value,
+            last_ts: ts(s.last.ts),
+            last_seq: s.last.seq as i64,
+            last_value: s.last.value,
+        }
+    }
 }
 
 /// The values of `INSERT INTO rollups`: the key, the summary, write time and TTL.
@@ -193,16 +192,8 @@ struct RollupValues<'a> {
     resolution: &'static str,
     period: CqlDate,
     start: CqlTimestamp,
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    first_ts: CqlTimestamp,
-    first_seq: i64,
-    first_value: f64,
-    last_ts: CqlTimestamp,
-    last_seq: i64,
-    last_value: f64,
+    #[scylla(flatten)]
+    summary: SummaryValues,
     timestamp: i64,
     ttl: i32,
 }
@@ -214,16 +205,8 @@ struct DeviceValues<'a> {
     metric: &'a str,
     minute: CqlTimestamp,
     device: &'a str,
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    first_ts: CqlTimestamp,
-    first_seq: i64,
-    first_value: f64,
-    last_ts: CqlTimestamp,
-    last_seq: i64,
-    last_value: f64,
+    #[scylla(flatten)]
+    summary: SummaryValues,
     timestamp: i64,
     ttl: i32,
 }
@@ -375,23 +358,13 @@ impl Inner {
         let period = period_of(row.resolution, row.start);
         match &row.summary {
             Some(s) => {
-                let v = summary_values(s);
                 let values = RollupValues {
                     owner: &row.owner,
                     metric: &row.metric,
                     resolution: row.resolution.as_str(),
                     period,
                     start: ts(row.start),
-                    count: v.0,
-                    sum: v.1,
-                    min: v.2,
-                    max: v.3,
-                    first_ts: v.4,
-                    first_seq: v.5,
-                    first_value: v.6,
-                    last_ts: v.7,
-                    last_seq: v.8,
-                    last_value: v.9,
+                    summary: SummaryValues::of(s),
                     timestamp,
                     ttl: self.ttl(),
                 };
@@ -415,21 +388,11 @@ impl Inner {
         let st = &self.st.rollups;
         match &row.summary {
             Some(s) => {
-                let v = summary_values(s);
                 let values = DeviceValues {
                     metric: &row.metric,
                     minute: ts(row.minute),
                     device: &row.device,
-                    count: v.0,
-                    sum: v.1,
-                    min: v.2,
-                    max: v.3,
-                    first_ts: v.4,
-                    first_seq: v.5,
-                    first_value: v.6,
-                    last_ts: v.7,
-                    last_seq: v.8,
-                    last_value: v.9,
+                    summary: SummaryValues::of(s),
                     timestamp,
                     ttl: self.ttl(),
                 };

@@ -54,14 +54,17 @@ pub(super) struct Statements {
     pub(super) rollups: RollupStatements,
 }
 
+/// Prepares one statement; a failure is fatal (the schema or the statement is wrong).
+pub(super) async fn prepare_statement(session: &Session, cql: String) -> Result<PreparedStatement> {
+    session
+        .prepare(cql.as_str())
+        .await
+        .map_err(|e| StorageError::Fatal(Cause::new(format!("preparing {cql}"), e)))
+}
+
 impl Statements {
     pub(super) async fn prepare(session: &Session, ks: &str) -> Result<Self> {
-        let prepare = |cql: String| async move {
-            session
-                .prepare(cql.as_str())
-                .await
-                .map_err(|e| StorageError::Fatal(Cause::new(format!("preparing {cql}"), e)))
-        };
+        let prepare = |cql: String| prepare_statement(session, cql);
         let reading_cols = "device_id, ts, seq, received_at, battery, rssi, online, metrics, attrs";
         let event_cols = "device_id, ts, seq, received_at, kind, attrs";
         let range = "WHERE device_id = ? AND day = ? AND ts >= ? AND ts < ?";
