@@ -1,7 +1,7 @@
 //! Who calls the HTTP side-port and whether they may: API keys with a role each (`read` ⊆
 //! `write` ⊆ `admin`), and registered devices with their own credentials on the routes a device
 //! uses. [`need`] is the one table of what each route requires; [`authorize`] applies it to
-//! every route but `/healthz` and `/readyz`.
+//! every route but the open ones: `/healthz`, `/readyz`, `/openapi.json` and the dashboard.
 //!
 //! API keys are compared as SHA-256 digests in constant time, against every configured key, so
 //! neither a key's length nor which key matched shows in the answer's timing. Device secrets
