@@ -18,6 +18,7 @@ use messina_storage::{
 use tokio::sync::{broadcast, mpsc};
 
 use crate::meter;
+use crate::OnStored;
 
 /// Transitions kept for live watchers ([`AlertService::watch`]) that fall behind; one that falls
 /// further is told to read the active alerts again.
@@ -727,8 +728,16 @@ impl AlertEngine {
 /// bridge's writer, the edge's wills, the ticker), and transitions go, in order, to a committer
 /// task of their own that stores them, counts them and hands them to the broker. Slow or failing
 /// alert storage therefore never holds up ingestion.
+///
+/// What the rules remember is saved each tick for the devices that changed, with the log position
+/// through which the engine had seen everything; only once that is saved does the position go on
+/// to the checkpoint. A crash therefore replays what the saved memory has not seen, and a restart
+/// resumes exactly where the rules stopped.
 pub struct AlertService {
     engine: Mutex<AlertEngine>,
+    /// The log position through which the engine has seen every stored batch, not yet handed to
+    /// the committer; locked only while `engine` is, so it always matches the engine's memory.
+    seen_through: Mutex<Option<u64>>,
     commits: mpsc::UnboundedSender<Commit>,
     /// Every stored transition, for live watchers (the dashboard's alert stream).
     changes: broadcast::Sender<Alert>,
@@ -739,17 +748,35 @@ pub struct AlertService {
 struct Commit {
     notices: Vec<Notice>,
     store: bool,
-    /// Devices' engine state to save, after the transitions.
-    memory: Vec<(DeviceId, Vec<u8>)>,
+    /// Devices' engine state to save, after the transitions, and the log position through which
+    /// it has seen everything, told to `on_saved` once it is saved.
+    memory: Option<Memories>,
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// What the rules remember of the devices that changed, and the log position it covers.
+type Memories = (Vec<(DeviceId, Vec<u8>)>, Option<u64>);
+
+impl Commit {
+    /// Notices to publish, stored first when `store`; nothing else.
+    fn of(notices: Vec<Notice>, store: bool) -> Self {
+        Commit {
+            notices,
+            store,
+            memory: None,
+            done: None,
+        }
+    }
+}
+
 impl AlertService {
-    /// Creates the service and restores active alerts and last-seen times from storage.
+    /// Creates the service and restores active alerts and the rules' memory from storage.
+    /// `on_saved` is told, in log order, the positions through which the memory is saved.
     pub async fn start(
         rules: Rules,
         storage: Arc<dyn Storage>,
         notices: mpsc::Sender<Notice>,
+        on_saved: OnStored,
     ) -> Result<Arc<Self>, StorageError> {
         let mut active = Vec::new();
         let mut q = AlertQuery::all(1000);
@@ -798,9 +825,16 @@ impl AlertService {
         meter::active_alerts(engine.active().count());
         let (commits, queue) = mpsc::unbounded_channel();
         let (changes, _) = broadcast::channel(WATCH_BACKLOG);
-        tokio::spawn(committer(queue, storage, notices, changes.clone()));
+        tokio::spawn(committer(
+            queue,
+            storage,
+            notices,
+            changes.clone(),
+            on_saved,
+        ));
         Ok(Arc::new(AlertService {
             engine: Mutex::new(engine),
+            seen_through: Mutex::new(None),
             commits,
             changes,
         }))
@@ -810,35 +844,53 @@ impl AlertService {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What changed in the rules' memory since the last save, and the log position it covers.
+    fn take_changed(&self) -> Memories {
+        let mut engine = self.engine();
+        let through = self
+            .seen_through
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        (engine.take_changed(), through)
+    }
+
+    /// Hands a commit to the committer, in order; false once the committer is gone.
+    fn hand_over(&self, commit: Commit) -> bool {
+        meter::alert_commits_pending(1.0);
+        self.commits.send(commit).is_ok()
+    }
+
+    /// Hands the memory to save (and the position it covers) to the committer; `done` is told
+    /// once it and everything handed over before it are stored.
+    fn save(&self, memory: Memories, done: Option<tokio::sync::oneshot::Sender<()>>) -> bool {
+        if memory.0.is_empty() && memory.1.is_none() && done.is_none() {
+            return true;
+        }
+        self.hand_over(Commit {
+            memory: Some(memory),
+            done,
+            ..Commit::of(Vec::new(), false)
+        })
+    }
+
     /// Hands transitions to the committer, in the order they happened.
     fn commit(&self, notices: Vec<Notice>) {
         if notices.is_empty() {
             return;
         }
         meter::active_alerts(self.engine().active().count());
-        meter::alert_commits_pending(1.0);
-        let _ = self.commits.send(Commit {
-            notices,
-            store: true,
-            memory: Vec::new(),
-            done: None,
-        });
+        self.hand_over(Commit::of(notices, true));
     }
 
     /// Like [`commit`](Self::commit), and waits until the transitions are stored.
     async fn commit_and_wait(&self, notices: Vec<Notice>) {
         let (done, stored) = tokio::sync::oneshot::channel();
-        meter::alert_commits_pending(1.0);
-        if self
-            .commits
-            .send(Commit {
-                notices,
-                store: true,
-                memory: Vec::new(),
-                done: Some(done),
-            })
-            .is_ok()
-        {
+        let commit = Commit {
+            done: Some(done),
+            ..Commit::of(notices, true)
+        };
+        if self.hand_over(commit) {
             let _ = stored.await;
         }
     }
@@ -847,13 +899,7 @@ impl AlertService {
     pub fn republish_active(&self) {
         let active: Vec<Notice> = self.engine().active().cloned().map(Notice::Alert).collect();
         if !active.is_empty() {
-            meter::alert_commits_pending(1.0);
-            let _ = self.commits.send(Commit {
-                notices: active,
-                store: false,
-                memory: Vec::new(),
-                done: None,
-            });
+            self.hand_over(Commit::of(active, false));
         }
     }
 
@@ -880,8 +926,17 @@ impl AlertService {
         alerts
     }
 
-    pub async fn on_batch(&self, batch: &Batch) {
-        let notices = self.engine().observe(batch);
+    /// Judges a stored batch; `through` is the log position through which everything is stored
+    /// with it, reported on once the memory that judging leaves is saved.
+    pub async fn on_batch(&self, batch: &Batch, through: Option<u64>) {
+        let notices = {
+            let mut engine = self.engine();
+            let notices = engine.observe(batch);
+            if through.is_some() {
+                *self.seen_through.lock().unwrap_or_else(|p| p.into_inner()) = through;
+            }
+            notices
+        };
         self.commit(notices);
     }
 
@@ -892,38 +947,16 @@ impl AlertService {
 
     /// The one-second tick: silence, and saving the state of the devices heard from since.
     pub async fn tick(&self, now: Millis) {
-        let (notices, memory) = {
-            let mut engine = self.engine();
-            (engine.tick(now), engine.take_changed())
-        };
+        let notices = self.engine().tick(now);
         self.commit(notices);
-        if !memory.is_empty() {
-            meter::alert_commits_pending(1.0);
-            let _ = self.commits.send(Commit {
-                notices: Vec::new(),
-                store: false,
-                memory,
-                done: None,
-            });
-        }
+        self.save(self.take_changed(), None);
     }
 
     /// Saves what changed since the last tick and waits until everything handed to the
     /// committer is stored: the last step of a clean shutdown, so a restart resumes exactly.
     pub async fn flush(&self) {
-        let memory = self.engine().take_changed();
         let (done, stored) = tokio::sync::oneshot::channel();
-        meter::alert_commits_pending(1.0);
-        if self
-            .commits
-            .send(Commit {
-                notices: Vec::new(),
-                store: false,
-                memory,
-                done: Some(done),
-            })
-            .is_ok()
-        {
+        if self.save(self.take_changed(), Some(done)) {
             let _ = stored.await;
         }
     }
@@ -960,7 +993,11 @@ async fn committer(
     storage: Arc<dyn Storage>,
     notices: mpsc::Sender<Notice>,
     changes: broadcast::Sender<Alert>,
+    on_saved: OnStored,
 ) {
+    // Memory not saved yet (storage failed), newest state per device, and the position it covers.
+    let mut unsaved: HashMap<DeviceId, Vec<u8>> = HashMap::new();
+    let mut unsaved_through: Option<u64> = None;
     while let Some(commit) = queue.recv().await {
         meter::alert_commits_pending(-1.0);
         let alerts: Vec<Alert> = commit
@@ -980,8 +1017,14 @@ async fn committer(
                 let _ = changes.send(a);
             }
         }
-        if !commit.memory.is_empty() {
-            store_memory(&*storage, &commit.memory).await;
+        if let Some((memory, through)) = commit.memory {
+            unsaved.extend(memory);
+            unsaved_through = unsaved_through.max(through);
+            if save_memory(&*storage, &mut unsaved).await {
+                if let Some(through) = unsaved_through.take() {
+                    on_saved(through);
+                }
+            }
         }
         if let Some(done) = commit.done {
             let _ = done.send(());
@@ -1014,9 +1057,26 @@ where
     }
 }
 
-async fn store_memory(storage: &dyn Storage, memory: &[(DeviceId, Vec<u8>)]) {
-    if let Err(e) = retried(|| storage.put_alert_states(memory)).await {
-        tracing::warn!(error = %e, devices = memory.len(), "could not save alert rule state; a restart now starts those devices' streaks and windows afresh");
+/// Saves the rules' memory of `unsaved` devices. True when nothing is left to save: saved, or
+/// refused for a reason retrying cannot fix (then those devices start afresh after a restart).
+/// While storage is unavailable the memory is kept for the next save and nothing after it is
+/// reported saved, so the ingest log keeps what a crash would have to replay.
+async fn save_memory(storage: &dyn Storage, unsaved: &mut HashMap<DeviceId, Vec<u8>>) -> bool {
+    if unsaved.is_empty() {
+        return true;
+    }
+    let rows: Vec<(DeviceId, Vec<u8>)> = unsaved.drain().collect();
+    match retried(|| storage.put_alert_states(&rows)).await {
+        Ok(()) => true,
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(error = %e, devices = rows.len(), "cannot save alert rule state now; trying again with the next save, and the ingest log keeps what came since");
+            unsaved.extend(rows);
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, devices = rows.len(), "storage refused alert rule state; a restart starts those devices' streaks and windows afresh");
+            true
+        }
     }
 }
 

@@ -8,5 +8,10 @@ pub mod pipeline;
 pub mod topics;
 pub mod wire;
 
-pub use pipeline::{spawn, BridgeClosed, BridgeHandle, Inbound, Settings};
+pub use pipeline::{spawn, AfterWrite, BridgeClosed, BridgeHandle, Inbound, Settings};
 pub use wire::{Decoded, Kind, Limits, Rejection};
+
+/// Told, in log order, a position through which everything is done with: every message that ends
+/// at or before it is stored (or was handled elsewhere and passed, see [`BridgeHandle::pass`]),
+/// and so is what the alert rules remember of it. The broker makes it the ingest log's checkpoint.
+pub type OnStored = std::sync::Arc<dyn Fn(u64) + Send + Sync>;

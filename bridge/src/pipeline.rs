@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::AlertService;
 use crate::meter;
 use crate::wire::{self, Decoded, Limits};
+use crate::OnStored;
 
 /// One message as the broker received it, with its place in the ingest log.
 #[derive(Debug, Clone)]
@@ -32,9 +33,15 @@ pub struct Inbound {
     pub received_at: Millis,
 }
 
-/// Told, in log order, how far storage has caught up: every message that ends at or before the
-/// position is stored (or was handled elsewhere and passed, see [`BridgeHandle::pass`]).
-pub type OnStored = Arc<dyn Fn(u64) + Send + Sync>;
+/// Where the writer hands each stored batch and the log position it completes.
+#[derive(Clone)]
+pub enum AfterWrite {
+    /// Straight to the checkpoint: no alert rules run.
+    Checkpoint(OnStored),
+    /// To the alert service, which judges the batch and tells its own [`OnStored`] the position
+    /// once the rules' memory of it is saved too, so a crash replays what that memory lacks.
+    Alerts(Arc<AlertService>),
+}
 
 /// What travels on the bridge queue.
 enum Message {
@@ -118,14 +125,13 @@ impl BridgeHandle {
     }
 }
 
-/// Starts the bridge. `on_stored` is told, in order, the log position through which everything is
-/// stored. `shutdown` only shortens retries of a failing write once requested; the bridge itself
-/// ends when every [`BridgeHandle`] is dropped, so nothing queued is left behind.
+/// Starts the bridge. `after` is handed, in order, each stored batch and the log position through
+/// which everything is stored. `shutdown` only shortens retries of a failing write once requested;
+/// the bridge itself ends when every [`BridgeHandle`] is dropped, so nothing queued is left behind.
 pub fn spawn(
     storage: Arc<dyn Storage>,
     settings: Settings,
-    alerts: Option<Arc<AlertService>>,
-    on_stored: OnStored,
+    after: AfterWrite,
     shutdown: CancellationToken,
 ) -> (BridgeHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(settings.queue_capacity);
@@ -133,8 +139,7 @@ pub fn spawn(
         writer: Arc::new(Writer {
             storage,
             settings: settings.clone(),
-            alerts,
-            on_stored,
+            after,
             shutdown,
             gave_up: std::sync::atomic::AtomicBool::new(false),
         }),
@@ -298,9 +303,7 @@ impl Bridge {
 struct Writer {
     storage: Arc<dyn Storage>,
     settings: Settings,
-    /// Evaluates alert rules on each batch once it is stored.
-    alerts: Option<Arc<AlertService>>,
-    on_stored: OnStored,
+    after: AfterWrite,
     shutdown: CancellationToken,
     /// Set once a batch was given up at shutdown: nothing after it may be reported stored, so the
     /// next start replays it from the log.
@@ -347,11 +350,13 @@ impl Writer {
             );
             return;
         }
-        if let Some(alerts) = &self.alerts {
-            alerts.on_batch(&batch).await;
-        }
-        if let Some(through) = through {
-            (self.on_stored)(through);
+        match &self.after {
+            AfterWrite::Alerts(alerts) => alerts.on_batch(&batch, through).await,
+            AfterWrite::Checkpoint(on_stored) => {
+                if let Some(through) = through {
+                    on_stored(through);
+                }
+            }
         }
     }
 

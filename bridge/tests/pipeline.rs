@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use messina_bridge::alerts::{AlertService, Notice};
-use messina_bridge::{spawn, BridgeHandle, Inbound, Settings};
+use messina_bridge::{spawn, AfterWrite, BridgeHandle, Inbound, OnStored, Settings};
 use messina_storage::embedded::{EmbeddedOptions, EmbeddedStorage};
 use messina_storage::*;
 use serde_json::json;
@@ -28,6 +28,9 @@ struct Recording {
     alerts_stuck: std::sync::atomic::AtomicBool,
     /// Alert writes fail for good while set.
     alerts_refused: std::sync::atomic::AtomicBool,
+    /// Saves of the rules' memory fail (retryably) while set; each failed attempt is counted.
+    states_down: std::sync::atomic::AtomicBool,
+    states_failed: AtomicUsize,
 }
 
 #[async_trait]
@@ -106,6 +109,10 @@ impl Storage for Recording {
         self.inner.alerts(q).await
     }
     async fn put_alert_states(&self, states: &[(DeviceId, Vec<u8>)]) -> Result<()> {
+        if self.states_down.load(Ordering::SeqCst) {
+            self.states_failed.fetch_add(1, Ordering::SeqCst);
+            return Err(StorageError::Unavailable("alert state is down".into()));
+        }
         self.inner.put_alert_states(states).await
     }
     async fn alert_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>> {
@@ -165,19 +172,29 @@ fn recording(dir: &std::path::Path, fail: usize) -> Arc<Recording> {
         down: Default::default(),
         alerts_stuck: Default::default(),
         alerts_refused: Default::default(),
+        states_down: Default::default(),
+        states_failed: Default::default(),
     })
 }
 
 fn fixture(rows: usize, delay_ms: u64, fail: usize) -> Fixture {
-    fixture_with(rows, delay_ms, fail, |_| None)
+    fixture_with(rows, delay_ms, fail, Arc::default(), None)
 }
 
-/// A fixture whose bridge evaluates alerts with the service `alerts` builds over its storage.
+/// A checkpoint that records each position it is told into `stored_through`.
+fn checkpoint_into(stored_through: &Arc<Mutex<Vec<u64>>>) -> OnStored {
+    let stored_through = Arc::clone(stored_through);
+    Arc::new(move |p| stored_through.lock().unwrap().push(p))
+}
+
+/// A fixture whose checkpoint records into `stored_through`, and whose bridge hands its batches to
+/// `alerts` when there is one (which then reports to the checkpoint).
 fn fixture_with(
     rows: usize,
     delay_ms: u64,
     fail: usize,
-    alerts: impl FnOnce(Arc<Recording>) -> Option<Arc<messina_bridge::alerts::AlertService>>,
+    stored_through: Arc<Mutex<Vec<u64>>>,
+    alerts: Option<Arc<AlertService>>,
 ) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let storage = recording(dir.path(), fail);
@@ -188,20 +205,12 @@ fn fixture_with(
         retry_max_delay: Duration::from_millis(20),
         ..Settings::default()
     };
-    let stored_through = Arc::new(Mutex::new(Vec::new()));
-    let on_stored = {
-        let stored_through = Arc::clone(&stored_through);
-        Arc::new(move |p| stored_through.lock().unwrap().push(p))
+    let after = match alerts {
+        Some(service) => AfterWrite::Alerts(service),
+        None => AfterWrite::Checkpoint(checkpoint_into(&stored_through)),
     };
     let shutdown = CancellationToken::new();
-    let alerts = alerts(Arc::clone(&storage));
-    let (handle, task) = spawn(
-        storage.clone(),
-        settings,
-        alerts,
-        on_stored,
-        shutdown.clone(),
-    );
+    let (handle, task) = spawn(storage.clone(), settings, after, shutdown.clone());
     Fixture {
         _dir: dir,
         storage,
@@ -419,16 +428,30 @@ async fn a_batch_given_up_at_shutdown_is_not_reported_stored() {
 }
 
 /// A bridge that evaluates alerts with a service over `alert_storage` (the readings go to the
-/// fixture's own storage), and the channel the service publishes on.
+/// fixture's own storage), the channel the service publishes on, and the service.
 async fn with_alerts(
     alert_storage: &Arc<Recording>,
-) -> (Fixture, tokio::sync::mpsc::Receiver<Notice>) {
+) -> (
+    Fixture,
+    tokio::sync::mpsc::Receiver<Notice>,
+    Arc<AlertService>,
+) {
     let (notices_tx, notices) = tokio::sync::mpsc::channel(1024);
     let rules = messina_bridge::alerts::Rules::from_config(&Default::default());
-    let service = AlertService::start(rules, alert_storage.clone(), notices_tx)
-        .await
-        .unwrap();
-    (fixture_with(10, 5, 0, |_| Some(service)), notices)
+    let stored_through = Arc::default();
+    let service = AlertService::start(
+        rules,
+        alert_storage.clone(),
+        notices_tx,
+        checkpoint_into(&stored_through),
+    )
+    .await
+    .unwrap();
+    (
+        fixture_with(10, 5, 0, stored_through, Some(service.clone())),
+        notices,
+        service,
+    )
 }
 
 /// Sends a low-battery reading from each of `n` devices named `{prefix}-{i}` and waits until
@@ -475,7 +498,7 @@ async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
     let dir = tempfile::tempdir().unwrap();
     let alert_storage = recording(dir.path(), 0);
     // The service starts (restoring state) before alert storage hangs.
-    let (mut f, mut notices) = with_alerts(&alert_storage).await;
+    let (mut f, mut notices, _) = with_alerts(&alert_storage).await;
     alert_storage.alerts_stuck.store(true, Ordering::SeqCst);
     low_batteries(&f, "low", 40).await;
     assert!(
@@ -495,7 +518,7 @@ async fn alert_storage_that_hangs_does_not_hold_up_ingestion() {
 async fn alert_storage_that_refuses_still_publishes_and_ingestion_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let alert_storage = recording(dir.path(), 0);
-    let (mut f, mut notices) = with_alerts(&alert_storage).await;
+    let (mut f, mut notices, _) = with_alerts(&alert_storage).await;
     alert_storage.alerts_refused.store(true, Ordering::SeqCst);
     low_batteries(&f, "refused", 5).await;
     // Fleet managers still hear of every alert, though none could be stored.
@@ -506,5 +529,75 @@ async fn alert_storage_that_refuses_still_publishes_and_ingestion_goes_on() {
     )
     .await;
     assert_eq!(alerts_stored(&alert_storage).await, 0);
+    f.close().await;
+}
+
+/// With alert rules, a position reaches the checkpoint only once the rules' memory of everything
+/// before it is saved: not when its batch is stored, not while saving that memory fails, and at
+/// the first save that succeeds. So a crash replays what the saved memory has not seen.
+#[tokio::test]
+async fn with_alert_rules_the_checkpoint_waits_until_their_memory_is_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let alert_storage = recording(dir.path(), 0);
+    let (mut f, _notices, service) = with_alerts(&alert_storage).await;
+    let saved = |device: &'static str| {
+        let alert_storage = Arc::clone(&alert_storage);
+        async move {
+            alert_storage
+                .alert_states()
+                .await
+                .unwrap()
+                .iter()
+                .any(|(d, _)| d.as_str() == device)
+        }
+    };
+    // Saves until the writer, which hands a batch to the rules just after storing it, has.
+    let save_until = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| {
+        let service = Arc::clone(&service);
+        async move {
+            for _ in 0..200 {
+                service.flush().await;
+                if done() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{what}");
+        }
+    };
+
+    f.send(telemetry("mem-1", 0)).await;
+    f.wait_stored("mem-1", 1).await;
+    assert!(
+        f.stored_through.lock().unwrap().is_empty(),
+        "the checkpoint moved before the rules' memory was saved"
+    );
+    let stored_through = Arc::clone(&f.stored_through);
+    save_until(
+        "the first save never reported the batch",
+        Box::new(move || !stored_through.lock().unwrap().is_empty()),
+    )
+    .await;
+    assert_eq!(*f.stored_through.lock().unwrap(), vec![1010]);
+    assert!(saved("mem-1").await);
+
+    // Saving fails: the batch is stored, its position is held back.
+    alert_storage.states_down.store(true, Ordering::SeqCst);
+    f.send(telemetry("mem-2", 1)).await;
+    f.wait_stored("mem-2", 1).await;
+    let storage = Arc::clone(&alert_storage);
+    save_until(
+        "the rules' memory of mem-2 was never saved",
+        Box::new(move || storage.states_failed.load(Ordering::SeqCst) > 0),
+    )
+    .await;
+    assert_eq!(*f.stored_through.lock().unwrap(), vec![1010]);
+    assert!(!saved("mem-2").await);
+
+    // It works again: the memory kept from the failed save is saved, then the position reported.
+    alert_storage.states_down.store(false, Ordering::SeqCst);
+    service.flush().await;
+    assert_eq!(*f.stored_through.lock().unwrap(), vec![1010, 1020]);
+    assert!(saved("mem-2").await);
     f.close().await;
 }

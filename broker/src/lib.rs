@@ -282,11 +282,22 @@ pub async fn serve(
     // Replies to devices (upload URLs) share the publisher link, on their own bounded channel.
     let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(1024);
     let publisher = mqtt::spawn_publisher(router.feeder(), notices_rx, replies_rx);
+    // The log's checkpoint: the position through which everything is stored, and what the alert
+    // rules remember of it is saved (the bridge tells it, or the alert service once it has saved).
+    let on_stored: messina_bridge::OnStored = {
+        let log = log.clone();
+        Arc::new(move |through| {
+            if let Err(e) = log.checkpoint(through) {
+                tracing::error!(error = %e, "cannot record the ingest log checkpoint; check the disk");
+            }
+        })
+    };
     let alerts = if config.alerts.enabled {
         let rules = messina_bridge::alerts::Rules::from_config(&config.alerts);
-        let service = AlertService::start(rules, Arc::clone(&storage), notices_tx)
-            .await
-            .context("restoring alert state from storage")?;
+        let service =
+            AlertService::start(rules, Arc::clone(&storage), notices_tx, on_stored.clone())
+                .await
+                .context("restoring alert state from storage")?;
         service.republish_active();
         Some(service)
     } else {
@@ -303,20 +314,13 @@ pub async fn serve(
     let sweep = uploads
         .clone()
         .map(|service| service.spawn_sweep(shutdown.clone()));
-    // The bridge tells, in log order, how far storage has caught up; that is the log's checkpoint.
-    let on_stored: messina_bridge::pipeline::OnStored = {
-        let log = log.clone();
-        Arc::new(move |through| {
-            if let Err(e) = log.checkpoint(through) {
-                tracing::error!(error = %e, "cannot record the ingest log checkpoint; check the disk");
-            }
-        })
-    };
     let (bridge, bridge_task) = messina_bridge::spawn(
         Arc::clone(&storage),
         messina_bridge::Settings::from_config(&config.bridge),
-        alerts.clone(),
-        on_stored,
+        match &alerts {
+            Some(service) => messina_bridge::AfterWrite::Alerts(Arc::clone(service)),
+            None => messina_bridge::AfterWrite::Checkpoint(on_stored),
+        },
         shutdown.clone(),
     );
     let (upload_jobs, upload_worker) = match &uploads {
@@ -454,8 +458,9 @@ pub async fn serve(
     if let Some(watch) = key_watch {
         let _ = watch.await;
     }
-    // The bridge has fed its last batch to the rules: save their state, so a restart resumes
-    // streaks, holding times and anomaly windows exactly.
+    // The bridge has fed its last batch to the rules: save their state, which moves the checkpoint
+    // to the bridge's last stored position, so a restart resumes streaks, holding times and
+    // anomaly windows exactly.
     if let Some(service) = alerts_at_shutdown {
         service.flush().await;
     }
@@ -464,8 +469,8 @@ pub async fn serve(
     if let Some(upkeep) = upkeep {
         let _ = upkeep.await;
     }
-    // The bridge's last stored position is the final checkpoint: persist it, so the next start
-    // replays nothing that is already stored.
+    // The last position stored (and remembered by the rules) is the final checkpoint: persist it,
+    // so the next start replays nothing that is already stored.
     log.closed().await;
     log.persist_checkpoint()
         .context("writing the ingest log checkpoint")?;

@@ -82,7 +82,7 @@ async fn restart(dir: &Path, rules: &Rules) -> f64 {
     let (notices, mut drain) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while drain.recv().await.is_some() {} });
     let started = Instant::now();
-    let service = AlertService::start(rules.clone(), storage.clone(), notices)
+    let service = AlertService::start(rules.clone(), storage.clone(), notices, Arc::new(|_| {}))
         .await
         .expect("alert service starts");
     let took = started.elapsed().as_secs_f64();
@@ -100,7 +100,7 @@ async fn measure(root: &Path, n: usize, rules: &Rules) -> (f64, f64) {
     let (saved, peer) = (open(&saved_dir), open(&peer_dir));
     let (notices, mut drain) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while drain.recv().await.is_some() {} });
-    let service = AlertService::start(rules.clone(), saved.clone(), notices)
+    let service = AlertService::start(rules.clone(), saved.clone(), notices, Arc::new(|_| {}))
         .await
         .expect("alert service starts");
     eprintln!("writing {n} devices ({READINGS_PER_DEVICE} readings and a failed sync each)...");
@@ -109,7 +109,7 @@ async fn measure(root: &Path, n: usize, rules: &Rules) -> (f64, f64) {
         let batch = fleet_batch(from..(from + DEVICES_PER_BATCH).min(n));
         saved.write_batch(&batch).await.expect("write");
         peer.write_batch(&batch).await.expect("write");
-        service.on_batch(&batch).await;
+        service.on_batch(&batch, None).await;
     }
     service.flush().await;
     drop(service);
