@@ -995,8 +995,8 @@ async fn committer(
     changes: broadcast::Sender<Alert>,
     on_saved: OnStored,
 ) {
-    // Memory not saved yet (storage failed), newest state per device, and the position it covers.
-    let mut unsaved: HashMap<DeviceId, Vec<u8>> = HashMap::new();
+    // Memory a failed save left (one row per device) and the position it covers.
+    let mut unsaved: Vec<(DeviceId, Vec<u8>)> = Vec::new();
     let mut unsaved_through: Option<u64> = None;
     while let Some(commit) = queue.recv().await {
         meter::alert_commits_pending(-1.0);
@@ -1018,7 +1018,7 @@ async fn committer(
             }
         }
         if let Some((memory, through)) = commit.memory {
-            unsaved.extend(memory);
+            unsaved = newest_per_device(std::mem::take(&mut unsaved), memory);
             unsaved_through = unsaved_through.max(through);
             if save_memory(&*storage, &mut unsaved).await {
                 if let Some(through) = unsaved_through.take() {
@@ -1057,20 +1057,34 @@ where
     }
 }
 
-/// Saves the rules' memory of `unsaved` devices. True when nothing is left to save: saved, or
-/// refused for a reason retrying cannot fix (then those devices start afresh after a restart).
-/// While storage is unavailable the memory is kept for the next save and nothing after it is
-/// reported saved, so the ingest log keeps what a crash would have to replay.
-async fn save_memory(storage: &dyn Storage, unsaved: &mut HashMap<DeviceId, Vec<u8>>) -> bool {
+/// The rows of `older` a failed save left, with `newer` (one row per device, as `take_changed`
+/// makes them) in place of those of the same devices. Without a failed save, `newer` as it is.
+fn newest_per_device(
+    older: Vec<(DeviceId, Vec<u8>)>,
+    newer: Vec<(DeviceId, Vec<u8>)>,
+) -> Vec<(DeviceId, Vec<u8>)> {
+    if older.is_empty() {
+        return newer;
+    }
+    let mut rows: HashMap<DeviceId, Vec<u8>> = older.into_iter().collect();
+    rows.extend(newer);
+    rows.into_iter().collect()
+}
+
+/// Saves the rules' memory in `unsaved`. True when nothing is left to save: saved, or refused for
+/// a reason retrying cannot fix (then those devices start afresh after a restart). While storage
+/// is unavailable the rows stay in `unsaved` for the next save and nothing after them is reported
+/// saved, so the ingest log keeps what a crash would have to replay.
+async fn save_memory(storage: &dyn Storage, unsaved: &mut Vec<(DeviceId, Vec<u8>)>) -> bool {
     if unsaved.is_empty() {
         return true;
     }
-    let rows: Vec<(DeviceId, Vec<u8>)> = unsaved.drain().collect();
+    let rows = std::mem::take(unsaved);
     match retried(|| storage.put_alert_states(&rows)).await {
         Ok(()) => true,
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, devices = rows.len(), "cannot save alert rule state now; trying again with the next save, and the ingest log keeps what came since");
-            unsaved.extend(rows);
+            *unsaved = rows;
             false
         }
         Err(e) => {
