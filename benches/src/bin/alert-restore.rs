@@ -76,15 +76,20 @@ fn fleet_batch(devices: std::ops::Range<usize>) -> Batch {
     batch
 }
 
+/// An alert service over `storage` whose notices are read and dropped.
+async fn start(storage: &Arc<dyn Storage>, rules: &Rules) -> Arc<AlertService> {
+    let (notices, mut drain) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move { while drain.recv().await.is_some() {} });
+    AlertService::start(rules.clone(), storage.clone(), notices, Arc::new(|_| {}))
+        .await
+        .expect("alert service starts")
+}
+
 /// Times `AlertService::start` on the store in `dir`, reopened; returns seconds.
 async fn restart(dir: &Path, rules: &Rules) -> f64 {
     let storage = open(dir);
-    let (notices, mut drain) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move { while drain.recv().await.is_some() {} });
     let started = Instant::now();
-    let service = AlertService::start(rules.clone(), storage.clone(), notices, Arc::new(|_| {}))
-        .await
-        .expect("alert service starts");
+    let service = start(&storage, rules).await;
     let took = started.elapsed().as_secs_f64();
     drop(service);
     close(storage).await;
@@ -98,11 +103,7 @@ async fn measure(root: &Path, n: usize, rules: &Rules) -> (f64, f64) {
         root.join(format!("peer-{n}")),
     );
     let (saved, peer) = (open(&saved_dir), open(&peer_dir));
-    let (notices, mut drain) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move { while drain.recv().await.is_some() {} });
-    let service = AlertService::start(rules.clone(), saved.clone(), notices, Arc::new(|_| {}))
-        .await
-        .expect("alert service starts");
+    let service = start(&saved, rules).await;
     eprintln!("writing {n} devices ({READINGS_PER_DEVICE} readings and a failed sync each)...");
     let started = Instant::now();
     for from in (0..n).step_by(DEVICES_PER_BATCH) {
